@@ -1,0 +1,373 @@
+# lemsg: build, test (host and ARM targets under qemu-user), size, install.
+# `make help` lists the targets. Every output goes under build/.
+#
+# One make run works for one TARGET, whose toolchain comes from
+# toolchains/$(TARGET).mk. `make test`, `check` and `size` without TARGET run
+# one sub-make per target (in parallel under -j); with TARGET=<name> they do
+# that target only. A target has several configurations, each in its own
+# build/<config>/ directory:
+#
+#   <target>          the tests, -O2            (host: with $(CXX), g++)
+#   <target>-tiny     the same with TINY_FLAGS: every full-table path runs
+#   host-clang        host with clang++, and host-clang-tiny
+#   host-asan         ASan+UBSan with $(CXX); host-clang-asan with clang++  (check)
+#   host-clang-tsan   TSan, only the test cases named *thread*              (check)
+
+TARGETS := host armhf aarch64 armel
+
+# TARGET given (command line or environment) narrows test/check/size.
+ifeq ($(filter command line environment override,$(origin TARGET)),)
+SUITE_TARGETS := $(TARGETS)
+else
+SUITE_TARGETS := $(TARGET)
+endif
+TARGET ?= host
+ifeq ($(filter $(TARGET),$(TARGETS)),)
+$(error TARGET=$(TARGET) is not one of: $(TARGETS))
+endif
+include toolchains/$(TARGET).mk
+
+# -- knobs ---------------------------------------------------------------------
+
+# Capacities for the tiny test binary: small enough that tests fill every table.
+TINY_FLAGS := -DLEMSG_TINY=1 -DLEMSG_MAX_WATCHES=6 -DLEMSG_MAX_TIMERS=3 \
+              -DLEMSG_MAX_POSTED=2 -DLEMSG_MAX_SESSIONS=4 -DLEMSG_MAX_PENDING=4 \
+              -DLEMSG_MAX_OUTGOING=2 -DLEMSG_MAX_DEFERRED=2 -DLEMSG_MAX_SERVICES=4 \
+              -DLEMSG_MAX_TRACKED=2
+
+CLANG_CXX ?= clang++
+TEST_OPT ?= -O2 -g
+SAN_OPT ?= -O1 -g
+ASAN_FLAGS ?= -fsanitize=address,undefined -fno-sanitize-recover=all \
+              -fno-omit-frame-pointer
+TSAN_FLAGS ?= -fsanitize=thread
+SIZE_OPT ?= -Os -ffunction-sections -fdata-sections
+SIZE_LDFLAGS ?= -Wl,--gc-sections
+# Arguments given to every test binary (add a filter: TEST_ARGS='-tc=*loop*').
+TEST_ARGS ?= --no-colors=true
+TEST_TIMEOUT ?= 600
+SANITIZER_ENV ?= ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1
+# Run first by test and check; `make test INSTALL_DEPS=:` skips it.
+INSTALL_DEPS ?= bash toolchains/install-deps.sh
+
+PREFIX ?= /usr/local
+DESTDIR ?=
+PKGCONFIGDIR ?= $(PREFIX)/share/pkgconfig
+
+# User additions, as usual: CPPFLAGS, CXXFLAGS, LDFLAGS, LDLIBS.
+WARNFLAGS := -Wall -Wextra -Wpedantic -Werror $(WARNFLAGS_TARGET)
+LANGFLAGS := -std=c++17 -fno-exceptions -fno-rtti
+BASEFLAGS = $(LANGFLAGS) $(WARNFLAGS) $(ARCHFLAGS) -pthread -I. $(CPPFLAGS) $(CXXFLAGS)
+BASELDFLAGS = $(ARCHFLAGS) -pthread $(LDFLAGS_TARGET) $(LDFLAGS)
+BASELDLIBS = $(LDLIBS) $(LDLIBS_TARGET)
+# tests/main.cpp defines it empty: the same (empty) definition is no clash.
+# _FILE_OFFSET_BITS=64: a 32-bit readdir() under qemu-user on a 64-bit kernel
+# fails on 64-bit directory offsets, and the tests read /proc/self/fd.
+TEST_CPPFLAGS := -DDOCTEST_CONFIG_NO_EXCEPTIONS_BUT_WITH_ALL_ASSERTS= -D_FILE_OFFSET_BITS=64
+# The zero-heap test (tests/faults.cpp) counts malloc, calloc and realloc
+# through these wrappers.
+TEST_LDFLAGS := -Wl,--wrap=malloc -Wl,--wrap=calloc -Wl,--wrap=realloc
+
+# -- sources -------------------------------------------------------------------
+
+TEST_SRCS := $(sort $(filter-out tests/alone.cpp tests/bench% tests/size_%, \
+                                 $(wildcard tests/*.cpp)))
+SIZE_SRCS := $(sort $(filter-out tests/size_empty.cpp,$(wildcard tests/size_*.cpp)))
+EXAMPLE_SRCS := $(sort $(wildcard examples/*.cpp))
+
+# -- configurations ------------------------------------------------------------
+
+# $(call test_configs,<target>) and $(call check_configs,<target>)
+test_configs = $(1) $(1)-tiny $(if $(filter host,$(1)),host-clang host-clang-tiny)
+check_configs = $(call test_configs,$(1)) \
+                $(if $(filter host,$(1)),host-asan host-clang-asan host-clang-tsan)
+suite_configs = $(foreach t,$(SUITE_TARGETS),$(call $(1)_configs,$(t)))
+
+# Per configuration: compiler, flags for compiling and linking, run arguments.
+cxx.$(TARGET) = $(CXX)
+flags.$(TARGET) = $(TEST_OPT)
+cxx.$(TARGET)-tiny = $(CXX)
+flags.$(TARGET)-tiny = $(TEST_OPT) $(TINY_FLAGS)
+ifeq ($(TARGET),host)
+cxx.host-clang = $(CLANG_CXX)
+flags.host-clang = $(TEST_OPT)
+cxx.host-clang-tiny = $(CLANG_CXX)
+flags.host-clang-tiny = $(TEST_OPT) $(TINY_FLAGS)
+cxx.host-asan = $(CXX)
+flags.host-asan = $(SAN_OPT) $(ASAN_FLAGS)
+cxx.host-clang-asan = $(CLANG_CXX)
+flags.host-clang-asan = $(SAN_OPT) $(ASAN_FLAGS)
+cxx.host-clang-tsan = $(CLANG_CXX)
+flags.host-clang-tsan = $(SAN_OPT) $(TSAN_FLAGS)
+args.host-clang-tsan = '--test-case=*thread*'
+endif
+CONFIGS := $(call check_configs,$(TARGET))
+
+ifeq ($(V),1)
+Q :=
+say = @:
+else
+Q := @
+say = @printf '  %-5s %s\n'
+endif
+
+MAKEFLAGS += --no-builtin-rules
+.DELETE_ON_ERROR:
+.SUFFIXES:
+
+# -- top-level targets ---------------------------------------------------------
+
+.DEFAULT_GOAL := all
+.PHONY: all build-tests examples test check size install clean help FORCE
+
+all: build-tests examples
+
+# The test binaries and alone.o of every configuration `make test` runs.
+build-tests: $(foreach c,$(call test_configs,$(TARGET)),build/$(c)/lemsg-tests \
+               $(if $(wildcard tests/alone.cpp),build/$(c)/alone.o))
+
+help:
+	@echo 'make [TARGET=host|armhf|aarch64|armel] <target>'
+	@echo '  all       host test binaries (gcc, clang, normal and tiny) and examples'
+	@echo '  test      install-deps, then build and run the tests of every target'
+	@echo '            (host with g++ and clang++, ARM under qemu-user), normal and'
+	@echo '            tiny; TARGET=<name> narrows to one target'
+	@echo '  check     test, plus host ASan+UBSan (g++, clang++) and TSan (*thread*)'
+	@echo '  size      code size of tests/size_*.cpp over tests/size_empty.cpp, -Os'
+	@echo '  demo      build and run examples/demo.cpp on TARGET (host by default)'
+	@echo '  bench     raw-socket baseline and lemsg figures and ratios on TARGET'
+	@echo '  examples  examples/*.cpp for TARGET into build/$$TARGET/examples/'
+	@echo '  install   lemsg.hpp and lemsg.pc into $$DESTDIR$$PREFIX (/usr/local)'
+	@echo '  clean     remove build/'
+	@echo 'Variables: TARGET, CXX, CLANG_CXX, TINY_FLAGS, TEST_ARGS, CPPFLAGS,'
+	@echo '  CXXFLAGS, LDFLAGS, LDLIBS, PREFIX, DESTDIR, INSTALL_DEPS=: (skip), V=1'
+
+clean:
+	rm -rf build
+
+# test and check: build and run every configuration (a failure in one does not
+# stop the others: sub-makes run with -k), then one summary line each and the
+# total. Each run's output is in build/<config>/test.log.
+test check:
+	$(Q)$(INSTALL_DEPS)
+	$(Q)rm -f $(foreach c,$(call suite_configs,$@),build/$(c)/test.log build/$(c)/test.status)
+	$(Q)rc=0; $(MAKE) -k --no-print-directory \
+	    $(addprefix suite-$@-,$(SUITE_TARGETS)) || rc=$$?; \
+	  $(call summary_sh,$(call suite_configs,$@))
+
+# One sub-make per target, which then builds and runs its configurations.
+$(foreach t,$(TARGETS),suite-test-$(t) suite-check-$(t)): suite-%:
+	$(Q)$(MAKE) --no-print-directory TARGET=$(lastword $(subst -, ,$*)) \
+	    run-$(firstword $(subst -, ,$*))
+run-test: $(addprefix run-,$(call test_configs,$(TARGET)))
+run-check: $(addprefix run-,$(call check_configs,$(TARGET)))
+.PHONY: run-test run-check $(foreach t,$(TARGETS),suite-test-$(t) suite-check-$(t))
+
+# Prints the log of every failed configuration, then one line per
+# configuration, then "test: <P> passed, <F> failed" where P and F count
+# test cases. A configuration that was not built, crashed or whose binary
+# exited non-zero with no failed test case (a sanitizer report, a timeout)
+# counts as one failed test case. Exits non-zero on any failure; $$rc is the
+# exit status of the sub-make.
+define summary_sh
+p=0; f=0; lines=''; \
+for c in $(1); do \
+  log=build/$$c/test.log; \
+  if [ ! -f build/$$c/test.status ]; then \
+    lines="$$lines$$c: not built or not run (see the errors above)|"; f=$$((f+1)); continue; \
+  fi; \
+  st=$$(cat build/$$c/test.status); \
+  tc=$$(sed -n 's/^\[doctest\] test cases: *\([0-9]*\) *| *\([0-9]*\) passed *| *\([0-9]*\) failed.*/\2 \3/p' $$log | tail -n 1); \
+  as=$$(sed -n 's/^\[doctest\] assertions: *\([0-9]*\) *|.*/\1/p' $$log | tail -n 1); \
+  if [ -z "$$tc" ]; then \
+    why="exit status $$st"; [ "$$st" = 124 ] && why="timed out after $(TEST_TIMEOUT) s"; \
+    lines="$$lines$$c: crashed, no doctest summary ($$why; see $$log)|"; f=$$((f+1)); \
+    $(call show_log_sh); continue; \
+  fi; \
+  set -- $$tc; p=$$((p+$$1)); f=$$(($$f+$$2)); \
+  line="$$c: $$(($$1+$$2)) test cases, $$as assertions, $$2 failed"; \
+  if [ "$$st" = 124 ]; then \
+    line="$$line, timed out after $(TEST_TIMEOUT) s"; \
+  elif [ "$$st" != 0 ] && [ "$$2" = 0 ]; then \
+    line="$$line, but exit status $$st (see $$log)"; \
+  fi; \
+  [ "$$st" != 0 ] && [ "$$2" = 0 ] && f=$$((f+1)); \
+  if [ "$$st" != 0 ]; then $(call show_log_sh); fi; \
+  lines="$$lines$$line|"; \
+done; \
+printf '%s' "$$lines" | tr '|' '\n'; \
+echo "test: $$p passed, $$f failed"; \
+[ "$$f" = 0 ] && [ "$$rc" = 0 ]
+endef
+
+# Shows $$log of configuration $$c: all of it, or its start and end if long.
+show_log_sh = echo "--- $$c: $$log"; n=$$(wc -l < $$log); \
+  if [ "$$n" -le 200 ]; then cat $$log; else \
+    head -n 120 $$log; echo "[... $$((n-180)) lines ...]"; tail -n 60 $$log; fi; \
+  echo "--- $$c: end of $$log"
+
+# -- per-configuration rules ---------------------------------------------------
+
+# $(call config_rules,<config>)
+define config_rules
+build/$(1)/%.o: tests/%.cpp build/$(1)/flags
+	$$(say) CXX $$@
+	@mkdir -p $$(@D)
+	$(Q)$$(cxx.$(1)) $$(BASEFLAGS) $$(TEST_CPPFLAGS) $$(flags.$(1)) -MMD -MP -c $$< -o $$@
+
+build/$(1)/lemsg-tests: $(patsubst tests/%.cpp,build/$(1)/%.o,$(TEST_SRCS)) build/$(1)/readme_example.o build/$(1)/flags
+	$$(say) LINK $$@
+	$(Q)$$(cxx.$(1)) $$(flags.$(1)) $$(BASELDFLAGS) $$(TEST_LDFLAGS) -o $$@ $$(filter %.o,$$^) $$(BASELDLIBS)
+
+# The README's quick start, as a function tests/readme.cpp runs.
+build/$(1)/readme_example.o: build/readme_example.cpp build/$(1)/flags
+	$$(say) CXX $$@
+	@mkdir -p $$(@D)
+	$(Q)$$(cxx.$(1)) $$(BASEFLAGS) $$(TEST_CPPFLAGS) $$(flags.$(1)) -Dmain=lemsg_readme_main -MMD -MP -c $$< -o $$@
+
+# The flags a configuration was built with: objects rebuild when they change.
+build/$(1)/flags: FORCE
+	@mkdir -p $$(@D)
+	@printf '%s\n' '$$(subst ','\'',$$(cxx.$(1)) $$(BASEFLAGS) $$(TEST_CPPFLAGS) $$(flags.$(1)) $$(BASELDFLAGS) $$(BASELDLIBS))' > $$@.new
+	@if cmp -s $$@.new $$@; then rm -f $$@.new; else mv -f $$@.new $$@; fi
+
+# Always runs; the result is read by the summary, so a failure here does not
+# stop make. The tests get a private runtime directory, so configurations
+# running at the same time cannot meet in /run/lemsg.
+# tests/alone.cpp includes only lemsg.hpp: that it compiles is the test.
+run-$(1): build/$(1)/lemsg-tests $(if $(wildcard tests/alone.cpp),build/$(1)/alone.o)
+	$$(say) RUN $(1)
+	$(Q)rm -f build/$(1)/test.status
+	$(Q)d=$$$$(mktemp -d "$$$${TMPDIR:-/tmp}/lemsg-$(1).XXXXXX") && \
+	  LEMSG_RUNTIME_DIR=$$$$d $$(SANITIZER_ENV) timeout -k 10 $$(TEST_TIMEOUT) \
+	    $$(EXEC) ./build/$(1)/lemsg-tests $$(TEST_ARGS) $$(args.$(1)) \
+	    > build/$(1)/test.log 2>&1; \
+	  echo $$$$? > build/$(1)/test.status; rm -rf "$$$$d"
+.PHONY: run-$(1)
+
+-include $(wildcard build/$(1)/*.d)
+endef
+$(foreach c,$(CONFIGS),$(eval $(call config_rules,$(c))))
+
+# The block between the quickstart markers of README.md, fences removed.
+build/readme_example.cpp: README.md
+	@mkdir -p $(@D)
+	$(Q)awk '/<!-- quickstart begin -->/{f=1;next} /<!-- quickstart end -->/{f=0} f' $< \
+	  | sed '/^```/d' > $@.new && [ -s $@.new ] && mv -f $@.new $@
+
+# A handler capture larger than LEMSG_CALLABLE_SIZE must not compile (with
+# g++ and clang++), and the same program at exactly the limit must: so the
+# error is the size check and nothing else.
+COMPILE_FAIL_SRC := tests/compile_fail/callable_too_large.cpp
+build/%/compile-fail.ok: $(COMPILE_FAIL_SRC) lemsg.hpp
+	@mkdir -p $(@D)
+	$(Q)if $(cxx.$*) $(BASEFLAGS) -fsyntax-only $< > $(@D)/compile-fail.log 2>&1; then \
+	  echo "$<: compiled, but a capture over LEMSG_CALLABLE_SIZE must be an error" >&2; exit 1; fi
+	$(Q)grep -q LEMSG_CALLABLE_SIZE $(@D)/compile-fail.log || \
+	  { cat $(@D)/compile-fail.log >&2; echo "$<: failed for another reason" >&2; exit 1; }
+	$(Q)$(cxx.$*) $(BASEFLAGS) -DLEMSG_EXPECT_OK -fsyntax-only $<
+	$(Q)touch $@
+ifeq ($(TARGET),host)
+run-host run-host-clang: run-%: build/%/compile-fail.ok
+endif
+
+# -- size ----------------------------------------------------------------------
+
+size_programs = $(patsubst tests/%.cpp,build/$(1)-size/%,tests/size_empty.cpp $(SIZE_SRCS))
+
+size:
+	$(Q)$(MAKE) -k --no-print-directory $(addprefix size-build-,$(SUITE_TARGETS))
+	$(Q)for t in $(SUITE_TARGETS); do \
+	  $(MAKE) --no-print-directory TARGET=$$t size-report || exit 1; done
+
+$(addprefix size-build-,$(TARGETS)): size-build-%:
+	$(Q)$(MAKE) --no-print-directory TARGET=$* size-build
+size-build: $(call size_programs,$(TARGET))
+.PHONY: size-build $(addprefix size-build-,$(TARGETS))
+
+build/$(TARGET)-size/%: tests/%.cpp build/$(TARGET)-size/flags
+	$(say) CXX $@
+	@mkdir -p $(@D)
+	$(Q)$(CXX) $(BASEFLAGS) $(SIZE_OPT) $(BASELDFLAGS) $(SIZE_LDFLAGS) \
+	  -MMD -MP -MF $@.d -MT $@ -o $@ $< $(BASELDLIBS)
+
+build/$(TARGET)-size/flags: FORCE
+	@mkdir -p $(@D)
+	@printf '%s\n' '$(subst ','\'',$(CXX) $(BASEFLAGS) $(SIZE_OPT) $(BASELDFLAGS) $(SIZE_LDFLAGS) $(BASELDLIBS))' > $@.new
+	@if cmp -s $@.new $@; then rm -f $@.new; else mv -f $@.new $@; fi
+
+-include $(wildcard build/$(TARGET)-size/*.d)
+
+# "size <target> <program>: text +T data +D bss +B" is the program minus
+# size_empty (the C++ runtime and libc every program pays for).
+size-report:
+	$(Q)set -- $$($(CROSS_COMPILE)size -B build/$(TARGET)-size/size_empty | sed -n 2p); \
+	  t0=$$1 d0=$$2 b0=$$3; \
+	  echo "size $(TARGET) empty: text $$t0 data $$d0 bss $$b0"; \
+	  for p in $(filter-out %/size_empty,$(call size_programs,$(TARGET))); do \
+	    set -- $$($(CROSS_COMPILE)size -B $$p | sed -n 2p); \
+	    n=$${p##*/size_}; \
+	    echo "size $(TARGET) $$n: text +$$(($$1-t0)) data +$$(($$2-d0)) bss +$$(($$3-b0)) (program: text $$1 data $$2 bss $$3)"; \
+	  done
+.PHONY: size-report
+
+# -- examples ------------------------------------------------------------------
+
+EXAMPLE_BINS := $(patsubst examples/%.cpp,build/$(TARGET)/examples/%,$(EXAMPLE_SRCS))
+
+examples: $(EXAMPLE_BINS)
+	@:
+
+build/$(TARGET)/examples/%: examples/%.cpp build/$(TARGET)/examples/flags
+	$(say) CXX $@
+	@mkdir -p $(@D)
+	$(Q)$(CXX) $(BASEFLAGS) $(TEST_OPT) $(BASELDFLAGS) -MMD -MP -MF $@.d -MT $@ \
+	  -o $@ $< $(BASELDLIBS)
+
+build/$(TARGET)/examples/flags: FORCE
+	@mkdir -p $(@D)
+	@printf '%s\n' '$(subst ','\'',$(CXX) $(BASEFLAGS) $(TEST_OPT) $(BASELDFLAGS) $(BASELDLIBS))' > $@.new
+	@if cmp -s $@.new $@; then rm -f $@.new; else mv -f $@.new $@; fi
+
+-include $(wildcard build/$(TARGET)/examples/*.d)
+
+# -- bench and demo ------------------------------------------------------------
+
+# bench: one target (host unless TARGET says otherwise), built at -O2 and run
+# under its emulator. BENCH_ARGS is passed on (e.g. a smaller scale).
+BENCH_ARGS ?=
+bench: build/$(TARGET)/bench
+	$(Q)$(EXEC) ./build/$(TARGET)/bench $(BENCH_ARGS)
+build/$(TARGET)/bench: tests/bench.cpp build/$(TARGET)/examples/flags
+	$(say) CXX $@
+	@mkdir -p $(@D)
+	$(Q)$(CXX) $(BASEFLAGS) $(TEST_OPT) $(BASELDFLAGS) -MMD -MP -MF $@.d -MT $@ \
+	  -o $@ $< $(BASELDLIBS)
+-include $(wildcard build/$(TARGET)/bench.d)
+
+# demo: the story of examples/demo.cpp, on TARGET (host by default).
+demo:
+	$(Q)$(INSTALL_DEPS)
+	$(Q)$(MAKE) --no-print-directory build/$(TARGET)/examples/demo
+	$(Q)timeout -k 5 60 $(EXEC) ./build/$(TARGET)/examples/demo
+.PHONY: bench demo
+
+# -- install -------------------------------------------------------------------
+
+# lemsg.pc's Version is LEMSG_VERSION_STR, or MAJOR.MINOR.PATCH when the
+# string is not a plain literal.
+install:
+	$(Q)v=$$(sed -n 's/^[[:space:]]*#[[:space:]]*define[[:space:]][[:space:]]*LEMSG_VERSION_STR[[:space:]][[:space:]]*"\([^"]*\)".*/\1/p' lemsg.hpp | head -n 1); \
+	  if [ -z "$$v" ]; then \
+	    num() { sed -n "s/^[[:space:]]*#[[:space:]]*define[[:space:]][[:space:]]*LEMSG_VERSION_$$1[[:space:]][[:space:]]*\([0-9][0-9]*\).*/\1/p" lemsg.hpp | head -n 1; }; \
+	    v=$$(num MAJOR).$$(num MINOR).$$(num PATCH); \
+	  fi; \
+	  case "$$v" in ""|.*|*..*|*.) echo "install: no version found in lemsg.hpp (LEMSG_VERSION_STR)" >&2; exit 1;; esac; \
+	  install -d "$(DESTDIR)$(PREFIX)/include" "$(DESTDIR)$(PKGCONFIGDIR)" && \
+	  install -m 644 lemsg.hpp "$(DESTDIR)$(PREFIX)/include/lemsg.hpp" && \
+	  sed -e 's|@PREFIX@|$(PREFIX)|g' \
+	      -e "s|@VERSION@|$$v|g" toolchains/lemsg.pc.in > "$(DESTDIR)$(PKGCONFIGDIR)/lemsg.pc" && \
+	  chmod 644 "$(DESTDIR)$(PKGCONFIGDIR)/lemsg.pc" && \
+	  echo "installed lemsg $$v: $(DESTDIR)$(PREFIX)/include/lemsg.hpp, $(DESTDIR)$(PKGCONFIGDIR)/lemsg.pc"
+
+FORCE:

@@ -1,0 +1,147 @@
+// Section 1 (config): capacity macros, version macros, the log and assert hooks.
+#define DOCTEST_CONFIG_NO_EXCEPTIONS_BUT_WITH_ALL_ASSERTS
+#include <doctest/doctest.h>
+#include "lemsg.hpp"
+
+#include <cstdio>
+#include <cstring>
+
+TEST_SUITE("config") {
+
+TEST_CASE("config: capacity macros take the values this build asked for") {
+#if defined(LEMSG_TINY) && LEMSG_TINY
+  // The tiny build overrides them on the command line; the header must keep
+  // the caller's values instead of its defaults.
+  CHECK(LEMSG_MAX_WATCHES == 6);
+  CHECK(LEMSG_MAX_TIMERS == 3);
+  CHECK(LEMSG_MAX_POSTED == 2);
+#else
+  // The ordinary build sets nothing, so these are the header's defaults.
+  CHECK(LEMSG_MAX_WATCHES == 96);
+  CHECK(LEMSG_MAX_TIMERS == 32);
+  CHECK(LEMSG_MAX_POSTED == 64);
+#endif
+  CHECK(LEMSG_CALLABLE_SIZE == 4 * sizeof(void*));
+  CHECK(LEMSG_LOG_LEVEL == 1);
+}
+
+TEST_CASE("config: the capacity macros size the loop's tables") {
+  // A loop with every watch slot used reports WatchTableFull on the next
+  // add: the macro, not some other number, is the limit.
+  lemsg::Loop loop;
+  lemsg::WatchId ids[LEMSG_MAX_WATCHES + 1];
+  for (int i = 0; i < LEMSG_MAX_WATCHES; ++i)
+    REQUIRE(loop.add_watch(0, 0, [](int, short) {}, ids[i]) == lemsg::Result::Ok);
+  CHECK(loop.add_watch(0, 0, [](int, short) {}, ids[LEMSG_MAX_WATCHES]) ==
+        lemsg::Result::WatchTableFull);
+  CHECK(loop.watch_count() == LEMSG_MAX_WATCHES);
+  // The wake-up eventfd takes one pollfd entry beside the watches.
+  CHECK(loop.pollfd_count() == LEMSG_MAX_WATCHES + 1);
+}
+
+TEST_CASE("config: the version string is built from the three version numbers") {
+  static_assert(LEMSG_VERSION_MAJOR >= 0 && LEMSG_VERSION_MINOR >= 0 && LEMSG_VERSION_PATCH >= 0,
+                "version numbers are integer constants");
+  char built[32];
+  std::snprintf(built, sizeof built, "%d.%d.%d", LEMSG_VERSION_MAJOR, LEMSG_VERSION_MINOR,
+                LEMSG_VERSION_PATCH);
+  CHECK(std::strcmp(built, LEMSG_VERSION_STR) == 0);
+}
+
+namespace {
+
+struct Captured {
+  int calls = 0;
+  lemsg::LogLevel level = lemsg::LogLevel::Error;
+  char line[512] = {};
+};
+
+void capture_sink(lemsg::LogLevel level, const char* line, void* ctx) {
+  Captured* c = static_cast<Captured*>(ctx);
+  ++c->calls;
+  c->level = level;
+  std::snprintf(c->line, sizeof c->line, "%s", line);
+}
+
+void restore_log_defaults() {
+  lemsg::set_log_sink(nullptr, nullptr);
+  lemsg::set_log_level(static_cast<lemsg::LogLevel>(LEMSG_LOG_LEVEL));
+}
+
+}  // namespace
+
+TEST_CASE("config: set_log_sink receives formatted lines without a newline") {
+  Captured c;
+  lemsg::set_log_sink(capture_sink, &c);
+  LEMSG_LOG(Warning, "watch %d of %s", 7, "seven");
+  restore_log_defaults();
+  CHECK(c.calls == 1);
+  CHECK(c.level == lemsg::LogLevel::Warning);
+  CHECK(std::strcmp(c.line, "watch 7 of seven") == 0);
+}
+
+TEST_CASE("config: the default log level passes warnings and drops info") {
+  Captured c;
+  lemsg::set_log_sink(capture_sink, &c);
+  LEMSG_LOG(Error, "an error");
+  LEMSG_LOG(Warning, "a warning");
+  LEMSG_LOG(Info, "some info");
+  LEMSG_LOG(Debug, "some debug");
+  restore_log_defaults();
+  CHECK(c.calls == 2);
+  CHECK(std::strcmp(c.line, "a warning") == 0);
+}
+
+TEST_CASE("config: set_log_level filters lines above the level") {
+  Captured c;
+  lemsg::set_log_sink(capture_sink, &c);
+
+  lemsg::set_log_level(lemsg::LogLevel::Error);
+  LEMSG_LOG(Warning, "dropped");
+  LEMSG_LOG(Info, "dropped");
+  LEMSG_LOG(Debug, "dropped");
+  CHECK(c.calls == 0);
+  LEMSG_LOG(Error, "kept error");
+  CHECK(c.calls == 1);
+  CHECK(std::strcmp(c.line, "kept error") == 0);
+
+  lemsg::set_log_level(lemsg::LogLevel::Debug);
+  LEMSG_LOG(Debug, "kept debug %u", 3u);
+  CHECK(c.calls == 2);
+  CHECK(c.level == lemsg::LogLevel::Debug);
+  CHECK(std::strcmp(c.line, "kept debug 3") == 0);
+
+  restore_log_defaults();
+  // Back to the default: info is dropped again.
+  lemsg::set_log_sink(capture_sink, &c);
+  LEMSG_LOG(Info, "dropped again");
+  restore_log_defaults();
+  CHECK(c.calls == 2);
+}
+
+TEST_CASE("config: a log line longer than the buffer is cut, not lost") {
+  Captured c;
+  char longer[400];
+  std::memset(longer, 'x', sizeof longer - 1);
+  longer[sizeof longer - 1] = '\0';
+  lemsg::set_log_sink(capture_sink, &c);
+  LEMSG_LOG(Error, "%s", longer);
+  restore_log_defaults();
+  CHECK(c.calls == 1);
+  const std::size_t len = std::strlen(c.line);
+  CHECK(len > 0);
+  CHECK(len < sizeof longer - 1);
+  CHECK(std::strspn(c.line, "x") == len);
+}
+
+TEST_CASE("config: LEMSG_ASSERT is an expression that does nothing when its condition holds") {
+  int evaluated = 0;
+  LEMSG_ASSERT(++evaluated == 1);
+  // Usable where an expression is expected, and of type void.
+  static_assert(std::is_void<decltype(LEMSG_ASSERT(true))>::value, "LEMSG_ASSERT is a void expression");
+  (void)(LEMSG_ASSERT(evaluated == 1), 0);
+  // The condition is evaluated exactly once.
+  CHECK(evaluated == 1);
+}
+
+}  // TEST_SUITE
