@@ -6,47 +6,70 @@
 // =============================================================================
 //
 // lemsg gives firmware processes Legato-style IPC (services, sessions, pooled
-// messages, request/response, clean-up when a peer dies) with no framework,
-// no daemon to run and no runtime dependency beyond libc. Drop this file into
-// your tree and include it; there is nothing to link.
-//
-// This release holds the foundation the messaging layer stands on:
-//   - fixed block pools with reference counts and high-water marks,
-//   - an in-place callable for handlers (no heap),
-//   - RefMap, a table of generation-checked opaque 32-bit references,
-//   - Loop, a poll() event loop with fd watches, monotonic timers, a bounded
-//     cross-thread post queue, and hooks to embed it in another loop.
+// messages, request/response, clients that wait for servers, clean-up when a
+// peer dies) with no framework, no daemon to run and no runtime dependency
+// beyond libc. Drop this file into your tree and include it; there is nothing
+// to link. Build with -std=c++17 (-fno-exceptions -fno-rtti are fine) and
+// -pthread.
 //
 // =============================================================================
 // Quick start
 // =============================================================================
 //
-//   #include "lemsg.hpp"
+//   static const lemsg::Protocol kEcho{"example.echo.v1", 128};
 //
+//   // server process
 //   lemsg::Loop loop;
-//   lemsg::TimerId t;
-//   int ticks = 0;
-//   if (loop.add_timer([&] { if (++ticks == 3) loop.stop(); }, t) != lemsg::Result::Ok) return 1;
-//   if (loop.arm_timer(t, 10, 10) != lemsg::Result::Ok) return 1;   // every 10 ms
-//   if (loop.run() != lemsg::Result::Ok) return 1;                     // returns after 3 ticks
+//   lemsg::MessagePool<128, 8> pool;             // 8 messages, fixed storage
+//   lemsg::Service svc(loop, kEcho, pool);
+//   svc.set_receive_handler([&](lemsg::Message& m) {
+//     if (m.needs_response() && svc.respond(std::move(m)) != lemsg::Result::Ok) { /* log */ }
+//   });
+//   svc.set_close_handler([&](lemsg::SessionRef s, lemsg::Result why) { /* client closed or died */ });
+//   if (svc.advertise("echo") != lemsg::Result::Ok) return 1;   // /run/lemsg/echo
+//   loop.run();
+//
+//   // client process
+//   lemsg::Loop loop;
+//   lemsg::MessagePool<128, 8> pool;
+//   lemsg::Session s(loop, kEcho, pool);
+//   if (s.open_sync("echo", 2000) != lemsg::Result::Ok) return 1;  // waits for the server
+//   lemsg::Message req, resp;
+//   if (s.create_message(req) != lemsg::Result::Ok || req.assign("hi", 2) != lemsg::Result::Ok) return 1;
+//   if (s.request_sync(std::move(req), resp, 1000) != lemsg::Result::Ok) return 1;
+//
+// README.md has the complete program (compiled and run by the tests).
 //
 // =============================================================================
 // Configuration (define before including; set them once for the whole build,
 // in CPPFLAGS, because they change the layout of types)
 // =============================================================================
 //
-//   LEMSG_MAX_WATCHES    32   fd watches one Loop holds at once.
-//   LEMSG_MAX_TIMERS     32   timers one Loop holds at once (armed or not).
-//   LEMSG_MAX_POSTED     64   functions queued by Loop::post() and not yet run.
-//   LEMSG_CALLABLE_SIZE  4 pointers   bytes a handler may capture in place;
-//                        a larger capture is a compile-time error.
-//   LEMSG_LOG_LEVEL      1    default run-time log threshold
-//                        (0 error, 1 warning, 2 info, 3 debug).
-//   LEMSG_ASSERT(cond)   checks the library's own invariants; default logs
-//                        and calls abort(). Never used for peer input.
+//   LEMSG_MAX_WATCHES     96  fd watches one Loop holds (a Service uses one per
+//                             session plus one; a Session one, two while waiting).
+//   LEMSG_MAX_TIMERS      32  timers one Loop holds (each Service and Session: one).
+//   LEMSG_MAX_POSTED      64  functions queued by Loop::post() and not yet run.
+//   LEMSG_MAX_SESSIONS    64  sessions one Service holds; more: SessionTableFull.
+//   LEMSG_MAX_PENDING     32  requests one Session waits on; more: PendingTableFull.
+//   LEMSG_MAX_OUTGOING    16  frames queued per session when the peer does not
+//                             read; more: Overflow.
+//   LEMSG_MAX_DEFERRED    16  frames held back while request_sync waits; more
+//                             closes the session with Overflow.
+//   LEMSG_MAX_SERVICES    16  services one process advertises; more: ServiceTableFull.
+//   LEMSG_MAX_TRACKED      4  RefMaps one Service releases per closing session.
+//   LEMSG_MAX_NAME        48  characters in a service name ([A-Za-z0-9._-]).
+//   LEMSG_MAX_PROTOCOL_ID 64  characters in a protocol id.
+//   LEMSG_OPEN_TIMEOUT_MS 5000  how long either side waits for the other's half
+//                             of the open handshake.
+//   LEMSG_CALLABLE_SIZE   4 pointers  bytes a handler may capture in place;
+//                             a larger capture is a compile-time error.
+//   LEMSG_LOG_LEVEL       1   default run-time log threshold
+//                             (0 error, 1 warning, 2 info, 3 debug).
+//   LEMSG_ASSERT(cond)    checks the library's own invariants; default logs
+//                         and calls abort(). Never used for peer input.
 //   LEMSG_LOG(level, fmt, ...)  where log lines go; default formats into a
-//                        stack buffer and hands the line to the sink set by
-//                        lemsg::set_log_sink() (stderr when none is set).
+//                         stack buffer and hands the line to the sink set by
+//                         lemsg::set_log_sink() (stderr when none is set).
 //
 // =============================================================================
 // Concepts
@@ -64,14 +87,25 @@
 //              drops every entry of one owner (a session that closed or died).
 //   Loop       one thread's poll() loop. Handlers run on the thread that calls
 //              run()/run_once()/dispatch(). Other threads use post() and stop().
+//   Protocol   id + largest payload; both ends must agree or the open fails.
+//   Message    reference-counted handle to a pooled block: payload, size, one
+//              optional fd. Only the used bytes travel.
+//   Service    server end: advertise/hide, open/close/receive handlers,
+//              per-session context and credentials, send, respond, close,
+//              track(RefMap) for per-client clean-up.
+//   Session    client end: open (async, waits for the server), open_sync,
+//              try_open, send, request, request_sync, reconnect with backoff.
 //
 // =============================================================================
 // Threading
 // =============================================================================
 //
 // A Loop and everything created on it belong to the thread that runs it.
-// Loop::post() and Loop::stop() may be called from any thread. Pool, RefMap
-// and Callable are not thread-safe; keep each on one thread.
+// Loop::post() and Loop::stop() may be called from any thread. Pool, RefMap,
+// Callable, Message, Service and Session are not thread-safe; keep each on its
+// loop's thread. open_sync, try_open and request_sync block their thread (the
+// loop does not run meanwhile); when only that thread's loop could answer,
+// they return WouldDeadlock instead of blocking.
 //
 // =============================================================================
 // Memory
@@ -80,16 +114,22 @@
 // Every table has a capacity fixed at compile time. Nothing in this header
 // calls malloc or new: storage is inside the objects you declare, or storage
 // you pass in (PoolBase::init). Exhausting a capacity returns a Result; it
-// never aborts.
+// never aborts. A Service must outlive the messages it received.
 //
 // =============================================================================
 // Errors and troubleshooting
 // =============================================================================
 //
 // Print to_string(result). A full table names the macro to raise. With
-// LEMSG_LOG_LEVEL 3 (or set_log_level(3)) the library logs each decision.
-// A watch whose fd was closed before remove_watch() gets POLLNVAL once; if the
-// handler leaves it in place, the Loop removes it and logs a warning.
+// LEMSG_LOG_LEVEL 3 (or set_log_level(LogLevel::Debug)) the library logs each
+// decision; a refused client or a bad frame is logged as a warning.
+//   - open_sync returns Timeout: is the server advertising under the same
+//     runtime dir (LEMSG_RUNTIME_DIR) and name? ls the runtime dir.
+//   - NotPermitted: the socket file's mode/owner, or the allow-list.
+//   - ProtocolMismatch / SizeMismatch: client and server were built against
+//     different protocol declarations.
+//   - A watch whose fd was closed before remove_watch() gets POLLNVAL once; if
+//     the handler leaves it in place, the Loop removes it and logs a warning.
 //
 // =============================================================================
 // Contents
@@ -99,9 +139,11 @@
 //   2. Result                       >>result
 //   3. Fixed storage                >>pool
 //   4. Safe reference tables        >>refmap
+//   5. Wire format                  >>wire
 //   6. Event loop                   >>loop
-//   (5 wire, 7 transport, 8 messaging, 9 typed and 10 directory arrive with
-//    the messaging layer.)
+//   7. Transport                    >>transport
+//   8. Messaging                    >>messaging
+//   (9 typed interfaces and 10 the service directory are not written yet.)
 
 #ifndef LEMSG_HPP
 #define LEMSG_HPP
@@ -445,8 +487,12 @@ class Callable<R(A...), Size> {
                   "capture one pointer to a struct instead, or raise LEMSG_CALLABLE_SIZE");
     static_assert(alignof(Fn) <= alignof(std::max_align_t), "lemsg: handler is over-aligned");
     static_assert(std::is_nothrow_move_constructible<Fn>::value, "lemsg: handler must move without throwing");
-    if constexpr (std::is_pointer<Fn>::value || std::is_member_pointer<Fn>::value) {
-      if (f == nullptr) return;  // a null function pointer makes an empty Callable
+    // A null function pointer makes an empty Callable. A function passed by
+    // name (F is a function reference) is never null, and gcc's
+    // -Wnonnull-compare rejects testing it, so only real pointers are tested.
+    if constexpr ((std::is_pointer<Fn>::value || std::is_member_pointer<Fn>::value) &&
+                  !std::is_function<std::remove_reference_t<F>>::value) {
+      if (f == nullptr) return;
     }
     ::new (static_cast<void*>(buf_)) Fn(std::forward<F>(f));
     invoke_ = &invoke_as<Fn>;
@@ -602,7 +648,8 @@ inline std::uint32_t PoolBase::ref_count(const void* block) const noexcept {
 ///
 /// A reference is (generation << index_bits | slot index), XOR a key unique
 /// to each map, so it is never 0 and a reference from another map decodes to
-/// a wrong slot or generation. Each slot counts its generations from 1 to the
+/// a wrong slot or generation (it could resolve only by matching a live
+/// entry's full 32-bit value by chance: about size() in 2^32). Each slot counts its generations from 1 to the
 /// map's maximum; when a slot has used its last generation it is retired for
 /// good instead of wrapping, so no reference value is ever handed out twice
 /// by one map and a stale reference can never resolve. Free slots are reused
@@ -656,8 +703,14 @@ class RefMapBase {
 
   template <typename F>
   void each_live(F&& f) const noexcept {
-    for (std::size_t i = 0; i < capacity_; ++i)
-      if (slots_[i].obj) f(slots_[i].obj, encode(static_cast<std::uint32_t>(i), slots_[i].gen));
+    // Stop at the last live entry: the Loop walks its tables on every
+    // dispatch, and they are mostly empty.
+    std::size_t left = size_;
+    for (std::size_t i = 0; left && i < capacity_; ++i)
+      if (slots_[i].obj) {
+        --left;
+        f(slots_[i].obj, encode(static_cast<std::uint32_t>(i), slots_[i].gen));
+      }
   }
 
  private:
@@ -955,6 +1008,31 @@ inline Result decode(const unsigned char* in, std::size_t received, std::uint32_
 // 6. Event loop                                                         >>loop
 // =============================================================================
 
+namespace detail {
+
+// A plain pthread mutex for std::lock_guard. std::mutex::lock() reports a
+// failure by throwing std::system_error, which links libstdc++'s exception
+// runtime and its demangler into every static -fno-exceptions program (about
+// 35 KiB of Thumb-2). Trivially destructible and constant-initialised, so a
+// function-local static holding one needs no guard either.
+class Mutex {
+ public:
+  constexpr Mutex() noexcept = default;
+  Mutex(const Mutex&) = delete;
+  Mutex& operator=(const Mutex&) = delete;
+  void lock() noexcept {
+    const int e = ::pthread_mutex_lock(&m_);
+    LEMSG_ASSERT(e == 0);
+    (void)e;
+  }
+  void unlock() noexcept { ::pthread_mutex_unlock(&m_); }
+
+ private:
+  pthread_mutex_t m_ = PTHREAD_MUTEX_INITIALIZER;
+};
+
+}  // namespace detail
+
 /// A distinct handle type per kind of object, wrapping a uint32_t; 0 is never
 /// valid, and handles of different kinds do not convert into each other.
 template <typename Tag>
@@ -1055,7 +1133,10 @@ class Loop {
   Result dispatch(const struct pollfd* fds, std::size_t count) noexcept;
 
   /// True on the thread that constructed the loop or last ran it.
-  bool on_owner_thread() const noexcept { return pthread_equal(owner_, pthread_self()) != 0; }
+  /// Any thread may ask (the messaging layer asks from a caller's thread).
+  bool on_owner_thread() const noexcept {
+    return pthread_equal(owner_.load(std::memory_order_relaxed), pthread_self()) != 0;
+  }
 
   std::size_t watch_count() const noexcept { return watch_refs_.size(); }
   std::size_t timer_count() const noexcept { return timer_refs_.size(); }
@@ -1093,13 +1174,14 @@ class Loop {
   std::size_t filled_count_ = 0;
 
   int wake_fd_ = -1;
-  std::mutex post_mutex_;
+  detail::Mutex post_mutex_;
   PostedFn posted_[LEMSG_MAX_POSTED];
   std::size_t post_head_ = 0;
   std::size_t post_count_ = 0;  // guarded by post_mutex_
   std::atomic<int> posted_pending_{0};
+  bool posted_ran_ = false;  // the queue already ran in this dispatch
   std::atomic<int> stop_{0};
-  pthread_t owner_ = pthread_self();
+  std::atomic<pthread_t> owner_{pthread_self()};  // run_once writes it, any thread reads it
 };
 
 // -- implementation --
@@ -1207,7 +1289,7 @@ inline Result Loop::post(PostedFn fn) noexcept {
   if (wake_fd_ < 0) return Result::SystemError;
   bool was_empty;
   {
-    std::lock_guard<std::mutex> lock(post_mutex_);
+    std::lock_guard<detail::Mutex> lock(post_mutex_);
     if (post_count_ == LEMSG_MAX_POSTED) return Result::QueueFull;
     posted_[(post_head_ + post_count_) % LEMSG_MAX_POSTED] = std::move(fn);
     was_empty = post_count_++ == 0;
@@ -1239,14 +1321,14 @@ inline bool Loop::dispatch_posted() noexcept {
   // posts again cannot keep this dispatch going forever.
   std::size_t n;
   {
-    std::lock_guard<std::mutex> lock(post_mutex_);
+    std::lock_guard<detail::Mutex> lock(post_mutex_);
     n = post_count_;
   }
   bool any = false;
   for (std::size_t i = 0; i < n; ++i) {
     PostedFn fn;
     {
-      std::lock_guard<std::mutex> lock(post_mutex_);
+      std::lock_guard<detail::Mutex> lock(post_mutex_);
       fn = std::move(posted_[post_head_]);
       post_head_ = (post_head_ + 1) % LEMSG_MAX_POSTED;
       --post_count_;
@@ -1257,7 +1339,7 @@ inline bool Loop::dispatch_posted() noexcept {
   }
   bool more;
   {
-    std::lock_guard<std::mutex> lock(post_mutex_);
+    std::lock_guard<detail::Mutex> lock(post_mutex_);
     more = post_count_ != 0;
   }
   if (more) {
@@ -1276,7 +1358,10 @@ inline std::size_t Loop::pollfd_count() const noexcept {
 
 inline Result Loop::fill_pollfds(struct pollfd* fds, std::size_t capacity, std::size_t& count) noexcept {
   count = pollfd_count();
-  if (fds == nullptr || capacity < count) return Result::BadParameter;
+  if (fds == nullptr || capacity < count) {
+    filled_count_ = 0;  // a later dispatch() must not match an older fill
+    return Result::BadParameter;
+  }
   std::size_t n = 0;
   if (wake_fd_ >= 0) {
     fds[n] = pollfd{wake_fd_, POLLIN, 0};
@@ -1313,6 +1398,7 @@ inline bool Loop::dispatch_fds(const struct pollfd* fds, std::size_t count) noex
   for (std::size_t i = 0; i < count; ++i) {
     if (fds[i].revents == 0) continue;
     if (filled_[i] == 0) {
+      posted_ran_ = true;
       any = dispatch_posted() || any;
       continue;
     }
@@ -1367,9 +1453,12 @@ inline bool Loop::dispatch_timers() noexcept {
 
 inline Result Loop::dispatch(const struct pollfd* fds, std::size_t count) noexcept {
   if (count != filled_count_ || (count > 0 && fds == nullptr)) return Result::BadParameter;
+  posted_ran_ = false;
   bool any = dispatch_fds(fds, count);
-  if (posted_pending_.load(std::memory_order_relaxed) && wake_fd_ >= 0) {
-    // Work posted without a wake-up reaching this poll (it came after fill).
+  if (!posted_ran_ && posted_pending_.load(std::memory_order_relaxed) && wake_fd_ >= 0) {
+    // Work posted after the fill, whose wake-up this poll did not see. Only
+    // when the queue did not run already: what a posted function posts waits
+    // for the next dispatch.
     any = dispatch_posted() || any;
   }
   any = dispatch_timers() || any;
@@ -1378,7 +1467,7 @@ inline Result Loop::dispatch(const struct pollfd* fds, std::size_t count) noexce
 }
 
 inline Result Loop::run_once(int timeout_ms) noexcept {
-  owner_ = pthread_self();
+  owner_.store(pthread_self(), std::memory_order_relaxed);
   std::size_t n = 0;
   Result r = fill_pollfds(pfds_, LEMSG_MAX_WATCHES + 1, n);
   if (r != Result::Ok) return r;
@@ -1441,8 +1530,10 @@ inline Result socket_path(const char* name, char (&out)[sizeof(sockaddr_un::sun_
 
 /// Creates, binds (under a temporary name, then renamed into place so no
 /// client ever sees the file before its mode is set) and listens. A socket
-/// file that no process listens on is replaced; one that answers is a
-/// Duplicate. Ok with `fd` set, Duplicate, NotPermitted, SystemError.
+/// file that no process listens on is replaced; one that answers, or whose
+/// backlog is full, is a Duplicate; one we may not connect to is left alone
+/// (NotPermitted). Ok with `fd` set, Duplicate, NotPermitted, BadParameter
+/// (the path plus a temporary suffix does not fit), SystemError.
 inline Result listen_at(const char* path, mode_t mode, int& fd) noexcept;
 
 /// Connects a non-blocking socket to `path`. Ok with `fd` set; NotFound when
@@ -1461,8 +1552,9 @@ inline bool is_directory(int fd) noexcept;
 inline Result send_datagram(int fd, const void* buf, std::size_t len, int pass_fd) noexcept;
 
 /// Receives one datagram into `buf` (capacity `cap`). Ok with `len` and
-/// `fd_out` (-1 when none) set; WouldBlock; Closed (orderly end or reset);
-/// TooLarge (datagram longer than `cap`); BadFrame (control data truncated,
+/// `fd_out` (-1 when none) set; WouldBlock; Closed (orderly end or reset,
+/// once the datagrams the peer sent before it are read); TooLarge (datagram
+/// longer than `cap`); BadFrame (an empty datagram, control data truncated,
 /// more than one fd, or a directory fd). On every result but Ok, each fd that
 /// arrived has been closed already.
 inline Result recv_datagram(int fd, void* buf, std::size_t cap, std::size_t& len, int& fd_out) noexcept;
@@ -1546,6 +1638,10 @@ inline Result listen_at(const char* path, mode_t mode, int& fd) noexcept {
     ::close(probe);
     return Result::Duplicate;
   }
+  // Only a missing or refusing (stale) file may be replaced: a full backlog
+  // is a live server, and a file we may not connect to cannot be probed.
+  if (live == Result::Busy) return Result::Duplicate;
+  if (live == Result::NotPermitted) return Result::NotPermitted;
   char tmp[sizeof(sockaddr_un::sun_path)];
   const int w = std::snprintf(tmp, sizeof tmp, "%s.%ld.tmp", path, static_cast<long>(::getpid()));
   if (w < 0 || static_cast<std::size_t>(w) >= sizeof tmp) return Result::BadParameter;
@@ -1634,11 +1730,22 @@ inline Result recv_datagram(int fd, void* buf, std::size_t cap, std::size_t& len
   mh.msg_control = control;
   mh.msg_controllen = sizeof control;
   ssize_t n;
-  do {
+  bool reset = false;
+  for (;;) {
+    mh.msg_controllen = sizeof control;
     n = ::recvmsg(fd, &mh, MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
-  } while (n < 0 && errno == EINTR);
+    if (n >= 0 || errno == EINTR) {
+      if (n >= 0) break;
+      continue;
+    }
+    // A peer that closed with frames of ours unread leaves ECONNRESET, which
+    // the kernel reports once and before the datagrams the peer sent first
+    // (a Refuse, a last response): read again, so those are not lost.
+    if (errno != ECONNRESET || reset) break;
+    reset = true;
+  }
   if (n < 0) {
-    if (errno == EAGAIN || errno == EWOULDBLOCK) return Result::WouldBlock;
+    if (errno == EAGAIN || errno == EWOULDBLOCK) return reset ? Result::Closed : Result::WouldBlock;
     if (errno == ECONNRESET || errno == ENOTCONN || errno == EPIPE) return Result::Closed;
     LEMSG_LOG(Error, "transport: recvmsg failed: %s", std::strerror(errno));
     return Result::SystemError;
@@ -1656,10 +1763,21 @@ inline Result recv_datagram(int fd, void* buf, std::size_t cap, std::size_t& len
       std::memcpy(&fds[nfds++], CMSG_DATA(c) + i * sizeof(int), sizeof(int));
   }
   Result r = Result::Ok;
-  if (n == 0 && nfds == 0) r = Result::Closed;
-  else if (mh.msg_flags & MSG_TRUNC) r = Result::TooLarge;
-  else if (bad_control || nfds > 1) r = Result::BadFrame;
-  else if (nfds == 1 && is_directory(fds[0])) r = Result::BadFrame;  // a directory fd escapes a sandbox
+  if (n == 0 && nfds == 0) {
+    // SOCK_SEQPACKET reads 0 both at the end and for an empty datagram. Only
+    // the end leaves the socket hung up; an empty datagram is a bad frame.
+    // (POLLIN is not asked for, so any event here is a hang-up or an error.)
+#ifdef POLLRDHUP
+    struct pollfd p = {fd, POLLRDHUP, 0};
+#else
+    struct pollfd p = {fd, 0, 0};
+#endif
+    r = ::poll(&p, 1, 0) != 0 ? Result::Closed : Result::BadFrame;
+  } else if (mh.msg_flags & MSG_TRUNC) {
+    r = Result::TooLarge;
+  }
+  if (r == Result::Ok && (bad_control || nfds > 1)) r = Result::BadFrame;
+  if (r == Result::Ok && nfds == 1 && is_directory(fds[0])) r = Result::BadFrame;  // a directory fd escapes a sandbox
   if (r != Result::Ok) {
     for (std::size_t i = 0; i < nfds; ++i) ::close(fds[i]);
     return r;
@@ -1902,13 +2020,16 @@ struct Channel {
 
 // The services of this process, so a synchronous call can see that only its
 // own thread could answer it.
+// Every member has an initialiser, so the registry is constant-initialised:
+// its function-local static needs no guard (a guard links the C++
+// exception runtime into a static build).
 struct LocalService {
-  char path[sizeof(sockaddr_un::sun_path)];
-  const Loop* loop;
-  pid_t pid;
+  char path[sizeof(sockaddr_un::sun_path)] = {};
+  const Loop* loop = nullptr;
+  pid_t pid = 0;
 };
 struct LocalRegistry {
-  std::mutex mutex;
+  Mutex mutex;
   LocalService entries[LEMSG_MAX_SERVICES];
 };
 inline LocalRegistry& local_registry() noexcept {
@@ -2154,6 +2275,7 @@ class Session {
   ReceiveHandler receive_handler_;
   SessionCloseHandler close_handler_;
   Credentials server_;
+  bool server_here_ = false;  // the server was this process at open (saves a getpid per request_sync)
   bool reconnect_ = false;
   std::uint32_t backoff_min_ = 50;
   std::uint32_t backoff_max_ = 2000;
@@ -2271,7 +2393,7 @@ namespace detail {
 
 inline Result registry_add(const char* path, const Loop* loop) noexcept {
   LocalRegistry& reg = local_registry();
-  std::lock_guard<std::mutex> lock(reg.mutex);
+  std::lock_guard<detail::Mutex> lock(reg.mutex);
   const pid_t me = ::getpid();
   for (LocalService& e : reg.entries) {
     // Entries a forked child inherited from its parent are free to reuse.
@@ -2286,14 +2408,14 @@ inline Result registry_add(const char* path, const Loop* loop) noexcept {
 
 inline void registry_remove(const char* path) noexcept {
   LocalRegistry& reg = local_registry();
-  std::lock_guard<std::mutex> lock(reg.mutex);
+  std::lock_guard<detail::Mutex> lock(reg.mutex);
   for (LocalService& e : reg.entries)
     if (e.loop && e.pid == ::getpid() && std::strcmp(e.path, path) == 0) e.loop = nullptr;
 }
 
 inline bool served_by_this_thread(const char* path) noexcept {
   LocalRegistry& reg = local_registry();
-  std::lock_guard<std::mutex> lock(reg.mutex);
+  std::lock_guard<detail::Mutex> lock(reg.mutex);
   for (const LocalService& e : reg.entries)
     if (e.loop && e.pid == ::getpid() && std::strcmp(e.path, path) == 0 && e.loop->on_owner_thread()) return true;
   return false;
@@ -2595,7 +2717,10 @@ inline bool Service::on_hello(std::uint32_t ref, Peer& p) noexcept {
     return false;
   }
   p.open = true;
-  if (open_handler_) open_handler_(SessionRef{ref});
+  if (open_handler_) {
+    OpenHandler h = open_handler_;
+    h(SessionRef{ref});
+  }
   return true;
 }
 
@@ -2647,8 +2772,12 @@ inline void Service::on_peer(std::uint32_t ref, short revents) noexcept {
     } else {
       b->kind = detail::MsgKind::Received;
     }
-    if (receive_handler_) receive_handler_(m);
-    else LEMSG_LOG(Debug, "service %s: no receive handler; frame released", protocol_.id);
+    if (receive_handler_) {
+      ReceiveHandler h = receive_handler_;  // a copy: the handler may replace itself
+      h(m);
+    } else {
+      LEMSG_LOG(Debug, "service %s: no receive handler; frame released", protocol_.id);
+    }
   }
 }
 
@@ -2724,7 +2853,10 @@ inline void Service::close_peer(std::uint32_t ref, Result reason) noexcept {
   p->closing = true;
   // Stop the socket first, so nothing a handler does below can reach it.
   p->ch.reset(loop_);
-  if (p->open && close_handler_) close_handler_(SessionRef{ref}, reason);
+  if (p->open && close_handler_) {
+    CloseHandler h = close_handler_;
+    h(SessionRef{ref}, reason);
+  }
   for (Tracked& t : tracked_) {
     if (!t.map) continue;
     t.map->release_owner_ptr(
@@ -2869,10 +3001,17 @@ inline void Session::on_dir_event() noexcept {
 }
 
 inline void Session::attempt() noexcept {
-  // Watch before connecting: a server that appears in between is not missed.
-  const bool watching = watch_dir();
   int fd = -1;
-  const Result r = detail::connect_to(path_, fd);
+  Result r = detail::connect_to(path_, fd);
+  bool watching = false;
+  if (r == Result::NotFound) {
+    // Watch only once the server is missing (closing an inotify watch costs
+    // milliseconds), then connect again, so a server that appeared in
+    // between is not missed.
+    const bool was_watching = dir_fd_ >= 0;
+    watching = watch_dir();
+    if (watching && !was_watching) r = detail::connect_to(path_, fd);
+  }
   if (r == Result::Ok) {
     stop_watching_dir();
     const Result h = start_handshake(fd);
@@ -2920,7 +3059,11 @@ inline Result Session::start_handshake(int fd) noexcept {
   std::memcpy(hello + 4, &idlen, 4);
   std::memcpy(hello + 8, protocol_.id, idlen);
   Result r = detail::send_control(fd, wire::FrameType::Hello, 0, 0, hello, 8 + idlen);
+  // A server that refuses us (allow-list, full table) answers and closes at
+  // accept, so the hello may meet a closed socket: read the answer anyway.
+  if (r == Result::Closed) r = Result::Ok;
   if (r == Result::Ok) r = detail::peer_credentials(fd, server_);
+  server_here_ = r == Result::Ok && server_.pid == ::getpid();
   if (r == Result::Ok) r = loop_.add_watch(fd, Readable, [this](int, short ev) { on_socket(ev); }, ch_.watch);
   if (r != Result::Ok) {
     ::close(fd);
@@ -2983,7 +3126,8 @@ inline Result Session::handshake_blocking(int fd, std::int64_t deadline) noexcep
   std::memcpy(hello + 4, &idlen, 4);
   std::memcpy(hello + 8, protocol_.id, idlen);
   Result r = detail::send_control(fd, wire::FrameType::Hello, 0, 0, hello, 8 + idlen);
-  if (r != Result::Ok) return r;
+  // Closed: the server may have refused us at accept; its answer is queued.
+  if (r != Result::Ok && r != Result::Closed) return r;
   struct pollfd pfd = {fd, POLLIN, 0};
   for (;;) {
     const int rc = ::poll(&pfd, 1, detail::ms_until(deadline));
@@ -3013,6 +3157,7 @@ inline Result Session::handshake_blocking(int fd, std::int64_t deadline) noexcep
 
 inline Result Session::finish_open(int fd) noexcept {
   Result r = detail::peer_credentials(fd, server_);
+  server_here_ = r == Result::Ok && server_.pid == ::getpid();
   if (r == Result::Ok) r = loop_.add_watch(fd, Readable, [this](int, short ev) { on_socket(ev); }, ch_.watch);
   if (r != Result::Ok) {
     ::close(fd);
@@ -3030,16 +3175,8 @@ inline Result Session::open_sync(const char* name, int timeout_ms) noexcept {
   if (r != Result::Ok) return r;
   if (detail::served_by_this_thread(path_)) return Result::WouldDeadlock;
   const std::int64_t deadline = detail::now_ns() + static_cast<std::int64_t>(timeout_ms) * 1000000;
-  int ino = ::inotify_init1(IN_NONBLOCK | IN_CLOEXEC);
-  if (ino >= 0) {
-    char dir[sizeof path_];
-    std::memcpy(dir, path_, sizeof dir);
-    dir[name_ - path_ - 1] = '\0';
-    if (::inotify_add_watch(ino, dir, IN_CREATE | IN_MOVED_TO | IN_ATTRIB) < 0) {
-      ::close(ino);
-      ino = -1;
-    }
-  }
+  int ino = -1;
+  bool watched = false;
   for (;;) {
     int fd = -1;
     r = detail::connect_to(path_, fd);
@@ -3057,6 +3194,23 @@ inline Result Session::open_sync(const char* name, int timeout_ms) noexcept {
     if (detail::ms_until(deadline) == 0) {
       r = Result::Timeout;
       break;
+    }
+    if (!watched) {
+      // Watch only once the server is missing: closing an inotify watch costs
+      // milliseconds (the kernel synchronises), far more than a whole open.
+      // Connect again after the watch is set, so an appearance is not missed.
+      watched = true;
+      ino = ::inotify_init1(IN_NONBLOCK | IN_CLOEXEC);
+      if (ino >= 0) {
+        char dir[sizeof path_];
+        std::memcpy(dir, path_, sizeof dir);
+        dir[name_ - path_ - 1] = '\0';
+        if (::inotify_add_watch(ino, dir, IN_CREATE | IN_MOVED_TO | IN_ATTRIB) < 0) {
+          ::close(ino);
+          ino = -1;
+        }
+      }
+      continue;
     }
     // Wait for the socket to appear; without inotify, re-check every 20 ms.
     struct pollfd pfd = {ino, POLLIN, 0};
@@ -3156,7 +3310,9 @@ inline void Session::on_socket(short revents) noexcept {
     }
     if (r == Result::Ok && h.type != wire::FrameType::Message && h.type != wire::FrameType::Response)
       r = Result::BadFrame;
-    if (r == Result::Ok && (m.blk_->status != 0 && !detail::known_result(m.blk_->status))) r = Result::BadFrame;
+    // An error response must carry a known error: one claiming Ok (0) is as
+    // malformed as an unknown code, or the request would "succeed" empty.
+    if (r == Result::Ok && (h.flags & wire::FlagError) && !detail::known_result(m.blk_->status)) r = Result::BadFrame;
     if (r != Result::Ok) {
       if (r != Result::Closed) LEMSG_LOG(Warning, "session %s: server sent a bad frame: %s", name_, to_string(r));
       lose_server(r);
@@ -3250,7 +3406,7 @@ inline Result Session::request_sync(Message&& m, Message& response, int timeout_
   if (timeout_ms <= 0) return Result::BadParameter;
   Result r = check_outgoing(m);
   if (r != Result::Ok) return r;
-  if (server_.pid == ::getpid() && detail::served_by_this_thread(path_)) return Result::WouldDeadlock;
+  if (server_here_ && detail::served_by_this_thread(path_)) return Result::WouldDeadlock;
   Pending* slot = nullptr;
   for (Pending& p : pending_)
     if (!p.used) {
@@ -3294,7 +3450,7 @@ inline Result Session::request_sync(Message&& m, Message& response, int timeout_
     if (r == Result::PoolEmpty) return finish(Result::PoolEmpty);
     if (r == Result::Ok && h.type != wire::FrameType::Message && h.type != wire::FrameType::Response)
       r = Result::BadFrame;
-    if (r == Result::Ok && in.blk_->status != 0 && !detail::known_result(in.blk_->status)) r = Result::BadFrame;
+    if (r == Result::Ok && (h.flags & wire::FlagError) && !detail::known_result(in.blk_->status)) r = Result::BadFrame;
     if (r != Result::Ok) {
       // Finish the loss on the loop, after this call returns: the close
       // handler and other completions must not run inside request_sync.

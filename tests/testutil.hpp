@@ -157,4 +157,113 @@ struct Pipe {
   }
 };
 
+/// Captures the library's log lines while it lives (lemsg::set_log_sink),
+/// counting them per level and keeping the last one; restores stderr when it
+/// goes. One at a time; create it on the test's thread before other threads log.
+struct LogCapture {
+  int count[4] = {0, 0, 0, 0};  // indexed by LogLevel
+  char last[256] = {};
+  LogCapture() { lemsg::set_log_sink(&LogCapture::sink, this); }
+  ~LogCapture() { lemsg::set_log_sink(nullptr, nullptr); }
+  LogCapture(const LogCapture&) = delete;
+  LogCapture& operator=(const LogCapture&) = delete;
+  /// Lines logged as errors or warnings so far.
+  int warnings() const { return count[0] + count[1]; }
+  static void sink(lemsg::LogLevel level, const char* line, void* ctx) {
+    LogCapture* self = static_cast<LogCapture*>(ctx);
+    const int i = static_cast<int>(level);
+    if (i >= 0 && i < 4) ++self->count[i];
+    std::snprintf(self->last, sizeof self->last, "%s", line);
+  }
+};
+
+/// Sends one datagram on `sock` with `n` (at most 8) fds in one SCM_RIGHTS
+/// message, with none of the library's checks, as a hostile peer would.
+/// True when the whole datagram went.
+inline bool send_fds(int sock, const void* buf, std::size_t len, const int* fds, std::size_t n) {
+  if (n > 8) return false;
+  struct iovec iov;
+  iov.iov_base = const_cast<void*>(buf);
+  iov.iov_len = len;
+  struct msghdr mh;
+  std::memset(&mh, 0, sizeof mh);
+  mh.msg_iov = &iov;
+  mh.msg_iovlen = 1;
+  alignas(struct cmsghdr) unsigned char control[CMSG_SPACE(8 * sizeof(int))];
+  if (n) {
+    std::memset(control, 0, sizeof control);
+    mh.msg_control = control;
+    mh.msg_controllen = CMSG_SPACE(n * sizeof(int));
+    struct cmsghdr* c = CMSG_FIRSTHDR(&mh);
+    c->cmsg_level = SOL_SOCKET;
+    c->cmsg_type = SCM_RIGHTS;
+    c->cmsg_len = CMSG_LEN(n * sizeof(int));
+    std::memcpy(CMSG_DATA(c), fds, n * sizeof(int));
+  }
+  return sendmsg(sock, &mh, MSG_NOSIGNAL) == static_cast<ssize_t>(len);
+}
+
+/// True when fds cut off by a too-small control buffer (MSG_CTRUNC) are
+/// dropped, as the Linux kernel does. False under qemu-user, which receives
+/// into a larger buffer of its own and passes on only what fits the
+/// program's: the rest stay open in the process, where no library can see
+/// them. Tests of truncated control data relax their fd counts only then.
+inline bool truncated_fds_are_dropped() {
+  int sv[2];
+  if (socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv) != 0) return true;
+  const int before = count_open_fds();
+  int fds[5];
+  for (int& f : fds) f = open("/dev/null", O_RDONLY | O_CLOEXEC);
+  const bool sent = send_fds(sv[0], "x", 1, fds, 5);
+  for (int f : fds)
+    if (f >= 0) close(f);
+  if (sent) {
+    char c;
+    struct iovec iov = {&c, 1};
+    struct msghdr mh;
+    std::memset(&mh, 0, sizeof mh);
+    mh.msg_iov = &iov;
+    mh.msg_iovlen = 1;
+    alignas(struct cmsghdr) unsigned char control[CMSG_SPACE(4 * sizeof(int))];
+    mh.msg_control = control;
+    mh.msg_controllen = sizeof control;
+    if (recvmsg(sv[1], &mh, MSG_CMSG_CLOEXEC) >= 0) {
+      for (struct cmsghdr* h = CMSG_FIRSTHDR(&mh); h != nullptr; h = CMSG_NXTHDR(&mh, h)) {
+        if (h->cmsg_level != SOL_SOCKET || h->cmsg_type != SCM_RIGHTS) continue;
+        const std::size_t n = (h->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+        for (std::size_t i = 0; i < n; ++i) {
+          int f;
+          std::memcpy(&f, CMSG_DATA(h) + i * sizeof(int), sizeof f);
+          close(f);
+        }
+      }
+    }
+  }
+  const int after = count_open_fds();
+  close(sv[0]);
+  close(sv[1]);
+  return after == before;
+}
+
+/// Removes the entries of directory `path` (not the directory). Uses
+/// readdir64: a 32-bit readdir fails with EOVERFLOW on ext4's 64-bit
+/// directory offsets under a 64-bit kernel (qemu-user, armhf on aarch64).
+inline void remove_entries(const char* path) {
+  if (DIR* d = opendir(path)) {
+    while (struct dirent64* e = readdir64(d)) {
+      if (std::strcmp(e->d_name, ".") == 0 || std::strcmp(e->d_name, "..") == 0) continue;
+      char p[400];
+      std::snprintf(p, sizeof p, "%s/%s", path, e->d_name);
+      unlink(p);
+    }
+    closedir(d);
+  }
+}
+
+/// A RuntimeDir that also empties itself on 32-bit targets under qemu-user,
+/// where RuntimeDir's own readdir cannot list it (see remove_entries).
+struct TidyRuntimeDir : RuntimeDir {
+  ~TidyRuntimeDir() { remove_entries(path); }
+};
+
 }  // namespace testutil

@@ -1,0 +1,19 @@
+// The README's quick start, compiled from README.md itself (the Makefile
+// extracts the block between the quickstart markers and renames its main),
+// so the example users copy can never drift from what is tested.
+#define DOCTEST_CONFIG_NO_EXCEPTIONS_BUT_WITH_ALL_ASSERTS
+#include <doctest/doctest.h>
+
+#include "lemsg.hpp"
+#include "testutil.hpp"
+
+int lemsg_readme_main();
+
+TEST_SUITE("readme") {
+  TEST_CASE("readme: the quick start runs and its client gets the answer") {
+    testutil::RuntimeDir dir;  // the example keeps an existing LEMSG_RUNTIME_DIR
+    const int fds_before = testutil::count_open_fds();
+    CHECK(lemsg_readme_main() == 0);
+    CHECK(testutil::count_open_fds() == fds_before);
+  }
+}
