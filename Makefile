@@ -11,7 +11,9 @@
 #   <target>-tiny     the same with TINY_FLAGS: every full-table path runs
 #   host-clang        host with clang++, and host-clang-tiny
 #   host-asan         ASan+UBSan with $(CXX); host-clang-asan with clang++  (check)
-#   host-clang-tsan   TSan, only the test cases named *thread*              (check)
+#   host-tsan         TSan with $(CXX), only the test cases named *thread*  (check)
+#                     (not clang++: its static TSan runtime defines operator
+#                     new, which tests/faults.cpp replaces, and the link fails)
 
 TARGETS := host armhf aarch64 armel
 
@@ -80,7 +82,7 @@ EXAMPLE_SRCS := $(sort $(wildcard examples/*.cpp))
 # $(call test_configs,<target>) and $(call check_configs,<target>)
 test_configs = $(1) $(1)-tiny $(if $(filter host,$(1)),host-clang host-clang-tiny)
 check_configs = $(call test_configs,$(1)) \
-                $(if $(filter host,$(1)),host-asan host-clang-asan host-clang-tsan)
+                $(if $(filter host,$(1)),host-asan host-clang-asan host-tsan)
 suite_configs = $(foreach t,$(SUITE_TARGETS),$(call $(1)_configs,$(t)))
 
 # Per configuration: compiler, flags for compiling and linking, run arguments.
@@ -97,9 +99,9 @@ cxx.host-asan = $(CXX)
 flags.host-asan = $(SAN_OPT) $(ASAN_FLAGS)
 cxx.host-clang-asan = $(CLANG_CXX)
 flags.host-clang-asan = $(SAN_OPT) $(ASAN_FLAGS)
-cxx.host-clang-tsan = $(CLANG_CXX)
-flags.host-clang-tsan = $(SAN_OPT) $(TSAN_FLAGS)
-args.host-clang-tsan = '--test-case=*thread*'
+cxx.host-tsan = $(CXX)
+flags.host-tsan = $(SAN_OPT) $(TSAN_FLAGS)
+args.host-tsan = '--test-case=*thread*'
 endif
 CONFIGS := $(call check_configs,$(TARGET))
 
@@ -220,7 +222,7 @@ build/$(1)/lemsg-tests: $(patsubst tests/%.cpp,build/$(1)/%.o,$(TEST_SRCS)) buil
 	$(Q)$$(cxx.$(1)) $$(flags.$(1)) $$(BASELDFLAGS) $$(TEST_LDFLAGS) -o $$@ $$(filter %.o,$$^) $$(BASELDLIBS)
 
 # The README's quick start, as a function tests/readme.cpp runs.
-build/$(1)/readme_example.o: build/readme_example.cpp build/$(1)/flags
+build/$(1)/readme_example.o: build/$(1)/readme_example.cpp build/$(1)/flags
 	$$(say) CXX $$@
 	@mkdir -p $$(@D)
 	$(Q)$$(cxx.$(1)) $$(BASEFLAGS) $$(TEST_CPPFLAGS) $$(flags.$(1)) -Dmain=lemsg_readme_main -MMD -MP -c $$< -o $$@
@@ -228,7 +230,7 @@ build/$(1)/readme_example.o: build/readme_example.cpp build/$(1)/flags
 # The flags a configuration was built with: objects rebuild when they change.
 build/$(1)/flags: FORCE
 	@mkdir -p $$(@D)
-	@printf '%s\n' '$$(subst ','\'',$$(cxx.$(1)) $$(BASEFLAGS) $$(TEST_CPPFLAGS) $$(flags.$(1)) $$(BASELDFLAGS) $$(BASELDLIBS))' > $$@.new
+	@printf '%s\n' '$$(subst ','\'',$$(cxx.$(1)) $$(BASEFLAGS) $$(TEST_CPPFLAGS) $$(flags.$(1)) $$(BASELDFLAGS) $$(TEST_LDFLAGS) $$(BASELDLIBS))' > $$@.new
 	@if cmp -s $$@.new $$@; then rm -f $$@.new; else mv -f $$@.new $$@; fi
 
 # Always runs; the result is read by the summary, so a failure here does not
@@ -250,7 +252,7 @@ endef
 $(foreach c,$(CONFIGS),$(eval $(call config_rules,$(c))))
 
 # The block between the quickstart markers of README.md, fences removed.
-build/readme_example.cpp: README.md
+build/%/readme_example.cpp: README.md
 	@mkdir -p $(@D)
 	$(Q)awk '/<!-- quickstart begin -->/{f=1;next} /<!-- quickstart end -->/{f=0} f' $< \
 	  | sed '/^```/d' > $@.new && [ -s $@.new ] && mv -f $@.new $@

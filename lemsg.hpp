@@ -1547,6 +1547,10 @@ inline Result peer_credentials(int fd, Credentials& out) noexcept;
 /// True when `fd` refers to a directory.
 inline bool is_directory(int fd) noexcept;
 
+/// Puts a connected socket in blocking mode (true on success). Callers then
+/// pass MSG_DONTWAIT wherever they must not wait.
+inline bool clear_nonblock(int fd) noexcept;
+
 /// Sends one datagram, with `pass_fd` (>= 0) attached. Ok, WouldBlock,
 /// Closed (peer gone), SystemError. Never raises SIGPIPE.
 inline Result send_datagram(int fd, const void* buf, std::size_t len, int pass_fd) noexcept;
@@ -1556,8 +1560,10 @@ inline Result send_datagram(int fd, const void* buf, std::size_t len, int pass_f
 /// once the datagrams the peer sent before it are read); TooLarge (datagram
 /// longer than `cap`); BadFrame (an empty datagram, control data truncated,
 /// more than one fd, or a directory fd). On every result but Ok, each fd that
-/// arrived has been closed already.
-inline Result recv_datagram(int fd, void* buf, std::size_t cap, std::size_t& len, int& fd_out) noexcept;
+/// arrived has been closed already. With `wait` on a blocking socket it waits
+/// for a datagram up to the socket's SO_RCVTIMEO (then WouldBlock).
+inline Result recv_datagram(int fd, void* buf, std::size_t cap, std::size_t& len, int& fd_out,
+                            bool wait = false) noexcept;
 
 }  // namespace detail
 
@@ -1678,6 +1684,11 @@ inline Result peer_credentials(int fd, Credentials& out) noexcept {
   return Result::Ok;
 }
 
+inline bool clear_nonblock(int fd) noexcept {
+  const int fl = ::fcntl(fd, F_GETFL);
+  return fl >= 0 && ::fcntl(fd, F_SETFL, fl & ~O_NONBLOCK) == 0;
+}
+
 inline bool is_directory(int fd) noexcept {
   struct stat st;
   return ::fstat(fd, &st) == 0 && S_ISDIR(st.st_mode);
@@ -1714,7 +1725,7 @@ inline Result send_datagram(int fd, const void* buf, std::size_t len, int pass_f
   }
 }
 
-inline Result recv_datagram(int fd, void* buf, std::size_t cap, std::size_t& len, int& fd_out) noexcept {
+inline Result recv_datagram(int fd, void* buf, std::size_t cap, std::size_t& len, int& fd_out, bool wait) noexcept {
   len = 0;
   fd_out = -1;
   struct iovec iov;
@@ -1733,7 +1744,7 @@ inline Result recv_datagram(int fd, void* buf, std::size_t cap, std::size_t& len
   bool reset = false;
   for (;;) {
     mh.msg_controllen = sizeof control;
-    n = ::recvmsg(fd, &mh, MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
+    n = ::recvmsg(fd, &mh, (wait ? 0 : MSG_DONTWAIT) | MSG_CMSG_CLOEXEC);
     if (n >= 0 || errno == EINTR) {
       if (n >= 0) break;
       continue;
@@ -1999,6 +2010,10 @@ struct Channel {
   int fd = -1;
   WatchId watch;
   bool starved = false;  // pool was empty: reading paused until a retry
+  // The socket is in blocking mode (every loop-path call passes MSG_DONTWAIT),
+  // so request_sync can wait inside recvmsg, as a plain blocking client does.
+  bool blocking = false;
+  int rcvtimeo_ms = 0;  // SO_RCVTIMEO last set (0 = never)
   Message out[LEMSG_MAX_OUTGOING];
   std::size_t out_head = 0;
   std::size_t out_count = 0;
@@ -2014,7 +2029,10 @@ struct Channel {
   // Sends what is queued. Ok (maybe some left), or Closed/SystemError.
   Result flush(Loop& loop) noexcept;
   // Receives one frame into a new pool message.
-  Result receive(MessagePoolBase& pool, std::uint32_t max_payload, Message& out, wire::Header& h) noexcept;
+  Result receive(MessagePoolBase& pool, std::uint32_t max_payload, Message& out, wire::Header& h,
+                 bool wait = false) noexcept;
+  // Waits at most `ms` (> 0) in the next receive(wait = true).
+  bool set_wait(int ms) noexcept;
   void reset(Loop& loop) noexcept;
 };
 
@@ -2103,10 +2121,12 @@ class Service {
   /// Overflow (LEMSG_MAX_OUTGOING frames already wait); Closed. On failure
   /// the message is still the caller's.
   Result send(SessionRef s, Message&& m) noexcept;
-  /// Answers a request with the message's payload (and fd). Ok; Closed when
-  /// its session is gone (harmless; the message is consumed); NotFound when
-  /// already answered; BadParameter when `m` is not a request received here;
-  /// Overflow when the response cannot even be queued (session closed).
+  /// Answers a request with the message's payload (and fd), consuming `m`,
+  /// so a request is answered at most once. Ok; Closed when its session is
+  /// gone (harmless; the message is consumed); BadParameter when `m` is empty
+  /// (already responded), shared (copies exist), or not a request received
+  /// here; TooLarge; Overflow when the response cannot even be queued (the
+  /// session is closed).
   Result respond(Message&& m) noexcept;
   /// Closes a session; the close handler runs with Ok. Ok or NotFound.
   Result close(SessionRef s) noexcept;
@@ -2245,6 +2265,7 @@ class Session {
   bool watch_dir() noexcept;
   void stop_watching_dir() noexcept;
   void on_dir_event() noexcept;
+  Result send_hello(int fd) const noexcept;
   Result start_handshake(int fd) noexcept;
   Result handshake_blocking(int fd, std::int64_t deadline) noexcept;
   Result finish_open(int fd) noexcept;
@@ -2464,14 +2485,25 @@ inline Result Channel::flush(Loop& loop) noexcept {
   return Result::Ok;
 }
 
+inline bool Channel::set_wait(int ms) noexcept {
+  if (!blocking) return false;
+  if (ms == rcvtimeo_ms) return true;  // the usual case: the same timeout as last time, no syscall
+  struct timeval tv;
+  tv.tv_sec = ms / 1000;
+  tv.tv_usec = (ms % 1000) * 1000;
+  if (::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv) != 0) return false;
+  rcvtimeo_ms = ms;
+  return true;
+}
+
 inline Result Channel::receive(MessagePoolBase& pool, std::uint32_t max_payload, Message& out,
-                               wire::Header& h) noexcept {
+                               wire::Header& h, bool wait) noexcept {
   Message m;
   Result r = pool.create(m);
   if (r != Result::Ok) return r;
   std::size_t len = 0;
   int rfd = -1;
-  r = recv_datagram(fd, m.blk_->header, wire::header_size + pool.max_payload(), len, rfd);
+  r = recv_datagram(fd, m.blk_->header, wire::header_size + pool.max_payload(), len, rfd, wait);
   if (r != Result::Ok) return r;
   r = wire::decode(m.blk_->header, len, max_payload, h);
   // The fd flag must match what arrived: an fd nobody announced is refused.
@@ -2504,6 +2536,8 @@ inline void Channel::reset(Loop& loop) noexcept {
   for (std::size_t i = 0; i < out_count; ++i) out[(out_head + i) % LEMSG_MAX_OUTGOING].release();
   out_head = out_count = 0;
   starved = false;
+  blocking = false;
+  rcvtimeo_ms = 0;
 }
 
 // An error code from the peer must be one we know; anything else is a bad frame.
@@ -2813,7 +2847,7 @@ inline Result Service::respond(Message&& m) noexcept {
   if (status_ != Result::Ok) return status_;
   detail::MsgBlock* b = m.blk_;
   if (!b || b->kind != detail::MsgKind::Request || b->service != this) return Result::BadParameter;
-  if (b->responded) return Result::NotFound;
+  if (b->responded) return Result::BadParameter;
   if (m.is_shared()) return Result::BadParameter;
   b->responded = true;
   if (b->size > protocol_.max_payload) {
@@ -3052,13 +3086,17 @@ inline void Session::fail_open(Result why) noexcept {
   }
 }
 
-inline Result Session::start_handshake(int fd) noexcept {
+inline Result Session::send_hello(int fd) const noexcept {
   unsigned char hello[8 + LEMSG_MAX_PROTOCOL_ID];
   const std::uint32_t idlen = static_cast<std::uint32_t>(std::strlen(protocol_.id));
   std::memcpy(hello, &protocol_.max_payload, 4);
   std::memcpy(hello + 4, &idlen, 4);
   std::memcpy(hello + 8, protocol_.id, idlen);
-  Result r = detail::send_control(fd, wire::FrameType::Hello, 0, 0, hello, 8 + idlen);
+  return detail::send_control(fd, wire::FrameType::Hello, 0, 0, hello, 8 + idlen);
+}
+
+inline Result Session::start_handshake(int fd) noexcept {
+  Result r = send_hello(fd);
   // A server that refuses us (allow-list, full table) answers and closes at
   // accept, so the hello may meet a closed socket: read the answer anyway.
   if (r == Result::Closed) r = Result::Ok;
@@ -3070,6 +3108,7 @@ inline Result Session::start_handshake(int fd) noexcept {
     return r;
   }
   ch_.fd = fd;
+  ch_.blocking = detail::clear_nonblock(fd);
   state_ = State::Handshake;
   handshake_deadline_ = detail::now_ns() + static_cast<std::int64_t>(LEMSG_OPEN_TIMEOUT_MS) * 1000000;
   reschedule();
@@ -3120,12 +3159,7 @@ inline void Session::on_handshake_frame() noexcept {
 }
 
 inline Result Session::handshake_blocking(int fd, std::int64_t deadline) noexcept {
-  unsigned char hello[8 + LEMSG_MAX_PROTOCOL_ID];
-  const std::uint32_t idlen = static_cast<std::uint32_t>(std::strlen(protocol_.id));
-  std::memcpy(hello, &protocol_.max_payload, 4);
-  std::memcpy(hello + 4, &idlen, 4);
-  std::memcpy(hello + 8, protocol_.id, idlen);
-  Result r = detail::send_control(fd, wire::FrameType::Hello, 0, 0, hello, 8 + idlen);
+  Result r = send_hello(fd);
   // Closed: the server may have refused us at accept; its answer is queued.
   if (r != Result::Ok && r != Result::Closed) return r;
   struct pollfd pfd = {fd, POLLIN, 0};
@@ -3164,6 +3198,7 @@ inline Result Session::finish_open(int fd) noexcept {
     return r;
   }
   ch_.fd = fd;
+  ch_.blocking = detail::clear_nonblock(fd);
   state_ = State::Open;
   backoff_next_ = backoff_min_;
   return Result::Ok;
@@ -3436,17 +3471,24 @@ inline Result Session::request_sync(Message&& m, Message& response, int timeout_
   }
   const std::int64_t deadline = detail::now_ns() + static_cast<std::int64_t>(timeout_ms) * 1000000;
   for (;;) {
-    struct pollfd pfd = {ch_.fd, static_cast<short>(POLLIN | (ch_.out_count ? POLLOUT : 0)), 0};
-    const int rc = ::poll(&pfd, 1, detail::ms_until(deadline));
-    if (rc < 0 && errno == EINTR) continue;
-    if (rc < 0) return finish(Result::SystemError);
-    if (rc == 0) return finish(Result::Timeout);
-    if ((pfd.revents & POLLOUT) && ch_.flush(loop_) != Result::Ok) pfd.revents |= POLLHUP;
-    if (!(pfd.revents & (POLLIN | POLLHUP | POLLERR | POLLNVAL))) continue;
+    const int left = detail::ms_until(deadline);
+    if (left == 0) return finish(Result::Timeout);
+    // Nothing left to send: wait inside recvmsg, one system call per answer
+    // like a plain blocking client. Otherwise poll, to send and receive.
+    const bool wait = ch_.out_count == 0 && ch_.set_wait(left);
+    if (!wait) {
+      struct pollfd pfd = {ch_.fd, static_cast<short>(POLLIN | (ch_.out_count ? POLLOUT : 0)), 0};
+      const int rc = ::poll(&pfd, 1, left);
+      if (rc < 0 && errno == EINTR) continue;
+      if (rc < 0) return finish(Result::SystemError);
+      if (rc == 0) return finish(Result::Timeout);
+      if ((pfd.revents & POLLOUT) && ch_.flush(loop_) != Result::Ok) pfd.revents |= POLLHUP;
+      if (!(pfd.revents & (POLLIN | POLLHUP | POLLERR | POLLNVAL))) continue;
+    }
     Message in;
     wire::Header h;
-    r = ch_.receive(pool_, protocol_.max_payload, in, h);
-    if (r == Result::WouldBlock) continue;
+    r = ch_.receive(pool_, protocol_.max_payload, in, h, wait);
+    if (r == Result::WouldBlock) continue;  // no answer yet: the deadline decides
     if (r == Result::PoolEmpty) return finish(Result::PoolEmpty);
     if (r == Result::Ok && h.type != wire::FrameType::Message && h.type != wire::FrameType::Response)
       r = Result::BadFrame;

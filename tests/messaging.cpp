@@ -1,0 +1,1662 @@
+// Section 8 (messaging): Protocol, Message, MessagePool, Service, Session.
+//
+// Most cases run a Service and async Sessions on one Loop in one process;
+// a synchronous client, or a second server, is a forked child (fork without
+// exec), because a synchronous call that only its own thread's loop could
+// answer returns WouldDeadlock. Children report through their exit code (a
+// failed check prints its line). Every wait is bounded. The fault tests
+// (kill -9, pools held empty, peers that never read, 64 clients, no heap)
+// are in faults.cpp.
+#define DOCTEST_CONFIG_NO_EXCEPTIONS_BUT_WITH_ALL_ASSERTS
+#include <doctest/doctest.h>
+#include "lemsg.hpp"
+#include "testutil.hpp"
+
+#include <fcntl.h>
+#include <poll.h>
+#include <signal.h>
+#include <sys/prctl.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cerrno>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <thread>
+
+// A failed check inside a child: say where, and leave with 1.
+#define CHILD_CHECK(cond)                                                                                  \
+  do {                                                                                                     \
+    if (!(cond)) {                                                                                         \
+      std::fprintf(stderr, "messaging.cpp:%d: child %ld: check failed: %s\n", __LINE__,                   \
+                   static_cast<long>(getpid()), #cond);                                                    \
+      return 1;                                                                                            \
+    }                                                                                                      \
+  } while (0)
+
+TEST_SUITE("messaging") {
+
+using lemsg::Loop;
+using lemsg::Message;
+using lemsg::Result;
+using lemsg::Service;
+using lemsg::Session;
+using lemsg::SessionRef;
+
+namespace {
+
+// Bound for waits that only a failure (or a very slow emulator) reaches.
+constexpr int kWaitMs = 30000;
+
+constexpr lemsg::Protocol kProto{"lemsg.test.messaging.v1", 64};
+using SmallPool = lemsg::MessagePool<64, 32>;
+
+// Async sessions a case may open to a Service on the same loop: each Service
+// and Session takes a timer; the Service a watch plus one per session, each
+// Session a watch.
+constexpr int kLocalSessions =
+    std::min({3, LEMSG_MAX_TIMERS - 1, (LEMSG_MAX_WATCHES - 1) / 2, LEMSG_MAX_SESSIONS});
+
+struct Body {
+  std::uint32_t op;
+  std::uint32_t value;
+};
+enum : std::uint32_t {
+  OpEcho = 1,  // respond with echo_of(value)
+  OpHold,      // the server keeps the request
+  OpDrop,      // the server lets the request go unanswered
+  OpFd,        // read the attached fd; respond with what was read and a pipe holding "pong"
+  OpNote,      // one-way
+};
+
+std::uint32_t echo_of(std::uint32_t v) { return v * 3u + 1u; }
+
+bool set_body(Message& m, std::uint32_t op, std::uint32_t value) {
+  const Body b{op, value};
+  return m.assign(&b, sizeof b) == Result::Ok;
+}
+
+Body body_of(const Message& m) {
+  Body b{0, 0};
+  if (m && m.size() >= sizeof b) std::memcpy(&b, m.payload(), sizeof b);
+  return b;
+}
+
+void die_with_parent() { prctl(PR_SET_PDEATHSIG, SIGKILL); }
+
+bool fd_is_open(int fd) { return fcntl(fd, F_GETFD) >= 0; }
+
+Result call(Session& s, std::uint32_t op, std::uint32_t value, Body& out, int timeout_ms = kWaitMs) {
+  Message m;
+  Result r = s.create_message(m);
+  if (r != Result::Ok) return r;
+  if (!set_body(m, op, value)) return Result::BadParameter;
+  Message resp;
+  r = s.request_sync(std::move(m), resp, timeout_ms);
+  out = body_of(resp);
+  return r;
+}
+
+struct Reply {
+  int calls = 0;
+  Result result = Result::Ok;
+  Body body{0, 0};
+  std::uint32_t size = 0;
+  bool empty = true;  // the completion's message was empty
+};
+
+Result ask(Session& s, std::uint32_t op, std::uint32_t value, Reply& rep, std::uint32_t timeout_ms = 0) {
+  Message m;
+  Result r = s.create_message(m);
+  if (r != Result::Ok) return r;
+  if (!set_body(m, op, value)) return Result::BadParameter;
+  return s.request(
+      std::move(m),
+      [&rep](Result res, Message& resp) {
+        ++rep.calls;
+        rep.result = res;
+        rep.body = body_of(resp);
+        rep.size = resp.size();
+        rep.empty = !resp;
+      },
+      timeout_ms);
+}
+
+Result tell(Session& s, std::uint32_t value) {
+  Message m;
+  Result r = s.create_message(m);
+  if (r != Result::Ok) return r;
+  if (!set_body(m, OpNote, value)) return Result::BadParameter;
+  return s.send(std::move(m));
+}
+
+int run_until_exit(Loop& loop, pid_t pid, int timeout_ms) {
+  int code = -1;
+  const bool done = testutil::run_until(
+      loop,
+      [&] {
+        int st = 0;
+        const pid_t r = waitpid(pid, &st, WNOHANG);
+        if (r == pid) code = WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
+        else if (r < 0) code = -2;
+        return r != 0;
+      },
+      timeout_ms);
+  if (!done) testutil::kill9(pid);
+  return done ? code : -1;
+}
+
+bool pipe_says(testutil::Pipe& pipe, char c) { return pipe.get(0) == static_cast<unsigned char>(c); }
+
+// A Service and what its handlers saw.
+struct Server {
+  Service svc;
+  int opens = 0;
+  int closes = 0;
+  Result reason = Result::Ok;
+  SessionRef opened;  // the last one
+  SessionRef closed;
+  void* context_at_close = nullptr;
+  lemsg::Credentials creds;  // of the last session opened
+  int received = 0;          // every frame
+  int notes = 0;             // one-way frames
+  bool notes_in_order = true;
+  Message last_note;  // kept when keep_notes is set
+  bool keep_notes = false;
+  Message held[48];
+  int nheld = 0;
+  Result last_respond = Result::Ok;
+  // A case's own handling; returns true when it took the message.
+  lemsg::Callable<bool(Message&)> hook;
+
+  Server(Loop& loop, lemsg::MessagePoolBase& pool, const lemsg::Protocol& proto = kProto)
+      : svc(loop, proto, pool) {
+    svc.set_open_handler([this](SessionRef s) {
+      ++opens;
+      opened = s;
+      Result r = svc.credentials(s, creds);
+      (void)r;
+    });
+    svc.set_close_handler([this](SessionRef s, Result why) {
+      ++closes;
+      closed = s;
+      reason = why;
+      context_at_close = svc.context(s);
+    });
+    svc.set_receive_handler([this](Message& m) { on_message(m); });
+  }
+
+  void reply(Message& m, std::uint32_t value) {
+    const Body b = body_of(m);
+    set_body(m, b.op, value);
+    last_respond = svc.respond(std::move(m));
+  }
+
+  void on_message(Message& m) {
+    ++received;
+    if (hook && hook(m)) return;
+    const Body b = body_of(m);
+    if (!m.needs_response()) {
+      if (b.value != static_cast<std::uint32_t>(notes)) notes_in_order = false;
+      ++notes;
+      if (keep_notes) last_note = m;
+      return;
+    }
+    switch (b.op) {
+      case OpEcho:
+        reply(m, echo_of(b.value));
+        break;
+      case OpHold:
+        if (nheld < 48) held[nheld++] = std::move(m);
+        break;
+      case OpFd: {
+        char got[8] = {};
+        const int fd = m.take_fd();
+        ssize_t n = fd >= 0 ? read(fd, got, sizeof got) : -1;
+        if (fd >= 0) close(fd);
+        if (n < 0) n = 0;
+        int p[2];
+        if (pipe2(p, O_CLOEXEC) == 0) {
+          ssize_t w = write(p[1], "pong", 4);
+          (void)w;
+          close(p[1]);
+          if (m.set_fd(p[0]) != Result::Ok) close(p[0]);
+        }
+        Result r = m.assign(got, static_cast<std::uint32_t>(n));
+        (void)r;
+        last_respond = svc.respond(std::move(m));
+        break;
+      }
+      default:
+        break;  // OpDrop: released unanswered
+    }
+  }
+};
+
+// An async Session and what its handlers saw.
+struct Client {
+  Session s;
+  int opens = 0;
+  Result open_result = Result::Ok;
+  int closes = 0;
+  Result reason = Result::Ok;
+  int received = 0;
+  std::uint32_t got[16];
+
+  Client(Loop& loop, lemsg::MessagePoolBase& pool, const lemsg::Protocol& proto = kProto) : s(loop, proto, pool) {
+    s.set_close_handler([this](Result why) {
+      ++closes;
+      reason = why;
+    });
+    s.set_receive_handler([this](Message& m) {
+      if (received < 16) got[received] = body_of(m).value;
+      ++received;
+    });
+  }
+  Result open(const char* name) {
+    return s.open(name, [this](Result r) {
+      ++opens;
+      open_result = r;
+    });
+  }
+};
+
+// Advertises `name` on `srv` and opens `c` to it asynchronously.
+bool connect(Loop& loop, Server& srv, Client& c, const char* name) {
+  if (!srv.svc.is_advertised() && srv.svc.advertise(name) != Result::Ok) return false;
+  const int opens = c.opens;
+  const int sopens = srv.opens;
+  if (c.open(name) != Result::Ok) return false;
+  return testutil::run_until(loop, [&] { return c.opens == opens + 1 && srv.opens == sopens + 1; }, kWaitMs) &&
+         c.open_result == Result::Ok;
+}
+
+// The address of a socket file; false when the path does not fit.
+bool unix_address(const char* path, sockaddr_un& sa) {
+  std::memset(&sa, 0, sizeof sa);
+  sa.sun_family = AF_UNIX;
+  const std::size_t n = std::strlen(path);
+  if (n >= sizeof sa.sun_path) return false;
+  std::memcpy(sa.sun_path, path, n);
+  return true;
+}
+
+// A raw SOCK_SEQPACKET socket connected to `path` (-1 on failure).
+int raw_connect(const char* path) {
+  sockaddr_un sa;
+  if (!unix_address(path, sa)) return -1;
+  const int fd = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
+  if (fd < 0) return -1;
+  if (connect(fd, reinterpret_cast<const sockaddr*>(&sa), sizeof sa) != 0) {
+    close(fd);
+    return -1;
+  }
+  return fd;
+}
+
+// Sends a client's Hello for `proto` on a raw socket.
+bool raw_hello(int fd, const lemsg::Protocol& proto) {
+  unsigned char buf[lemsg::wire::header_size + 8 + LEMSG_MAX_PROTOCOL_ID];
+  const std::uint32_t idlen = static_cast<std::uint32_t>(std::strlen(proto.id));
+  lemsg::wire::encode(lemsg::wire::Header{lemsg::wire::FrameType::Hello, 0, 0, 8 + idlen}, buf);
+  std::memcpy(buf + lemsg::wire::header_size, &proto.max_payload, 4);
+  std::memcpy(buf + lemsg::wire::header_size + 4, &idlen, 4);
+  std::memcpy(buf + lemsg::wire::header_size + 8, proto.id, idlen);
+  const std::size_t n = lemsg::wire::header_size + 8 + idlen;
+  return send(fd, buf, n, MSG_NOSIGNAL) == static_cast<ssize_t>(n);
+}
+
+// Receives one datagram into buf, waiting at most timeout_ms. Returns its
+// full length (which may exceed cap), or -1.
+long raw_recv(int fd, void* buf, std::size_t cap, int timeout_ms) {
+  struct pollfd p = {fd, POLLIN, 0};
+  if (poll(&p, 1, timeout_ms) != 1) return -1;
+  return static_cast<long>(recv(fd, buf, cap, MSG_TRUNC | MSG_DONTWAIT));
+}
+
+}  // namespace
+
+// ---- Service: advertise, hide, names ----------------------------------------
+
+TEST_CASE("messaging: advertising a service twice returns Busy") {
+  testutil::RuntimeDir dir;
+  Loop loop;
+  SmallPool pool;
+  Service svc(loop, kProto, pool);
+  REQUIRE(svc.status() == Result::Ok);
+  CHECK(!svc.is_advertised());
+  CHECK(svc.advertise("twice") == Result::Ok);
+  CHECK(svc.is_advertised());
+  CHECK(svc.advertise("twice") == Result::Busy);
+  CHECK(svc.advertise("other-name") == Result::Busy);
+  char path[256];
+  dir.socket("twice", path);
+  struct stat st;
+  CHECK(stat(path, &st) == 0);
+  CHECK(S_ISSOCK(st.st_mode));
+  dir.socket("other-name", path);
+  CHECK(stat(path, &st) != 0);
+}
+
+TEST_CASE("messaging: a second service for a name that is served returns Duplicate, in this process or another") {
+  testutil::RuntimeDir dir;
+  Loop loop;
+  SmallPool pool;
+  Server first(loop, pool);
+  REQUIRE(first.svc.advertise("dup") == Result::Ok);
+
+  // Same process, same loop.
+  Service second(loop, kProto, pool);
+  CHECK(second.advertise("dup") == Result::Duplicate);
+  CHECK(!second.is_advertised());
+  // Same process, another loop.
+  Loop loop2;
+  Service third(loop2, kProto, pool);
+  CHECK(third.advertise("dup") == Result::Duplicate);
+
+  // Another process: it finds a live server behind the socket file.
+  const pid_t child = testutil::spawn([] {
+    die_with_parent();
+    Loop cl;
+    SmallPool cp;
+    Service other(cl, kProto, cp);
+    CHILD_CHECK(other.advertise("dup") == Result::Duplicate);
+    CHILD_CHECK(!other.is_advertised());
+    return 0;
+  });
+  REQUIRE(child > 0);
+  CHECK(run_until_exit(loop, child, kWaitMs) == 0);
+  // Its probe was no session: no handler ran and nothing is left.
+  CHECK(testutil::run_until(loop, [&] { return first.svc.session_count() == 0; }, kWaitMs));
+  CHECK(first.opens == 0);
+  CHECK(first.closes == 0);
+
+  // The first one still serves.
+  Client c(loop, pool);
+  CHECK(connect(loop, first, c, "dup"));
+  c.s.close();
+
+  // Once it hides, the name is free.
+  CHECK(first.svc.hide() == Result::Ok);
+  CHECK(second.advertise("dup") == Result::Ok);
+  CHECK(third.advertise("dup") == Result::Duplicate);
+}
+
+TEST_CASE("messaging: hide removes the socket file; new clients get NotFound while open sessions go on") {
+  testutil::RuntimeDir dir;
+  Loop loop;
+  SmallPool pool;
+  Server srv(loop, pool);
+  Client c(loop, pool);
+  REQUIRE(connect(loop, srv, c, "hidden"));
+  char path[256];
+  dir.socket("hidden", path);
+  struct stat st;
+  CHECK(stat(path, &st) == 0);
+
+  CHECK(srv.svc.hide() == Result::Ok);
+  CHECK(!srv.svc.is_advertised());
+  CHECK(stat(path, &st) != 0);
+  CHECK(srv.svc.hide() == Result::NotFound);
+
+  const pid_t child = testutil::spawn([] {
+    die_with_parent();
+    Loop cl;
+    SmallPool cp;
+    Session s(cl, kProto, cp);
+    CHILD_CHECK(s.try_open("hidden") == Result::NotFound);
+    CHILD_CHECK(!s.is_open());
+    return 0;
+  });
+  REQUIRE(child > 0);
+  CHECK(run_until_exit(loop, child, kWaitMs) == 0);
+
+  // The open session still works.
+  Reply rep;
+  CHECK(ask(c.s, OpEcho, 11, rep) == Result::Ok);
+  CHECK(testutil::run_until(loop, [&] { return rep.calls == 1; }, kWaitMs));
+  CHECK(rep.result == Result::Ok);
+  CHECK(rep.body.value == echo_of(11));
+  CHECK(srv.svc.session_count() == 1);
+  CHECK(srv.closes == 0);
+  c.s.close();
+  CHECK(testutil::run_until(loop, [&] { return srv.svc.session_count() == 0; }, kWaitMs));
+
+  // An async open waits for the service instead of failing, and connects
+  // when it is advertised again.
+  Client later(loop, pool);
+  CHECK(later.open("hidden") == Result::Ok);
+  testutil::run_until(loop, [] { return false; }, 100);
+  CHECK(later.opens == 0);
+  CHECK(srv.svc.advertise("hidden") == Result::Ok);
+  CHECK(testutil::run_until(loop, [&] { return later.opens == 1; }, kWaitMs));
+  CHECK(later.open_result == Result::Ok);
+  CHECK(srv.svc.session_count() == 1);
+  later.s.close();
+}
+
+TEST_CASE("messaging: bad service names are refused with BadParameter") {
+  testutil::RuntimeDir dir;
+  Loop loop;
+  SmallPool pool;
+  Service svc(loop, kProto, pool);
+  Session s(loop, kProto, pool);
+  char too_long[LEMSG_MAX_NAME + 2];
+  std::memset(too_long, 'n', LEMSG_MAX_NAME + 1);
+  too_long[LEMSG_MAX_NAME + 1] = '\0';
+  const char* const bad[] = {nullptr, "",    ".hidden",     "..", "a/b",   "/abs",
+                             "a b",   "tab\t", "caf\xc3\xa9", "x*", too_long};
+  for (const char* name : bad) {
+    CAPTURE(name ? name : "(null)");
+    CHECK(svc.advertise(name) == Result::BadParameter);
+    CHECK(s.open(name, [](Result) {}) == Result::BadParameter);
+    CHECK(s.open_sync(name, 100) == Result::BadParameter);
+    CHECK(s.try_open(name) == Result::BadParameter);
+  }
+  CHECK(!svc.is_advertised());
+  CHECK(!s.is_open());
+
+  // The longest name is fine; so are dots, dashes and underscores inside.
+  char longest[LEMSG_MAX_NAME + 1];
+  std::memset(longest, 'n', LEMSG_MAX_NAME);
+  longest[LEMSG_MAX_NAME] = '\0';
+  CHECK(svc.advertise(longest) == Result::Ok);
+  CHECK(svc.hide() == Result::Ok);
+  CHECK(svc.advertise("a.b-c_D9") == Result::Ok);
+  CHECK(svc.hide() == Result::Ok);
+
+  // A runtime dir so long that the path cannot fit in sun_path.
+  char long_dir[200];
+  std::memset(long_dir, 'd', sizeof long_dir - 1);
+  long_dir[0] = '/';
+  long_dir[sizeof long_dir - 1] = '\0';
+  setenv("LEMSG_RUNTIME_DIR", long_dir, 1);
+  CHECK(svc.advertise("x") == Result::BadParameter);
+  CHECK(s.try_open("x") == Result::BadParameter);
+  setenv("LEMSG_RUNTIME_DIR", dir.path, 1);
+
+  // A zero or negative timeout is a bad parameter too.
+  CHECK(s.open_sync("x", 0) == Result::BadParameter);
+  CHECK(s.open_sync("x", -1) == Result::BadParameter);
+}
+
+TEST_CASE("messaging: a protocol with an empty or too long id, or a payload above the pool's, makes status() BadParameter") {
+  testutil::RuntimeDir dir;
+  Loop loop;
+  SmallPool pool;
+  char long_id[LEMSG_MAX_PROTOCOL_ID + 2];
+  std::memset(long_id, 'p', LEMSG_MAX_PROTOCOL_ID + 1);
+  long_id[LEMSG_MAX_PROTOCOL_ID + 1] = '\0';
+  const lemsg::Protocol bad[] = {
+      {nullptr, 16},
+      {"", 16},
+      {long_id, 16},
+      {"lemsg.test.big", 65},  // the pool holds 64
+  };
+  const std::size_t timers = loop.timer_count();
+  for (const lemsg::Protocol& p : bad) {
+    CAPTURE(p.max_payload);
+    Service svc(loop, p, pool);
+    CHECK(svc.status() == Result::BadParameter);
+    CHECK(svc.advertise("bad-protocol") == Result::BadParameter);
+    Message m;
+    CHECK(svc.create_message(m) == Result::BadParameter);
+    CHECK(!m);
+    lemsg::RefMap<int, 2> map;
+    CHECK(svc.track(map, [](void*, std::uint32_t) {}) == Result::BadParameter);
+    Session s(loop, p, pool);
+    CHECK(s.status() == Result::BadParameter);
+    CHECK(s.open("bad-protocol", [](Result) {}) == Result::BadParameter);
+    CHECK(s.open_sync("bad-protocol", 100) == Result::BadParameter);
+    CHECK(s.try_open("bad-protocol") == Result::BadParameter);
+    CHECK(s.create_message(m) == Result::BadParameter);
+    CHECK(loop.timer_count() == timers);  // nothing was taken from the loop
+  }
+  char path[256];
+  dir.socket("bad-protocol", path);
+  struct stat st;
+  CHECK(stat(path, &st) != 0);
+
+  // The limits themselves are fine.
+  char longest[LEMSG_MAX_PROTOCOL_ID + 1];
+  std::memset(longest, 'p', LEMSG_MAX_PROTOCOL_ID);
+  longest[LEMSG_MAX_PROTOCOL_ID] = '\0';
+  const lemsg::Protocol edge{longest, 64};
+  Service svc(loop, edge, pool);
+  CHECK(svc.status() == Result::Ok);
+  Session s(loop, edge, pool);
+  CHECK(s.status() == Result::Ok);
+  CHECK(svc.advertise("edge") == Result::Ok);
+  bool opened = false;
+  CHECK(s.open("edge", [&opened](Result r) { opened = r == Result::Ok; }) == Result::Ok);
+  CHECK(testutil::run_until(loop, [&] { return opened; }, kWaitMs));
+}
+
+TEST_CASE("messaging: a client with another protocol id or payload size is refused at open") {
+  testutil::RuntimeDir dir;
+  testutil::LogCapture log;  // each refusal is a warning on both sides
+  Loop loop;
+  SmallPool pool;
+  Server srv(loop, pool);
+  REQUIRE(srv.svc.advertise("mismatch") == Result::Ok);
+  const lemsg::Protocol other_id{"lemsg.test.someone-else", 64};
+  const lemsg::Protocol other_size{kProto.id, 32};
+  Client a(loop, pool, other_id);
+  Client b(loop, pool, other_size);
+  CHECK(a.open("mismatch") == Result::Ok);
+  CHECK(testutil::run_until(loop, [&] { return a.opens == 1; }, kWaitMs));
+  CHECK(b.open("mismatch") == Result::Ok);
+  CHECK(testutil::run_until(loop, [&] { return b.opens == 1; }, kWaitMs));
+  CHECK(a.open_result == Result::ProtocolMismatch);
+  CHECK(b.open_result == Result::SizeMismatch);
+  CHECK(!a.s.is_open());
+  CHECK(!b.s.is_open());
+  // The attempt ended: no retry opens them later.
+  testutil::run_until(loop, [] { return false; }, 100);
+  CHECK(a.opens == 1);
+  CHECK(b.opens == 1);
+  CHECK(srv.opens == 0);
+  CHECK(srv.svc.session_count() == 0);
+  CHECK(log.count[static_cast<int>(lemsg::LogLevel::Warning)] >= 4);
+
+  const pid_t child = testutil::spawn([] {
+    die_with_parent();
+    testutil::LogCapture quiet;
+    Loop cl;
+    SmallPool cp;
+    Session s(cl, lemsg::Protocol{"lemsg.test.someone-else", 64}, cp);
+    CHILD_CHECK(s.try_open("mismatch") == Result::ProtocolMismatch);
+    Session t(cl, lemsg::Protocol{kProto.id, 32}, cp);
+    CHILD_CHECK(t.open_sync("mismatch", kWaitMs) == Result::SizeMismatch);
+    return 0;
+  });
+  REQUIRE(child > 0);
+  CHECK(run_until_exit(loop, child, kWaitMs) == 0);
+  CHECK(srv.opens == 0);
+}
+
+TEST_CASE("messaging: a service's allow-list lets listed uids or gids in and refuses others with NotPermitted") {
+  testutil::RuntimeDir dir;
+  testutil::LogCapture log;
+  Loop loop;
+  SmallPool pool;
+  const uid_t stranger = getuid() == 4242 ? 4243 : 4242;
+  const gid_t our_gid = getgid();
+  {
+    Server srv(loop, pool);
+    lemsg::ServiceOptions bad;
+    bad.uid_count = 1;  // but no array
+    CHECK(srv.svc.advertise("guarded", bad) == Result::BadParameter);
+    lemsg::ServiceOptions only_stranger;
+    only_stranger.uids = &stranger;
+    only_stranger.uid_count = 1;
+    REQUIRE(srv.svc.advertise("guarded", only_stranger) == Result::Ok);
+    Client c(loop, pool);
+    CHECK(c.open("guarded") == Result::Ok);
+    CHECK(testutil::run_until(loop, [&] { return c.opens == 1; }, kWaitMs));
+    CHECK(c.open_result == Result::NotPermitted);
+    CHECK(!c.s.is_open());
+    CHECK(srv.opens == 0);
+    CHECK(log.warnings() >= 1);
+  }
+  {
+    Server srv(loop, pool);
+    lemsg::ServiceOptions our_group;
+    our_group.uids = &stranger;
+    our_group.uid_count = 1;
+    our_group.gids = &our_gid;
+    our_group.gid_count = 1;
+    REQUIRE(srv.svc.advertise("guarded", our_group) == Result::Ok);
+    Client c(loop, pool);
+    CHECK(connect(loop, srv, c, "guarded"));
+    c.s.close();
+  }
+}
+
+// ---- Service: sessions, context, credentials, send, close -------------------
+
+TEST_CASE("messaging: a client that opens before its server exists connects when the server advertises") {
+  testutil::RuntimeDir dir;
+  Loop loop;
+  SmallPool pool;
+  Client c(loop, pool);
+  CHECK(c.open("not-yet") == Result::Ok);
+  CHECK(c.open("not-yet") == Result::Busy);  // already opening
+  testutil::run_until(loop, [] { return false; }, 100);
+  CHECK(c.opens == 0);
+  CHECK(!c.s.is_open());
+  Server srv(loop, pool);
+  REQUIRE(srv.svc.advertise("not-yet") == Result::Ok);
+  CHECK(testutil::run_until(loop, [&] { return c.opens == 1; }, kWaitMs));
+  CHECK(c.open_result == Result::Ok);
+  CHECK(c.s.is_open());
+  CHECK(c.open("not-yet") == Result::Busy);  // already open
+  c.s.close();
+}
+
+TEST_CASE("messaging: per-session context is set, read back and seen by the close handler") {
+  testutil::RuntimeDir dir;
+  Loop loop;
+  SmallPool pool;
+  Server srv(loop, pool);
+  Client a(loop, pool);
+  REQUIRE(connect(loop, srv, a, "context"));
+  const SessionRef ra = srv.opened;
+  CHECK(srv.svc.context(ra) == nullptr);
+  int x = 1;
+  CHECK(srv.svc.set_context(ra, &x) == Result::Ok);
+  CHECK(srv.svc.context(ra) == &x);
+  CHECK(srv.svc.context(SessionRef{}) == nullptr);
+  CHECK(srv.svc.set_context(SessionRef{}, &x) == Result::NotFound);
+  CHECK(srv.svc.set_context(SessionRef{ra.value ^ 0x5a5a5a5au}, &x) == Result::NotFound);
+  if (kLocalSessions >= 2) {
+    Client b(loop, pool);
+    REQUIRE(connect(loop, srv, b, "context"));
+    const SessionRef rb = srv.opened;
+    CHECK(rb != ra);
+    int y = 2;
+    CHECK(srv.svc.set_context(rb, &y) == Result::Ok);
+    CHECK(srv.svc.context(ra) == &x);
+    CHECK(srv.svc.context(rb) == &y);
+    b.s.close();
+    CHECK(testutil::run_until(loop, [&] { return srv.closes == 1; }, kWaitMs));
+    CHECK(srv.context_at_close == &y);
+  }
+  a.s.close();
+  CHECK(testutil::run_until(loop, [&] { return srv.svc.session_count() == 0; }, kWaitMs));
+  CHECK(srv.context_at_close == &x);
+  // A closed session's context is gone, and its ref stays dead.
+  CHECK(srv.svc.context(ra) == nullptr);
+  CHECK(srv.svc.set_context(ra, &x) == Result::NotFound);
+  Client again(loop, pool);
+  REQUIRE(connect(loop, srv, again, "context"));
+  CHECK(srv.opened != ra);
+  CHECK(srv.svc.context(srv.opened) == nullptr);  // a new session starts with none
+  again.s.close();
+}
+
+TEST_CASE("messaging: credentials give the client's pid, uid and gid, and the client sees the server's") {
+  testutil::RuntimeDir dir;
+  Loop loop;
+  SmallPool pool;
+  Server srv(loop, pool);
+  REQUIRE(srv.svc.advertise("creds") == Result::Ok);
+  const pid_t server_pid = getpid();
+  const pid_t child = testutil::spawn([server_pid] {
+    die_with_parent();
+    Loop cl;
+    SmallPool cp;
+    Session s(cl, kProto, cp);
+    lemsg::Credentials c;
+    CHILD_CHECK(s.server_credentials(c) == Result::Closed);  // not open yet
+    CHILD_CHECK(s.open_sync("creds", kWaitMs) == Result::Ok);
+    CHILD_CHECK(s.server_credentials(c) == Result::Ok);
+    CHILD_CHECK(c.pid == server_pid);
+    CHILD_CHECK(c.uid == getuid());
+    CHILD_CHECK(c.gid == getgid());
+    Body b{0, 0};
+    CHILD_CHECK(call(s, OpEcho, 1, b) == Result::Ok);
+    return 0;
+  });
+  REQUIRE(child > 0);
+  CHECK(run_until_exit(loop, child, kWaitMs) == 0);
+  CHECK(srv.opens == 1);
+  CHECK(srv.creds.pid == child);
+  CHECK(srv.creds.uid == getuid());
+  CHECK(srv.creds.gid == getgid());
+  lemsg::Credentials none;
+  CHECK(srv.svc.credentials(SessionRef{}, none) == Result::NotFound);
+  CHECK(testutil::run_until(loop, [&] { return srv.closes == 1; }, kWaitMs));
+  CHECK(srv.svc.credentials(srv.opened, none) == Result::NotFound);
+}
+
+TEST_CASE("messaging: session_count and for_each_session see every open session") {
+  testutil::RuntimeDir dir;
+  Loop loop;
+  SmallPool pool;
+  Server srv(loop, pool);
+  Client c0(loop, pool), c1(loop, pool), c2(loop, pool);
+  Client* clients[3] = {&c0, &c1, &c2};
+  SessionRef refs[3];
+  CHECK(srv.svc.session_count() == 0);
+  for (int i = 0; i < kLocalSessions; ++i) {
+    REQUIRE(connect(loop, srv, *clients[i], "counted"));
+    refs[i] = srv.opened;
+    CHECK(srv.svc.session_count() == static_cast<std::size_t>(i + 1));
+  }
+  auto visits = [&](SessionRef r) {
+    int n = 0;
+    srv.svc.for_each_session([&](SessionRef s) { n += s == r; });
+    return n;
+  };
+  int total = 0;
+  srv.svc.for_each_session([&](SessionRef) { ++total; });
+  CHECK(total == kLocalSessions);
+  for (int i = 0; i < kLocalSessions; ++i) CHECK(visits(refs[i]) == 1);
+
+  clients[0]->s.close();
+  CHECK(testutil::run_until(loop, [&] { return srv.closes == 1; }, kWaitMs));
+  CHECK(srv.svc.session_count() == static_cast<std::size_t>(kLocalSessions - 1));
+  CHECK(visits(refs[0]) == 0);
+  for (int i = 1; i < kLocalSessions; ++i) CHECK(visits(refs[i]) == 1);
+  for (int i = 1; i < kLocalSessions; ++i) clients[i]->s.close();
+  CHECK(testutil::run_until(loop, [&] { return srv.svc.session_count() == 0; }, kWaitMs));
+  total = 0;
+  srv.svc.for_each_session([&](SessionRef) { ++total; });
+  CHECK(total == 0);
+}
+
+TEST_CASE("messaging: Service::send delivers unsolicited messages to the client's receive handler in order") {
+  testutil::RuntimeDir dir;
+  Loop loop;
+  SmallPool pool;
+  Server srv(loop, pool);
+  Client c(loop, pool);
+  REQUIRE(connect(loop, srv, c, "unsolicited"));
+  const SessionRef s = srv.opened;
+  for (std::uint32_t v = 1; v <= 3; ++v) {
+    Message m;
+    REQUIRE(srv.svc.create_message(m) == Result::Ok);
+    REQUIRE(set_body(m, OpNote, v));
+    CHECK(srv.svc.send(s, std::move(m)) == Result::Ok);
+    CHECK(!m);  // consumed
+  }
+  CHECK(testutil::run_until(loop, [&] { return c.received == 3; }, kWaitMs));
+  CHECK(c.got[0] == 1);
+  CHECK(c.got[1] == 2);
+  CHECK(c.got[2] == 3);
+
+  // Refusals leave the message with the caller.
+  Message m;
+  REQUIRE(srv.svc.create_message(m) == Result::Ok);
+  REQUIRE(set_body(m, OpNote, 9));
+  CHECK(srv.svc.send(SessionRef{}, std::move(m)) == Result::NotFound);
+  CHECK(srv.svc.send(SessionRef{s.value ^ 1u}, std::move(m)) == Result::NotFound);
+  CHECK(static_cast<bool>(m));
+  Message copy = m;
+  CHECK(srv.svc.send(s, std::move(m)) == Result::BadParameter);  // shared
+  CHECK(static_cast<bool>(m));
+  copy.release();
+  Message empty;
+  CHECK(srv.svc.send(s, std::move(empty)) == Result::BadParameter);
+  CHECK(srv.svc.send(s, std::move(m)) == Result::Ok);
+  CHECK(testutil::run_until(loop, [&] { return c.received == 4; }, kWaitMs));
+  CHECK(c.got[3] == 9);
+
+  // A message the server received cannot be sent on as if it were new.
+  srv.keep_notes = true;
+  CHECK(tell(c.s, 0) == Result::Ok);
+  CHECK(testutil::run_until(loop, [&] { return srv.notes == 1; }, kWaitMs));
+  REQUIRE(srv.last_note);
+  CHECK(srv.svc.send(s, std::move(srv.last_note)) == Result::BadParameter);
+  srv.last_note.release();
+  c.s.close();
+  CHECK(testutil::run_until(loop, [&] { return srv.closes == 1; }, kWaitMs));
+  REQUIRE(srv.svc.create_message(m) == Result::Ok);
+  CHECK(srv.svc.send(s, std::move(m)) == Result::NotFound);  // closed
+  CHECK(static_cast<bool>(m));
+}
+
+TEST_CASE("messaging: a message larger than the protocol's maximum is refused with TooLarge on either side") {
+  testutil::RuntimeDir dir;
+  Loop loop;
+  SmallPool pool;  // 64-byte blocks for a 32-byte protocol
+  const lemsg::Protocol small{"lemsg.test.small", 32};
+  Server srv(loop, pool, small);
+  Client c(loop, pool, small);
+  REQUIRE(connect(loop, srv, c, "small"));
+  Message m;
+  REQUIRE(c.s.create_message(m) == Result::Ok);
+  CHECK(m.capacity() == 64);  // the pool's block
+  REQUIRE(m.set_size(33) == Result::Ok);
+  CHECK(c.s.send(std::move(m)) == Result::TooLarge);
+  CHECK(static_cast<bool>(m));
+  CHECK(c.s.request(std::move(m), [](Result, Message&) {}) == Result::TooLarge);
+  CHECK(static_cast<bool>(m));
+  CHECK(c.s.pending_count() == 0);
+  Message n;
+  REQUIRE(srv.svc.create_message(n) == Result::Ok);
+  REQUIRE(n.set_size(33) == Result::Ok);
+  CHECK(srv.svc.send(srv.opened, std::move(n)) == Result::TooLarge);
+  CHECK(static_cast<bool>(n));
+  REQUIRE(n.set_size(32) == Result::Ok);
+  CHECK(srv.svc.send(srv.opened, std::move(n)) == Result::Ok);
+  REQUIRE(m.set_size(32) == Result::Ok);
+  CHECK(c.s.send(std::move(m)) == Result::Ok);
+  CHECK(testutil::run_until(loop, [&] { return c.received == 1 && srv.received == 1; }, kWaitMs));
+
+  // A response that grew past the maximum is refused and stays the server's.
+  srv.hook = [&srv](Message& req) {
+    if (!req.needs_response()) return false;
+    Result r = req.set_size(40);
+    (void)r;
+    srv.last_respond = srv.svc.respond(std::move(req));
+    if (srv.last_respond == Result::TooLarge && req.needs_response()) {
+      r = req.set_size(8);
+      srv.last_respond = srv.svc.respond(std::move(req));
+    }
+    return true;
+  };
+  Reply rep;
+  CHECK(ask(c.s, OpEcho, 1, rep) == Result::Ok);
+  CHECK(testutil::run_until(loop, [&] { return rep.calls == 1; }, kWaitMs));
+  CHECK(srv.last_respond == Result::Ok);
+  CHECK(rep.result == Result::Ok);
+  CHECK(rep.size == 8);
+  c.s.close();
+}
+
+TEST_CASE("messaging: Service::close runs the client's close handler with Closed and the server's with Ok") {
+  testutil::RuntimeDir dir;
+  Loop loop;
+  SmallPool pool;
+  Server srv(loop, pool);
+  Client c(loop, pool);
+  REQUIRE(connect(loop, srv, c, "server-closes"));
+  Reply rep;
+  CHECK(ask(c.s, OpHold, 1, rep, 20000) == Result::Ok);
+  REQUIRE(testutil::run_until(loop, [&] { return srv.nheld == 1; }, kWaitMs));
+  const SessionRef s = srv.opened;
+  CHECK(srv.svc.close(s) == Result::Ok);
+  CHECK(srv.closes == 1);  // at once, from close()
+  CHECK(srv.closed == s);
+  CHECK(srv.reason == Result::Ok);
+  CHECK(srv.svc.session_count() == 0);
+  CHECK(srv.svc.close(s) == Result::NotFound);
+  CHECK(srv.svc.close(SessionRef{}) == Result::NotFound);
+  CHECK(testutil::run_until(loop, [&] { return c.closes == 1; }, kWaitMs));
+  CHECK(c.reason == Result::Closed);
+  CHECK(!c.s.is_open());
+  CHECK(rep.calls == 1);
+  CHECK(rep.result == Result::Closed);
+  CHECK(srv.svc.respond(std::move(srv.held[0])) == Result::Closed);
+  srv.nheld = 0;
+  testutil::run_until(loop, [] { return false; }, 50);
+  CHECK(c.closes == 1);
+  CHECK(srv.closes == 1);
+  CHECK(pool.in_use() == 0);
+}
+
+// ---- Session: close, reopen, reconnect --------------------------------------
+
+TEST_CASE("messaging: Session::close completes pending requests with Closed before it returns, without the close handler") {
+  testutil::RuntimeDir dir;
+  Loop loop;
+  SmallPool pool;
+  Server srv(loop, pool);
+  Client c(loop, pool);
+  REQUIRE(connect(loop, srv, c, "client-closes"));
+  Reply r1, r2;
+  CHECK(ask(c.s, OpHold, 1, r1) == Result::Ok);
+  CHECK(ask(c.s, OpHold, 2, r2, 20000) == Result::Ok);
+  REQUIRE(testutil::run_until(loop, [&] { return srv.nheld == 2; }, kWaitMs));
+  CHECK(c.s.pending_count() == 2);
+  c.s.close();
+  CHECK(r1.calls == 1);
+  CHECK(r1.result == Result::Closed);
+  CHECK(r1.empty);
+  CHECK(r2.calls == 1);
+  CHECK(r2.result == Result::Closed);
+  CHECK(c.s.pending_count() == 0);
+  CHECK(!c.s.is_open());
+  CHECK(c.closes == 0);
+  // Closed sessions refuse traffic; the message stays the caller's.
+  Message m;
+  REQUIRE(c.s.create_message(m) == Result::Ok);
+  CHECK(c.s.send(std::move(m)) == Result::Closed);
+  CHECK(c.s.request(std::move(m), [](Result, Message&) {}) == Result::Closed);
+  CHECK(static_cast<bool>(m));
+  CHECK(c.s.pending_count() == 0);
+  c.s.close();  // twice is fine
+  // The server sees the client go.
+  CHECK(testutil::run_until(loop, [&] { return srv.closes == 1; }, kWaitMs));
+  CHECK(srv.reason == Result::Closed);
+  for (int i = 0; i < srv.nheld; ++i) CHECK(srv.svc.respond(std::move(srv.held[i])) == Result::Closed);
+  srv.nheld = 0;
+  testutil::run_until(loop, [] { return false; }, 50);
+  CHECK(r1.calls == 1);
+  CHECK(r2.calls == 1);
+  CHECK(c.closes == 0);
+}
+
+TEST_CASE("messaging: a session opens again after close") {
+  testutil::RuntimeDir dir;
+  Loop loop;
+  SmallPool pool;
+  Server srv(loop, pool);
+  Client c(loop, pool);
+  for (int round = 0; round < 3; ++round) {
+    CAPTURE(round);
+    REQUIRE(connect(loop, srv, c, "reopen"));
+    Reply rep;
+    CHECK(ask(c.s, OpEcho, static_cast<std::uint32_t>(round), rep) == Result::Ok);
+    CHECK(testutil::run_until(loop, [&] { return rep.calls == 1; }, kWaitMs));
+    CHECK(rep.result == Result::Ok);
+    CHECK(rep.body.value == echo_of(static_cast<std::uint32_t>(round)));
+    c.s.close();
+    CHECK(!c.s.is_open());
+    CHECK(testutil::run_until(loop, [&] { return srv.closes == round + 1; }, kWaitMs));
+  }
+  CHECK(c.opens == 3);
+  CHECK(c.closes == 0);
+  CHECK(srv.svc.session_count() == 0);
+
+  // A session that is still waiting for its server can be closed and reopened too.
+  CHECK(c.open("nobody-here") == Result::Ok);
+  c.s.close();
+  CHECK(connect(loop, srv, c, "reopen"));
+  c.s.close();
+}
+
+TEST_CASE("messaging: with set_reconnect the open callback runs again with Ok after the server restarts") {
+  testutil::RuntimeDir dir;
+  Loop loop;
+  SmallPool pool;
+  Client c(loop, pool);
+  c.s.set_reconnect(true, 10, 100);
+  {
+    Server first(loop, pool);
+    REQUIRE(connect(loop, first, c, "restarts"));
+    Reply rep;
+    CHECK(ask(c.s, OpHold, 1, rep) == Result::Ok);
+    REQUIRE(testutil::run_until(loop, [&] { return first.nheld == 1; }, kWaitMs));
+    for (int i = 0; i < first.nheld; ++i) first.held[i].release();  // answered Unanswered
+    first.nheld = 0;
+    CHECK(testutil::run_until(loop, [&] { return rep.calls == 1; }, kWaitMs));
+    CHECK(rep.result == Result::Unanswered);
+  }  // the server goes away
+  CHECK(testutil::run_until(loop, [&] { return c.closes == 1; }, kWaitMs));
+  CHECK(c.reason == Result::Closed);
+  CHECK(!c.s.is_open());
+  testutil::run_until(loop, [] { return false; }, 50);
+  CHECK(c.opens == 1);
+  {
+    Server second(loop, pool);
+    REQUIRE(second.svc.advertise("restarts") == Result::Ok);
+    CHECK(testutil::run_until(loop, [&] { return c.opens == 2; }, kWaitMs));
+    CHECK(c.open_result == Result::Ok);
+    CHECK(c.s.is_open());
+    Reply rep;
+    CHECK(ask(c.s, OpEcho, 5, rep) == Result::Ok);
+    CHECK(testutil::run_until(loop, [&] { return rep.calls == 1; }, kWaitMs));
+    CHECK(rep.result == Result::Ok);
+    CHECK(rep.body.value == echo_of(5));
+    // close() stops reconnecting.
+    c.s.close();
+  }
+  testutil::run_until(loop, [] { return false; }, 100);
+  CHECK(c.opens == 2);
+  CHECK(c.closes == 1);
+}
+
+// ---- requests and responses -------------------------------------------------
+
+TEST_CASE("messaging: a request the server releases without responding completes with Unanswered") {
+  testutil::RuntimeDir dir;
+  Loop loop;
+  SmallPool pool;
+  Server srv(loop, pool);
+  Client c(loop, pool);
+  REQUIRE(connect(loop, srv, c, "unanswered"));
+  // Dropped inside the receive handler.
+  Reply dropped;
+  CHECK(ask(c.s, OpDrop, 1, dropped) == Result::Ok);
+  CHECK(testutil::run_until(loop, [&] { return dropped.calls == 1; }, kWaitMs));
+  CHECK(dropped.result == Result::Unanswered);
+  CHECK(dropped.empty);
+  // Kept for a while (with a copy), then released.
+  Reply kept;
+  CHECK(ask(c.s, OpHold, 2, kept) == Result::Ok);
+  REQUIRE(testutil::run_until(loop, [&] { return srv.nheld == 1; }, kWaitMs));
+  Message copy = srv.held[0];
+  srv.held[0].release();
+  testutil::run_until(loop, [] { return false; }, 50);
+  CHECK(kept.calls == 0);  // a copy still holds it
+  copy.release();
+  srv.nheld = 0;
+  CHECK(testutil::run_until(loop, [&] { return kept.calls == 1; }, kWaitMs));
+  CHECK(kept.result == Result::Unanswered);
+  CHECK(c.s.is_open());
+  CHECK(srv.closes == 0);
+  c.s.close();
+  CHECK(testutil::run_until(loop, [&] { return srv.svc.session_count() == 0; }, kWaitMs));
+
+  // The same for a synchronous request from another process.
+  const pid_t child = testutil::spawn([] {
+    die_with_parent();
+    Loop cl;
+    SmallPool cp;
+    Session s(cl, kProto, cp);
+    CHILD_CHECK(s.open_sync("unanswered", kWaitMs) == Result::Ok);
+    Body b{0, 0};
+    CHILD_CHECK(call(s, OpDrop, 3, b) == Result::Unanswered);
+    CHILD_CHECK(call(s, OpEcho, 4, b) == Result::Ok);
+    CHILD_CHECK(b.value == echo_of(4));
+    CHILD_CHECK(s.pending_count() == 0);
+    return 0;
+  });
+  REQUIRE(child > 0);
+  CHECK(run_until_exit(loop, child, kWaitMs) == 0);
+  CHECK(testutil::run_until(loop, [&] { return srv.svc.session_count() == 0; }, kWaitMs));
+  CHECK(pool.in_use() == 0);
+}
+
+// respond() takes the request's own handle, and it must be the only one:
+// after an answer the caller's handle is empty. So "respond twice" is a
+// second respond with that (empty) handle, which is BadParameter; the
+// documented NotFound ("already answered") cannot be reached from outside,
+// because a shared request is refused before it is answered.
+TEST_CASE("messaging: a request is answered once; respond refuses answered, shared and non-request messages") {
+  testutil::RuntimeDir dir;
+  Loop loop;
+  SmallPool pool;
+  Server srv(loop, pool);
+  Service other(loop, kProto, pool);
+  Client c(loop, pool);
+  REQUIRE(connect(loop, srv, c, "respond"));
+
+  Reply rep;
+  CHECK(ask(c.s, OpHold, 7, rep) == Result::Ok);
+  REQUIRE(testutil::run_until(loop, [&] { return srv.nheld == 1; }, kWaitMs));
+  Message& req = srv.held[0];
+  CHECK(req.needs_response());
+  CHECK(req.session() == srv.opened);
+  CHECK(req.status() == Result::Ok);
+
+  // Another service's request is not ours to answer.
+  CHECK(other.respond(std::move(req)) == Result::BadParameter);
+  CHECK(req.needs_response());
+  // A shared request is refused and stays as it was.
+  Message copy = req;
+  CHECK(srv.svc.respond(std::move(req)) == Result::BadParameter);
+  CHECK(req.needs_response());
+  CHECK(copy.needs_response());
+  copy.release();
+
+  REQUIRE(set_body(req, OpHold, 70));
+  CHECK(srv.svc.respond(std::move(req)) == Result::Ok);
+  CHECK(!req);
+  CHECK(!req.needs_response());
+  // The second respond, with the handle the first one consumed.
+  CHECK(srv.svc.respond(std::move(req)) == Result::BadParameter);
+  srv.nheld = 0;
+  CHECK(testutil::run_until(loop, [&] { return rep.calls == 1; }, kWaitMs));
+  testutil::run_until(loop, [] { return false; }, 50);
+  CHECK(rep.calls == 1);
+  CHECK(rep.result == Result::Ok);
+  CHECK(rep.body.value == 70);
+
+  // A one-way message is not a request.
+  srv.keep_notes = true;
+  CHECK(tell(c.s, 0) == Result::Ok);
+  CHECK(testutil::run_until(loop, [&] { return srv.notes == 1; }, kWaitMs));
+  REQUIRE(srv.last_note);
+  CHECK(!srv.last_note.needs_response());
+  CHECK(srv.last_note.session() == srv.opened);
+  CHECK(srv.svc.respond(std::move(srv.last_note)) == Result::BadParameter);
+  CHECK(static_cast<bool>(srv.last_note));
+  srv.last_note.release();
+  // Nor is a message the server made, nor an empty one.
+  Message made;
+  REQUIRE(srv.svc.create_message(made) == Result::Ok);
+  CHECK(!made.needs_response());
+  CHECK(!made.session());
+  CHECK(srv.svc.respond(std::move(made)) == Result::BadParameter);
+  CHECK(static_cast<bool>(made));
+  Message empty;
+  CHECK(srv.svc.respond(std::move(empty)) == Result::BadParameter);
+  CHECK(c.s.is_open());
+  CHECK(srv.closes == 0);
+  c.s.close();
+}
+
+TEST_CASE("messaging: more than LEMSG_MAX_PENDING outstanding requests return PendingTableFull") {
+  testutil::RuntimeDir dir;
+  Loop loop;
+  lemsg::MessagePool<64, LEMSG_MAX_PENDING + 8> pool;
+  Server srv(loop, pool);
+  REQUIRE(srv.svc.advertise("pending") == Result::Ok);
+  testutil::Pipe full;
+  testutil::Pipe answered;
+  const pid_t child = testutil::spawn([&] {
+    die_with_parent();
+    Loop cl;
+    SmallPool cp;
+    Session s(cl, kProto, cp);
+    CHILD_CHECK(s.open_sync("pending", kWaitMs) == Result::Ok);
+    Reply rep[LEMSG_MAX_PENDING];
+    for (int i = 0; i < LEMSG_MAX_PENDING; ++i)
+      CHILD_CHECK(ask(s, OpHold, static_cast<std::uint32_t>(i), rep[i]) == Result::Ok);
+    CHILD_CHECK(s.pending_count() == LEMSG_MAX_PENDING);
+    Message m;
+    CHILD_CHECK(s.create_message(m) == Result::Ok);
+    CHILD_CHECK(set_body(m, OpEcho, 99));
+    int extra_calls = 0;
+    CHILD_CHECK(s.request(std::move(m), [&extra_calls](Result, Message&) { ++extra_calls; }) ==
+                Result::PendingTableFull);
+    CHILD_CHECK(static_cast<bool>(m));
+    Message resp;
+    CHILD_CHECK(s.request_sync(std::move(m), resp, 1000) == Result::PendingTableFull);
+    CHILD_CHECK(static_cast<bool>(m));
+    CHILD_CHECK(s.pending_count() == LEMSG_MAX_PENDING);
+    full.put('f');
+    // The server answers them all; then there is room again.
+    CHILD_CHECK(answered.get(kWaitMs) == 'g');
+    CHILD_CHECK(testutil::run_until(cl, [&] { return s.pending_count() == 0; }, kWaitMs));
+    for (int i = 0; i < LEMSG_MAX_PENDING; ++i) {
+      CHILD_CHECK(rep[i].calls == 1);
+      CHILD_CHECK(rep[i].result == Result::Ok);
+      CHILD_CHECK(rep[i].body.value == echo_of(static_cast<std::uint32_t>(i)));
+    }
+    CHILD_CHECK(s.request_sync(std::move(m), resp, kWaitMs) == Result::Ok);
+    CHILD_CHECK(body_of(resp).value == echo_of(99));
+    CHILD_CHECK(extra_calls == 0);
+    return 0;
+  });
+  REQUIRE(child > 0);
+  CHECK(testutil::run_until(loop, [&] { return pipe_says(full, 'f'); }, kWaitMs));
+  CHECK(testutil::run_until(loop, [&] { return srv.nheld == LEMSG_MAX_PENDING; }, kWaitMs));
+  for (int i = 0; i < srv.nheld; ++i) {
+    srv.reply(srv.held[i], echo_of(body_of(srv.held[i]).value));
+    CHECK(srv.last_respond == Result::Ok);
+  }
+  srv.nheld = 0;
+  answered.put('g');
+  CHECK(run_until_exit(loop, child, kWaitMs) == 0);
+}
+
+TEST_CASE("messaging: a client's send returns Overflow while the server does not read, and nothing is lost") {
+  testutil::RuntimeDir dir;
+  Loop loop;
+  SmallPool spool;
+  SmallPool cpool;
+  Server srv(loop, spool);
+  Client c(loop, cpool);
+  REQUIRE(connect(loop, srv, c, "client-overflow"));
+  // The loop does not run: the server reads nothing meanwhile.
+  Message m;
+  Result r = Result::Ok;
+  int sent = 0;
+  for (; sent < 1000000; ++sent) {
+    REQUIRE(c.s.create_message(m) == Result::Ok);
+    REQUIRE(set_body(m, OpNote, static_cast<std::uint32_t>(sent)));
+    r = c.s.send(std::move(m));
+    if (r != Result::Ok) break;
+  }
+  CHECK(r == Result::Overflow);
+  CHECK(sent > LEMSG_MAX_OUTGOING);
+  CHECK(static_cast<bool>(m));
+  CHECK(body_of(m).value == static_cast<std::uint32_t>(sent));
+  CHECK(cpool.in_use() == LEMSG_MAX_OUTGOING + 1);
+  Reply rep;
+  CHECK(ask(c.s, OpEcho, 1, rep) == Result::Overflow);
+  CHECK(c.s.pending_count() == 0);
+  CHECK(c.s.is_open());
+
+  // Once the server reads, the queue drains in order and sending works again.
+  CHECK(testutil::run_until(loop, [&] { return srv.notes == sent; }, kWaitMs));
+  CHECK(srv.notes_in_order);
+  CHECK(c.s.send(std::move(m)) == Result::Ok);
+  CHECK(testutil::run_until(loop, [&] { return srv.notes == sent + 1; }, kWaitMs));
+  CHECK(srv.notes_in_order);
+  CHECK(cpool.in_use() == 0);
+  CHECK(srv.closes == 0);
+  CHECK(c.closes == 0);
+  c.s.close();
+}
+
+// ---- Message -----------------------------------------------------------------
+
+TEST_CASE("messaging: copying a Message adds a reference to the same pool block") {
+  lemsg::MessagePool<64, 4> pool;
+  CHECK(pool.capacity() == 4);
+  CHECK(pool.max_payload() == 64);
+  Message m;
+  CHECK(!m);
+  REQUIRE(pool.create(m) == Result::Ok);
+  CHECK(static_cast<bool>(m));
+  CHECK(pool.in_use() == 1);
+  CHECK(m.size() == 0);
+  CHECK(m.capacity() == 64);
+  REQUIRE(m.assign("abc", 3) == Result::Ok);
+
+  Message c = m;
+  CHECK(pool.in_use() == 1);
+  CHECK(c.payload() == m.payload());
+  CHECK(c.size() == 3);
+  Message d;
+  d = c;
+  CHECK(pool.in_use() == 1);
+  CHECK(d.payload() == m.payload());
+  Message& alias = d;
+  d = alias;  // self-assignment keeps it
+  CHECK(static_cast<bool>(d));
+  CHECK(pool.in_use() == 1);
+  // A change through one handle shows through the others: one block.
+  REQUIRE(d.set_size(2) == Result::Ok);
+  CHECK(m.size() == 2);
+
+  m.release();
+  CHECK(!m);
+  CHECK(pool.in_use() == 1);
+  CHECK(std::memcmp(c.payload(), "ab", 2) == 0);
+  Message e = std::move(d);
+  CHECK(!d);
+  CHECK(static_cast<bool>(e));
+  CHECK(pool.in_use() == 1);
+  c.release();
+  CHECK(pool.in_use() == 1);
+  e.release();
+  CHECK(pool.in_use() == 0);
+  e.release();  // releasing an empty handle is nothing
+  CHECK(pool.in_use() == 0);
+
+  // Copies take no blocks: one block, many handles, the pool still has room.
+  Message many[8];
+  REQUIRE(pool.create(many[0]) == Result::Ok);
+  for (int i = 1; i < 8; ++i) many[i] = many[0];
+  CHECK(pool.in_use() == 1);
+  CHECK(pool.available() == 3);
+  for (Message& h : many) h.release();
+  CHECK(pool.in_use() == 0);
+
+  // Every block taken: PoolEmpty, and the handle stays empty.
+  Message all[4];
+  for (Message& h : all) CHECK(pool.create(h) == Result::Ok);
+  Message none;
+  CHECK(pool.create(none) == Result::PoolEmpty);
+  CHECK(!none);
+  CHECK(pool.high_water() == 4);
+  // create() into a handle that holds a block gives that block back first.
+  CHECK(pool.create(all[0]) == Result::Ok);
+  CHECK(pool.in_use() == 4);
+}
+
+TEST_CASE("messaging: Message checks sizes, and owns the fd it carries") {
+  lemsg::MessagePool<64, 2> pool;
+  Message empty;
+  CHECK(empty.payload() == nullptr);
+  CHECK(empty.size() == 0);
+  CHECK(empty.capacity() == 0);
+  CHECK(empty.set_size(0) == Result::BadParameter);
+  CHECK(empty.assign("x", 1) == Result::BadParameter);
+  CHECK(empty.take_fd() == -1);
+  CHECK(!empty.has_fd());
+  CHECK(!empty.needs_response());
+  CHECK(empty.status() == Result::Ok);
+  CHECK(!empty.session());
+
+  Message m;
+  REQUIRE(pool.create(m) == Result::Ok);
+  CHECK(m.set_size(64) == Result::Ok);
+  CHECK(m.size() == 64);
+  CHECK(m.set_size(65) == Result::BadParameter);
+  CHECK(m.size() == 64);
+  CHECK(m.set_size(0) == Result::Ok);
+  unsigned char big[65] = {};
+  CHECK(m.assign(big, 65) == Result::BadParameter);
+  CHECK(m.size() == 0);
+  CHECK(m.assign(nullptr, 1) == Result::BadParameter);
+  CHECK(m.assign(nullptr, 0) == Result::Ok);
+  CHECK(m.assign(big, 64) == Result::Ok);
+  CHECK(m.size() == 64);
+
+  // fds: taken over, replaced (the old one closed), taken back, closed on release.
+  int p[2];
+  REQUIRE(pipe2(p, O_CLOEXEC) == 0);
+  int q[2];
+  REQUIRE(pipe2(q, O_CLOEXEC) == 0);
+  CHECK(!m.has_fd());
+  CHECK(m.set_fd(-1) == Result::BadParameter);
+  const int d = open("/", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  REQUIRE(d >= 0);
+  CHECK(m.set_fd(d) == Result::BadParameter);  // a directory never travels
+  CHECK(fd_is_open(d));                        // and stays the caller's
+  close(d);
+  CHECK(m.set_fd(p[0]) == Result::Ok);
+  CHECK(m.has_fd());
+  CHECK(m.set_fd(q[0]) == Result::Ok);
+  CHECK(!fd_is_open(p[0]));
+  CHECK(m.take_fd() == q[0]);
+  CHECK(!m.has_fd());
+  CHECK(m.take_fd() == -1);
+  CHECK(fd_is_open(q[0]));
+  CHECK(m.set_fd(q[0]) == Result::Ok);
+  Message copy = m;
+  copy.release();
+  CHECK(fd_is_open(q[0]));  // a copy going does not close it
+  m.release();
+  CHECK(!fd_is_open(q[0]));  // the last handle does
+  close(p[1]);
+  close(q[1]);
+  CHECK(pool.in_use() == 0);
+}
+
+TEST_CASE("messaging: only the used bytes of a message travel") {
+  testutil::RuntimeDir dir;
+  const lemsg::Protocol big{"lemsg.test.big", 4096};
+  Loop loop;
+  lemsg::MessagePool<4096, 4> spool;
+  lemsg::MessagePool<4096, 4> cpool;
+
+  // Through a real server: it sees 3 bytes; its 2-byte answer arrives as 2.
+  {
+    Server srv(loop, spool, big);
+    std::uint32_t seen_size = 0;
+    std::uint32_t seen_capacity = 0;
+    char seen[4] = {};
+    struct Seen {
+      Server* srv;
+      std::uint32_t* size;
+      std::uint32_t* capacity;
+      char* bytes;
+    } st{&srv, &seen_size, &seen_capacity, seen};
+    srv.hook = [p = &st](Message& m) {
+      *p->size = m.size();
+      *p->capacity = m.capacity();
+      if (m.size() <= 3) std::memcpy(p->bytes, m.payload(), m.size());
+      if (m.needs_response()) {
+        Result r = m.assign("ok", 2);
+        (void)r;
+        p->srv->last_respond = p->srv->svc.respond(std::move(m));
+      }
+      return true;
+    };
+    Client c(loop, cpool, big);
+    REQUIRE(connect(loop, srv, c, "sizes"));
+    Message m;
+    REQUIRE(c.s.create_message(m) == Result::Ok);
+    REQUIRE(m.assign("abc", 3) == Result::Ok);
+    CHECK(c.s.send(std::move(m)) == Result::Ok);
+    CHECK(testutil::run_until(loop, [&] { return srv.received == 1; }, kWaitMs));
+    CHECK(seen_size == 3);
+    CHECK(seen_capacity == 4096);
+    CHECK(std::memcmp(seen, "abc", 3) == 0);
+    REQUIRE(c.s.create_message(m) == Result::Ok);
+    REQUIRE(m.assign("xyz", 3) == Result::Ok);
+    Reply rep;
+    CHECK(c.s.request(std::move(m),
+                      [&rep](Result r, Message& a) {
+                        ++rep.calls;
+                        rep.result = r;
+                        rep.size = a.size();
+                      }) == Result::Ok);
+    CHECK(testutil::run_until(loop, [&] { return rep.calls == 1; }, kWaitMs));
+    CHECK(seen_size == 3);
+    CHECK(rep.result == Result::Ok);
+    CHECK(rep.size == 2);
+    c.s.close();
+  }
+
+  // On the wire, seen by a raw server: a 16-byte header and the 3 bytes.
+  char path[256];
+  dir.socket("raw", path);
+  const int lfd = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
+  REQUIRE(lfd >= 0);
+  sockaddr_un sa;
+  REQUIRE(unix_address(path, sa));
+  REQUIRE(bind(lfd, reinterpret_cast<const sockaddr*>(&sa), sizeof sa) == 0);
+  REQUIRE(listen(lfd, 4) == 0);
+  Client c(loop, cpool, big);
+  REQUIRE(c.open("raw") == Result::Ok);
+  struct pollfd pl = {lfd, POLLIN, 0};
+  REQUIRE(poll(&pl, 1, kWaitMs) == 1);
+  const int fd = accept4(lfd, nullptr, nullptr, SOCK_CLOEXEC);
+  REQUIRE(fd >= 0);
+  unsigned char buf[8192];
+  const long hello = raw_recv(fd, buf, sizeof buf, kWaitMs);
+  CHECK(hello == static_cast<long>(lemsg::wire::header_size + 8 + std::strlen(big.id)));
+  lemsg::wire::encode(lemsg::wire::Header{lemsg::wire::FrameType::Welcome, 0, 0, 0}, buf);
+  REQUIRE(send(fd, buf, lemsg::wire::header_size, MSG_NOSIGNAL) == static_cast<ssize_t>(lemsg::wire::header_size));
+  REQUIRE(testutil::run_until(loop, [&] { return c.opens == 1; }, kWaitMs));
+  CHECK(c.open_result == Result::Ok);
+
+  Message m;
+  REQUIRE(c.s.create_message(m) == Result::Ok);
+  REQUIRE(m.assign("abc", 3) == Result::Ok);
+  CHECK(c.s.send(std::move(m)) == Result::Ok);
+  long n = raw_recv(fd, buf, sizeof buf, kWaitMs);
+  CHECK(n == 16 + 3);
+  lemsg::wire::Header h;
+  CHECK(lemsg::wire::decode(buf, static_cast<std::size_t>(n > 0 ? n : 0), 4096, h) == Result::Ok);
+  CHECK(h.type == lemsg::wire::FrameType::Message);
+  CHECK(h.length == 3);
+  CHECK(std::memcmp(buf + 16, "abc", 3) == 0);
+
+  REQUIRE(c.s.create_message(m) == Result::Ok);
+  REQUIRE(m.assign("def", 3) == Result::Ok);
+  Reply rep;
+  CHECK(c.s.request(std::move(m),
+                    [&rep](Result r, Message& a) {
+                      ++rep.calls;
+                      rep.result = r;
+                      rep.size = a.size();
+                    }) == Result::Ok);
+  n = raw_recv(fd, buf, sizeof buf, kWaitMs);
+  CHECK(n == 16 + 3);
+  CHECK(lemsg::wire::decode(buf, static_cast<std::size_t>(n > 0 ? n : 0), 4096, h) == Result::Ok);
+  CHECK(h.type == lemsg::wire::FrameType::Request);
+  CHECK(h.length == 3);
+  // A 5-byte answer arrives as 5 bytes.
+  lemsg::wire::encode(lemsg::wire::Header{lemsg::wire::FrameType::Response, 0, h.txn, 5}, buf);
+  std::memcpy(buf + 16, "hello", 5);
+  REQUIRE(send(fd, buf, 16 + 5, MSG_NOSIGNAL) == 16 + 5);
+  CHECK(testutil::run_until(loop, [&] { return rep.calls == 1; }, kWaitMs));
+  CHECK(rep.result == Result::Ok);
+  CHECK(rep.size == 5);
+  c.s.close();
+  close(fd);
+  close(lfd);
+}
+
+TEST_CASE("messaging: an fd sent with a request reaches the server, and one in the response reaches the client") {
+  testutil::RuntimeDir dir;
+  Loop loop;
+  SmallPool pool;
+  Server srv(loop, pool);
+  REQUIRE(srv.svc.advertise("fds") == Result::Ok);
+  const int server_fds = testutil::count_open_fds();
+  const pid_t child = testutil::spawn([] {
+    die_with_parent();
+    Loop cl;
+    SmallPool cp;
+    Session s(cl, kProto, cp);
+    CHILD_CHECK(s.open_sync("fds", kWaitMs) == Result::Ok);
+    const int fds = testutil::count_open_fds();
+    for (int round = 0; round < 3; ++round) {
+      int p[2];
+      CHILD_CHECK(pipe2(p, O_CLOEXEC) == 0);
+      CHILD_CHECK(write(p[1], "ping", 4) == 4);
+      close(p[1]);
+      Message m;
+      CHILD_CHECK(s.create_message(m) == Result::Ok);
+      CHILD_CHECK(set_body(m, OpFd, 0));
+      CHILD_CHECK(m.set_fd(p[0]) == Result::Ok);
+      Message resp;
+      CHILD_CHECK(s.request_sync(std::move(m), resp, kWaitMs) == Result::Ok);
+      CHILD_CHECK(resp.size() == 4);
+      CHILD_CHECK(std::memcmp(resp.payload(), "ping", 4) == 0);
+      CHILD_CHECK(resp.has_fd());
+      const int fd = resp.take_fd();
+      CHILD_CHECK(fd >= 0);
+      CHILD_CHECK((fcntl(fd, F_GETFD) & FD_CLOEXEC) != 0);
+      char got[8] = {};
+      CHILD_CHECK(read(fd, got, sizeof got) == 4);
+      CHILD_CHECK(std::memcmp(got, "pong", 4) == 0);
+      close(fd);
+      CHILD_CHECK(testutil::count_open_fds() == fds);
+    }
+    // A response whose fd is never taken closes it with the message.
+    int p[2];
+    CHILD_CHECK(pipe2(p, O_CLOEXEC) == 0);
+    close(p[1]);
+    Message m;
+    CHILD_CHECK(s.create_message(m) == Result::Ok);
+    CHILD_CHECK(set_body(m, OpFd, 0));
+    CHILD_CHECK(m.set_fd(p[0]) == Result::Ok);
+    Message resp;
+    CHILD_CHECK(s.request_sync(std::move(m), resp, kWaitMs) == Result::Ok);
+    CHILD_CHECK(resp.has_fd());
+    resp.release();
+    CHILD_CHECK(testutil::count_open_fds() == fds);
+    return 0;
+  });
+  REQUIRE(child > 0);
+  CHECK(run_until_exit(loop, child, kWaitMs) == 0);
+  CHECK(srv.received == 4);
+  CHECK(srv.last_respond == Result::Ok);
+  CHECK(testutil::run_until(loop, [&] { return srv.closes == 1; }, kWaitMs));
+  CHECK(testutil::count_open_fds() == server_fds);
+  CHECK(pool.in_use() == 0);
+}
+
+// ---- tables -------------------------------------------------------------------
+
+TEST_CASE("messaging: track refuses a map twice with Duplicate and more than LEMSG_MAX_TRACKED maps with TrackTableFull") {
+  testutil::RuntimeDir dir;
+  Loop loop;
+  SmallPool pool;
+  Server srv(loop, pool);
+  lemsg::RefMap<int, 4> maps[LEMSG_MAX_TRACKED + 1];
+  int released[LEMSG_MAX_TRACKED + 1] = {};
+  CHECK(srv.svc.track(maps[0], nullptr) == Result::BadParameter);
+  for (int i = 0; i < LEMSG_MAX_TRACKED; ++i) {
+    CAPTURE(i);
+    int* count = &released[i];
+    CHECK(srv.svc.track(maps[i], [count](void*, std::uint32_t) { ++*count; }) == Result::Ok);
+  }
+  CHECK(srv.svc.track(maps[0], [](void*, std::uint32_t) {}) == Result::Duplicate);
+  CHECK(srv.svc.track(maps[LEMSG_MAX_TRACKED], [](void*, std::uint32_t) {}) == Result::TrackTableFull);
+
+  // Every tracked map gives back what the closing session owned, and only that.
+  Client c(loop, pool);
+  REQUIRE(connect(loop, srv, c, "tracked"));
+  int objs[3] = {};
+  std::uint32_t refs[LEMSG_MAX_TRACKED + 1][3];
+  for (int i = 0; i <= LEMSG_MAX_TRACKED; ++i) {
+    CHECK(maps[i].add(&objs[0], refs[i][0], srv.opened.value) == Result::Ok);
+    CHECK(maps[i].add(&objs[1], refs[i][1], srv.opened.value) == Result::Ok);
+    CHECK(maps[i].add(&objs[2], refs[i][2]) == Result::Ok);  // nobody's
+  }
+  c.s.close();
+  CHECK(testutil::run_until(loop, [&] { return srv.closes == 1; }, kWaitMs));
+  for (int i = 0; i < LEMSG_MAX_TRACKED; ++i) {
+    CAPTURE(i);
+    CHECK(released[i] == 2);
+    CHECK(maps[i].size() == 1);
+    CHECK(maps[i].lookup(refs[i][0]) == nullptr);
+    CHECK(maps[i].lookup(refs[i][2]) == &objs[2]);
+  }
+  CHECK(maps[LEMSG_MAX_TRACKED].size() == 3);  // not tracked: untouched
+}
+
+// In a build whose loop has fewer watches than sessions, the watch table
+// fills first, and the refusal says so.
+TEST_CASE("messaging: a client beyond LEMSG_MAX_SESSIONS is refused with SessionTableFull") {
+  constexpr int kFill = std::min(LEMSG_MAX_SESSIONS, LEMSG_MAX_WATCHES - 1);
+  constexpr Result kRefusal =
+      LEMSG_MAX_SESSIONS <= LEMSG_MAX_WATCHES - 1 ? Result::SessionTableFull : Result::WatchTableFull;
+  testutil::RuntimeDir dir;
+  testutil::LogCapture log;
+  Loop loop;
+  SmallPool pool;
+  Server srv(loop, pool);
+  REQUIRE(srv.svc.advertise("full") == Result::Ok);
+  char path[256];
+  dir.socket("full", path);
+  // Raw clients fill the table (they need no timers or watches here).
+  int raw[kFill];
+  int connected = 0;
+  for (int i = 0; i < kFill; ++i) {
+    raw[i] = raw_connect(path);
+    if (raw[i] < 0) break;
+    ++connected;
+    CHECK(raw_hello(raw[i], kProto));
+    // Let the server take it before the next, so the backlog never fills.
+    CHECK(testutil::run_until(loop, [&] { return srv.opens == i + 1; }, kWaitMs));
+  }
+  REQUIRE(connected == kFill);
+  CHECK(srv.svc.session_count() == static_cast<std::size_t>(kFill));
+
+  const pid_t child = testutil::spawn([] {
+    die_with_parent();
+    Loop cl;
+    SmallPool cp;
+    Session s(cl, kProto, cp);
+    CHILD_CHECK(s.try_open("full") == kRefusal);
+    CHILD_CHECK(s.open_sync("full", kWaitMs) == kRefusal);
+    return 0;
+  });
+  REQUIRE(child > 0);
+  CHECK(run_until_exit(loop, child, kWaitMs) == 0);
+  CHECK(srv.svc.session_count() == static_cast<std::size_t>(kFill));
+  CHECK(srv.opens == kFill);
+  CHECK(log.warnings() >= 2);  // both refusals were logged
+  CHECK(std::strstr(log.last, kRefusal == Result::SessionTableFull ? "LEMSG_MAX_SESSIONS" : "LEMSG_MAX_WATCHES") !=
+        nullptr);
+
+  // A slot that frees up is usable again.
+  close(raw[0]);
+  CHECK(testutil::run_until(loop, [&] { return srv.closes == 1; }, kWaitMs));
+  const pid_t next = testutil::spawn([] {
+    die_with_parent();
+    Loop cl;
+    SmallPool cp;
+    Session s(cl, kProto, cp);
+    CHILD_CHECK(s.try_open("full") == Result::Ok);
+    Body b{0, 0};
+    CHILD_CHECK(call(s, OpEcho, 2, b) == Result::Ok);
+    CHILD_CHECK(b.value == echo_of(2));
+    return 0;
+  });
+  REQUIRE(next > 0);
+  CHECK(run_until_exit(loop, next, kWaitMs) == 0);
+  for (int i = 1; i < connected; ++i) close(raw[i]);
+  CHECK(testutil::run_until(loop, [&] { return srv.svc.session_count() == 0; }, kWaitMs));
+}
+
+// ---- threads ------------------------------------------------------------------
+
+// WouldDeadlock is about the thread, not the process: a synchronous client
+// on another thread than the service's loop is answered.
+TEST_CASE("messaging: a synchronous request to a service on another thread's loop of this process is answered") {
+  testutil::RuntimeDir dir;
+  std::atomic<int> state{0};  // 1: advertised, 2: stop, -1: failed
+  std::thread server([&state] {
+    Loop loop;
+    SmallPool pool;
+    Server srv(loop, pool);
+    if (srv.svc.advertise("threaded") != Result::Ok) {
+      state.store(-1);
+      return;
+    }
+    state.store(1);
+    testutil::run_until(loop, [&] { return state.load() == 2; }, 4 * kWaitMs);
+  });
+  const long long end = testutil::now_ms() + kWaitMs;
+  while (state.load() == 0 && testutil::now_ms() < end) usleep(1000);
+  CHECK(state.load() == 1);
+  if (state.load() == 1) {
+    Loop loop;
+    SmallPool pool;
+    Session s(loop, kProto, pool);
+    CHECK(s.open_sync("threaded", kWaitMs) == Result::Ok);
+    for (std::uint32_t i = 0; i < 20; ++i) {
+      Body b{0, 0};
+      CHECK(call(s, OpEcho, i, b) == Result::Ok);
+      CHECK(b.value == echo_of(i));
+    }
+    s.close();
+  }
+  state.store(2);
+  server.join();
+}
+
+}  // TEST_SUITE
