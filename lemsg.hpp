@@ -1565,6 +1565,26 @@ inline Result send_datagram(int fd, const void* buf, std::size_t len, int pass_f
 inline Result recv_datagram(int fd, void* buf, std::size_t cap, std::size_t& len, int& fd_out,
                             bool wait = false) noexcept;
 
+/// Datagrams one recv_datagrams() call reads at most.
+constexpr std::size_t max_batch = 8;
+
+/// One buffer of a batch receive and what arrived in it: `result` is Ok with
+/// `len` and `fd` set, or says why the datagram is refused (its fds closed).
+struct Datagram {
+  void* buf;
+  std::size_t cap;
+  std::size_t len;
+  int fd;
+  Result result;
+};
+
+/// Receives up to `count` (<= max_batch) datagrams with one recvmmsg(). Ok
+/// with `got` (>= 1) entries filled, each checked like recv_datagram(); fewer
+/// than `count` means the socket held no more. WouldBlock when none waits;
+/// Closed or SystemError as recv_datagram (which it falls back to on errors,
+/// so frames a reset peer sent first are still read).
+inline Result recv_datagrams(int fd, Datagram* d, std::size_t count, std::size_t& got) noexcept;
+
 }  // namespace detail
 
 // -- implementation --
@@ -1684,6 +1704,8 @@ inline Result peer_credentials(int fd, Credentials& out) noexcept {
   return Result::Ok;
 }
 
+inline Result check_datagram(int fd, struct msghdr& mh, ssize_t n, std::size_t& len, int& fd_out) noexcept;
+
 inline bool clear_nonblock(int fd) noexcept {
   const int fl = ::fcntl(fd, F_GETFL);
   return fl >= 0 && ::fcntl(fd, F_SETFL, fl & ~O_NONBLOCK) == 0;
@@ -1761,6 +1783,12 @@ inline Result recv_datagram(int fd, void* buf, std::size_t cap, std::size_t& len
     LEMSG_LOG(Error, "transport: recvmsg failed: %s", std::strerror(errno));
     return Result::SystemError;
   }
+  return check_datagram(fd, mh, n, len, fd_out);
+}
+
+inline Result check_datagram(int fd, struct msghdr& mh, ssize_t n, std::size_t& len, int& fd_out) noexcept {
+  len = 0;
+  fd_out = -1;
   int fds[4];
   std::size_t nfds = 0;
   bool bad_control = (mh.msg_flags & MSG_CTRUNC) != 0;
@@ -1795,6 +1823,40 @@ inline Result recv_datagram(int fd, void* buf, std::size_t cap, std::size_t& len
   }
   len = static_cast<std::size_t>(n);
   fd_out = nfds == 1 ? fds[0] : -1;
+  return Result::Ok;
+}
+
+inline Result recv_datagrams(int fd, Datagram* d, std::size_t count, std::size_t& got) noexcept {
+  got = 0;
+  if (count == 0) return Result::BadParameter;
+  if (count > max_batch) count = max_batch;
+  struct mmsghdr mm[max_batch];
+  struct iovec iov[max_batch];
+  alignas(struct cmsghdr) unsigned char control[max_batch][CMSG_SPACE(4 * sizeof(int))];
+  std::memset(mm, 0, sizeof mm);
+  for (std::size_t i = 0; i < count; ++i) {
+    iov[i].iov_base = d[i].buf;
+    iov[i].iov_len = d[i].cap;
+    mm[i].msg_hdr.msg_iov = &iov[i];
+    mm[i].msg_hdr.msg_iovlen = 1;
+    mm[i].msg_hdr.msg_control = control[i];
+    mm[i].msg_hdr.msg_controllen = sizeof control[i];
+  }
+  int n;
+  do {
+    n = ::recvmmsg(fd, mm, static_cast<unsigned>(count), MSG_DONTWAIT | MSG_CMSG_CLOEXEC, nullptr);
+  } while (n < 0 && errno == EINTR);
+  if (n == 0 || (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))) return Result::WouldBlock;
+  if (n < 0) {
+    // A reset, or any other error: the single receive knows how to read on.
+    d[0].result = recv_datagram(fd, d[0].buf, d[0].cap, d[0].len, d[0].fd);
+    if (d[0].result != Result::Ok) return d[0].result;
+    got = 1;
+    return Result::Ok;
+  }
+  for (int i = 0; i < n; ++i)
+    d[i].result = check_datagram(fd, mm[i].msg_hdr, static_cast<ssize_t>(mm[i].msg_len), d[i].len, d[i].fd);
+  got = static_cast<std::size_t>(n);
   return Result::Ok;
 }
 
@@ -2033,6 +2095,22 @@ struct Channel {
                  bool wait = false) noexcept;
   // Waits at most `ms` (> 0) in the next receive(wait = true).
   bool set_wait(int ms) noexcept;
+
+  // Frames of the last batch read with one recvmmsg(), handed out in order
+  // by next(). A batch shorter than asked means the socket was empty, so the
+  // next call says WouldBlock without a system call until readable() again.
+  Message held[max_batch];
+  wire::Header held_h[max_batch];
+  std::size_t held_i = 0;
+  std::size_t held_n = 0;
+  Result held_err = Result::Ok;  // what ends the batch after its good frames
+  bool drained = false;
+  // Blocks the next batch asks for: 2 (enough to see the socket drained) after
+  // a short batch, doubling up to max_batch while batches come back full.
+  std::size_t want = 2;
+  void readable() noexcept { drained = false; }
+  bool has_held() const noexcept { return held_i < held_n || held_err != Result::Ok; }
+  Result next(MessagePoolBase& pool, std::uint32_t max_payload, Message& out, wire::Header& h) noexcept;
   void reset(Loop& loop) noexcept;
 };
 
@@ -2485,6 +2563,60 @@ inline Result Channel::flush(Loop& loop) noexcept {
   return Result::Ok;
 }
 
+inline Result Channel::next(MessagePoolBase& pool, std::uint32_t max_payload, Message& out,
+                            wire::Header& h) noexcept {
+  if (held_i == held_n && held_err == Result::Ok && !drained) {
+    held_i = held_n = 0;
+    std::size_t asked = 0;
+    for (; asked < want; ++asked)
+      if (pool.create(held[asked]) != Result::Ok) break;
+    if (asked == 0) return Result::PoolEmpty;
+    Datagram d[max_batch];
+    for (std::size_t i = 0; i < asked; ++i)
+      d[i] = Datagram{held[i].blk_->header, wire::header_size + pool.max_payload(), 0, -1, Result::Ok};
+    std::size_t got = 0;
+    Result r = recv_datagrams(fd, d, asked, got);
+    for (std::size_t i = 0; i < got; ++i) {
+      Result ri = d[i].result;
+      if (ri == Result::Ok) ri = wire::decode(held[i].blk_->header, d[i].len, max_payload, held_h[i]);
+      // The fd flag must match what arrived: an fd nobody announced is refused.
+      if (ri == Result::Ok && ((held_h[i].flags & wire::FlagFd) != 0) != (d[i].fd >= 0)) ri = Result::BadFrame;
+      if (ri != Result::Ok || held_err != Result::Ok) {
+        // Nothing after a bad frame is delivered: the session is closing.
+        if (d[i].fd >= 0 && d[i].result == Result::Ok) ::close(d[i].fd);
+        if (held_err == Result::Ok) held_err = ri;
+        continue;
+      }
+      MsgBlock* b = held[i].blk_;
+      b->size = held_h[i].length;
+      b->fd = d[i].fd;
+      b->txn = held_h[i].txn;
+      if (held_h[i].flags & wire::FlagError) {
+        std::memcpy(&b->status, payload_of(b), 4);
+        b->size = 0;
+      }
+      held_n = i + 1;
+    }
+    for (std::size_t i = held_n; i < asked; ++i) held[i].release();
+    if (r == Result::WouldBlock) drained = true;
+    else if (r != Result::Ok && held_err == Result::Ok) held_err = r;
+    else drained = got < asked;
+    want = got < asked ? 2 : (want * 2 > max_batch ? max_batch : want * 2);
+  }
+  if (held_i < held_n) {
+    out = std::move(held[held_i]);
+    h = held_h[held_i];
+    ++held_i;
+    return Result::Ok;
+  }
+  if (held_err != Result::Ok) {
+    const Result r = held_err;
+    held_err = Result::Ok;
+    return r;
+  }
+  return Result::WouldBlock;
+}
+
 inline bool Channel::set_wait(int ms) noexcept {
   if (!blocking) return false;
   if (ms == rcvtimeo_ms) return true;  // the usual case: the same timeout as last time, no syscall
@@ -2535,6 +2667,10 @@ inline void Channel::reset(Loop& loop) noexcept {
   fd = -1;
   for (std::size_t i = 0; i < out_count; ++i) out[(out_head + i) % LEMSG_MAX_OUTGOING].release();
   out_head = out_count = 0;
+  for (std::size_t i = held_i; i < held_n; ++i) held[i].release();
+  held_i = held_n = 0;
+  held_err = Result::Ok;
+  drained = false;
   starved = false;
   blocking = false;
   rcvtimeo_ms = 0;
@@ -2751,6 +2887,7 @@ inline bool Service::on_hello(std::uint32_t ref, Peer& p) noexcept {
     return false;
   }
   p.open = true;
+  reschedule();  // its hello deadline no longer counts
   if (open_handler_) {
     OpenHandler h = open_handler_;
     h(SessionRef{ref});
@@ -2769,8 +2906,10 @@ inline void Service::on_peer(std::uint32_t ref, short revents) noexcept {
     }
   }
   if (!(revents & (POLLIN | POLLHUP | POLLERR))) return;
-  // A bounded batch per dispatch keeps one busy client from starving others.
-  for (int i = 0; i < 16; ++i) {
+  p->ch.readable();
+  // A bounded batch per dispatch keeps one busy client from starving others;
+  // frames already read from the socket are always handed out.
+  for (int i = 0; i < 16 || p->ch.has_held(); ++i) {
     p = peer_refs_.lookup(ref);
     if (!p || p->closing) return;
     if (!p->open) {
@@ -2779,7 +2918,7 @@ inline void Service::on_peer(std::uint32_t ref, short revents) noexcept {
     }
     Message m;
     wire::Header h;
-    Result r = p->ch.receive(pool_, protocol_.max_payload, m, h);
+    Result r = p->ch.next(pool_, protocol_.max_payload, m, h);
     if (r == Result::WouldBlock) return;
     if (r == Result::PoolEmpty) {
       // Leave the frame in the socket; the timer retries once blocks free up.
@@ -3330,11 +3469,17 @@ inline void Session::on_socket(short revents) noexcept {
     }
   }
   if (!(revents & (POLLIN | POLLHUP | POLLERR))) return;
-  if (deferred_count_) deliver_deferred();
-  for (int i = 0; i < 16 && state_ == State::Open; ++i) {
+  ch_.readable();
+  for (int i = 0; (i < 16 || ch_.has_held()) && state_ == State::Open; ++i) {
+    // Arrival order: frames of the batch in hand, then what a request_sync
+    // made in a handler set aside, then the socket.
+    if (!ch_.has_held() && deferred_count_) {
+      deliver_deferred();
+      if (state_ != State::Open) return;
+    }
     Message m;
     wire::Header h;
-    Result r = ch_.receive(pool_, protocol_.max_payload, m, h);
+    Result r = ch_.next(pool_, protocol_.max_payload, m, h);
     if (r == Result::WouldBlock) return;
     if (r == Result::PoolEmpty) {
       ch_.starved = true;
