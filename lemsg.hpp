@@ -1767,8 +1767,10 @@ inline Result recv_datagram(int fd, void* buf, std::size_t cap, std::size_t& len
   for (;;) {
     mh.msg_controllen = sizeof control;
     n = ::recvmsg(fd, &mh, (wait ? 0 : MSG_DONTWAIT) | MSG_CMSG_CLOEXEC);
-    if (n >= 0 || errno == EINTR) {
-      if (n >= 0) break;
+    if (n >= 0) break;
+    if (errno == EINTR) {
+      // A waiting caller has a deadline: let it set what is left of it.
+      if (wait && !reset) return Result::WouldBlock;
       continue;
     }
     // A peer that closed with frames of ours unread leaves ECONNRESET, which
