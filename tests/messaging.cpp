@@ -1660,3 +1660,36 @@ TEST_CASE("messaging: a synchronous request to a service on another thread's loo
 }
 
 }  // TEST_SUITE
+
+// The process-wide service table (LEMSG_MAX_SERVICES), exhausted. Each service
+// has its own loop, so the watch and timer tables are not what runs out.
+TEST_SUITE("messaging") {
+  const lemsg::Protocol kServicesProto{"lemsg.test.services.v1", 16};
+  TEST_CASE("messaging: a process advertises at most LEMSG_MAX_SERVICES services; one more is ServiceTableFull") {
+    testutil::RuntimeDir dir;
+    struct One {
+      lemsg::Loop loop;
+      lemsg::MessagePool<16, 2> pool;
+      lemsg::Service svc{loop, kServicesProto, pool};
+    };
+    constexpr int n = LEMSG_MAX_SERVICES;
+    One* all[n + 1];
+    for (One*& o : all) o = new One;  // tests may use the heap
+    char name[32];
+    for (int i = 0; i < n; ++i) {
+      std::snprintf(name, sizeof name, "svc-%d", i);
+      REQUIRE(all[i]->svc.status() == lemsg::Result::Ok);
+      CHECK(all[i]->svc.advertise(name) == lemsg::Result::Ok);
+    }
+    REQUIRE(all[n]->svc.status() == lemsg::Result::Ok);
+    CHECK(all[n]->svc.advertise("svc-extra") == lemsg::Result::ServiceTableFull);
+    CHECK_FALSE(all[n]->svc.is_advertised());
+    char path[256];
+    dir.socket("svc-extra", path);
+    struct stat st;
+    CHECK(::stat(path, &st) != 0);  // a refused advertisement leaves no socket file
+    CHECK(all[0]->svc.hide() == lemsg::Result::Ok);
+    CHECK(all[n]->svc.advertise("svc-extra") == lemsg::Result::Ok);
+    for (One* o : all) delete o;
+  }
+}
