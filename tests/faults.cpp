@@ -124,15 +124,6 @@ void operator delete(void* p, std::align_val_t, const std::nothrow_t&) noexcept 
 void operator delete[](void* p, std::align_val_t, const std::nothrow_t&) noexcept { std::free(p); }
 #endif  // FAULTS_TSAN
 
-// A failed check inside a child: say where, and leave with 1.
-#define CHILD_CHECK(cond)                                                                                  \
-  do {                                                                                                     \
-    if (!(cond)) {                                                                                         \
-      std::fprintf(stderr, "faults.cpp:%d: child %ld: check failed: %s\n", __LINE__, static_cast<long>(getpid()), \
-                   #cond);                                                                                 \
-      return 1;                                                                                            \
-    }                                                                                                      \
-  } while (0)
 
 TEST_SUITE("messaging") {
 
@@ -158,11 +149,11 @@ constexpr lemsg::Protocol kProto{"lemsg.test.faults.v1", 64};
 constexpr int kLocalSessions = std::min({2, LEMSG_MAX_TIMERS - 1, (LEMSG_MAX_WATCHES - 1) / 2});
 using SmallPool = lemsg::MessagePool<64, 32>;
 
-// Every payload here is an operation and a value.
-struct Body {
-  std::uint32_t op;
-  std::uint32_t value;
-};
+// Every payload here is an operation and a value (testutil::Body).
+using testutil::Body;
+using testutil::die_with_parent;
+using testutil::echo_of;
+using testutil::set_body;
 enum : std::uint32_t {
   OpEcho = 1,  // respond with echo_of(value)
   OpHold,      // the server keeps the request unanswered
@@ -170,20 +161,12 @@ enum : std::uint32_t {
   OpNote,      // an unsolicited message from the server
 };
 
-std::uint32_t echo_of(std::uint32_t v) { return v * 3u + 1u; }
-
-bool set_body(Message& m, std::uint32_t op, std::uint32_t value) {
-  const Body b{op, value};
-  return m.assign(&b, sizeof b) == Result::Ok;
-}
-
 Body body_of(const Message& m) {
   Body b{0, 0};
   if (m && m.size() == sizeof b) std::memcpy(&b, m.payload(), sizeof b);
   return b;
 }
 
-void die_with_parent() { prctl(PR_SET_PDEATHSIG, SIGKILL); }
 
 // Sleeps (without reading anything) until killed, at most `ms`.
 void linger(int ms) {

@@ -31,15 +31,6 @@
 #include <cstring>
 #include <thread>
 
-// A failed check inside a child: say where, and leave with 1.
-#define CHILD_CHECK(cond)                                                                                  \
-  do {                                                                                                     \
-    if (!(cond)) {                                                                                         \
-      std::fprintf(stderr, "messaging.cpp:%d: child %ld: check failed: %s\n", __LINE__,                   \
-                   static_cast<long>(getpid()), #cond);                                                    \
-      return 1;                                                                                            \
-    }                                                                                                      \
-  } while (0)
 
 TEST_SUITE("messaging") {
 
@@ -64,10 +55,11 @@ using SmallPool = lemsg::MessagePool<64, 32>;
 constexpr int kLocalSessions =
     std::min({3, LEMSG_MAX_TIMERS - 1, (LEMSG_MAX_WATCHES - 1) / 2, LEMSG_MAX_SESSIONS});
 
-struct Body {
-  std::uint32_t op;
-  std::uint32_t value;
-};
+// Every payload here is an operation and a value (testutil::Body).
+using testutil::Body;
+using testutil::die_with_parent;
+using testutil::echo_of;
+using testutil::set_body;
 enum : std::uint32_t {
   OpEcho = 1,  // respond with echo_of(value)
   OpHold,      // the server keeps the request
@@ -76,20 +68,12 @@ enum : std::uint32_t {
   OpNote,      // one-way
 };
 
-std::uint32_t echo_of(std::uint32_t v) { return v * 3u + 1u; }
-
-bool set_body(Message& m, std::uint32_t op, std::uint32_t value) {
-  const Body b{op, value};
-  return m.assign(&b, sizeof b) == Result::Ok;
-}
-
 Body body_of(const Message& m) {
   Body b{0, 0};
   if (m && m.size() >= sizeof b) std::memcpy(&b, m.payload(), sizeof b);
   return b;
 }
 
-void die_with_parent() { prctl(PR_SET_PDEATHSIG, SIGKILL); }
 
 bool fd_is_open(int fd) { return fcntl(fd, F_GETFD) >= 0; }
 

@@ -9,6 +9,7 @@
 #include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
+#include <sys/prctl.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -18,7 +19,35 @@
 #include <cstring>
 #include <ctime>
 
+// A failed check inside a forked child: say where, and leave with 1.
+#define CHILD_CHECK(cond)                                                                         \
+  do {                                                                                            \
+    if (!(cond)) {                                                                                \
+      std::fprintf(stderr, "%s:%d: child %ld: check failed: %s\n", __FILE__, __LINE__,            \
+                   static_cast<long>(getpid()), #cond);                                           \
+      return 1;                                                                                   \
+    }                                                                                             \
+  } while (0)
+
 namespace testutil {
+
+/// The payload the messaging tests exchange: an operation and a value.
+struct Body {
+  std::uint32_t op;
+  std::uint32_t value;
+};
+
+/// What a test server answers to an echo of `v`.
+inline std::uint32_t echo_of(std::uint32_t v) { return v * 3u + 1u; }
+
+/// Makes `m` carry {op, value}; false when it does not fit.
+inline bool set_body(lemsg::Message& m, std::uint32_t op, std::uint32_t value) {
+  const Body b{op, value};
+  return m.assign(&b, sizeof b) == lemsg::Result::Ok;
+}
+
+/// A forked child dies with its parent, so a failed test leaves no orphans.
+inline void die_with_parent() { prctl(PR_SET_PDEATHSIG, SIGKILL); }
 
 inline long long now_ms() {
   struct timespec ts;
