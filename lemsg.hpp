@@ -105,7 +105,10 @@
 // Callable, Message, Service and Session are not thread-safe; keep each on its
 // loop's thread. open_sync, try_open and request_sync block their thread (the
 // loop does not run meanwhile); when only that thread's loop could answer,
-// they return WouldDeadlock instead of blocking.
+// they return WouldDeadlock instead of blocking. A loop belongs to the thread
+// that dispatches it (run, run_once or dispatch, whichever it uses), not the
+// one that built it; before its first dispatch it belongs to no thread, and a
+// synchronous call to its service waits for its timeout like any other.
 //
 // =============================================================================
 // Memory
@@ -1132,10 +1135,13 @@ class Loop {
   /// BadParameter when `count` does not match that fill.
   Result dispatch(const struct pollfd* fds, std::size_t count) noexcept;
 
-  /// True on the thread that constructed the loop or last ran it.
+  /// True on the thread that last dispatched the loop, through run(),
+  /// run_once() or dispatch(); false everywhere before the first dispatch
+  /// (the thread that builds a loop is often not the one that runs it).
   /// Any thread may ask (the messaging layer asks from a caller's thread).
   bool on_owner_thread() const noexcept {
-    return pthread_equal(owner_.load(std::memory_order_relaxed), pthread_self()) != 0;
+    return owned_.load(std::memory_order_acquire) != 0 &&
+           pthread_equal(owner_.load(std::memory_order_relaxed), pthread_self()) != 0;
   }
 
   std::size_t watch_count() const noexcept { return watch_refs_.size(); }
@@ -1181,7 +1187,14 @@ class Loop {
   std::atomic<int> posted_pending_{0};
   bool posted_ran_ = false;  // the queue already ran in this dispatch
   std::atomic<int> stop_{0};
-  std::atomic<pthread_t> owner_{pthread_self()};  // run_once writes it, any thread reads it
+  // The thread that dispatches the loop: written by each dispatch, read by
+  // any thread. owned_ stays 0 until the first dispatch.
+  std::atomic<pthread_t> owner_{pthread_t{}};
+  std::atomic<int> owned_{0};
+  void claim_owner() noexcept {
+    owner_.store(pthread_self(), std::memory_order_relaxed);
+    owned_.store(1, std::memory_order_release);
+  }
 };
 
 // -- implementation --
@@ -1453,6 +1466,8 @@ inline bool Loop::dispatch_timers() noexcept {
 
 inline Result Loop::dispatch(const struct pollfd* fds, std::size_t count) noexcept {
   if (count != filled_count_ || (count > 0 && fds == nullptr)) return Result::BadParameter;
+  // Whichever call drives the loop, the thread that dispatches it owns it.
+  claim_owner();
   posted_ran_ = false;
   bool any = dispatch_fds(fds, count);
   if (!posted_ran_ && posted_pending_.load(std::memory_order_relaxed) && wake_fd_ >= 0) {
@@ -1467,7 +1482,9 @@ inline Result Loop::dispatch(const struct pollfd* fds, std::size_t count) noexce
 }
 
 inline Result Loop::run_once(int timeout_ms) noexcept {
-  owner_.store(pthread_self(), std::memory_order_relaxed);
+  // Owned from before the wait, so a synchronous call made on this thread
+  // while it blocks in poll() is seen as this loop's.
+  claim_owner();
   std::size_t n = 0;
   Result r = fill_pollfds(pfds_, LEMSG_MAX_WATCHES + 1, n);
   if (r != Result::Ok) return r;
@@ -2134,8 +2151,10 @@ inline LocalRegistry& local_registry() noexcept {
   static LocalRegistry reg;
   return reg;
 }
-inline Result registry_add(const char* path, const Loop* loop) noexcept;
-inline void registry_remove(const char* path) noexcept;
+// An entry is removed by the slot registry_add gave, never by path: a failed
+// second advertisement of a name must not remove the first one's entry.
+inline Result registry_add(const char* path, const Loop* loop, int& slot) noexcept;
+inline void registry_remove(int slot) noexcept;
 inline bool served_by_this_thread(const char* path) noexcept;
 
 inline std::int64_t now_ns() noexcept {
@@ -2262,6 +2281,7 @@ class Service {
   WatchId listen_watch_;
   TimerId timer_;
   char path_[sizeof(sockaddr_un::sun_path)] = {};
+  int registry_slot_ = -1;  // this process's service table (WouldDeadlock checks)
   Peer peers_[LEMSG_MAX_SESSIONS];
   RefMap<Peer, LEMSG_MAX_SESSIONS> peer_refs_;
   Tracked tracked_[LEMSG_MAX_TRACKED];
@@ -2492,26 +2512,30 @@ inline Result MessagePoolBase::create(Message& out) noexcept {
 
 namespace detail {
 
-inline Result registry_add(const char* path, const Loop* loop) noexcept {
+inline Result registry_add(const char* path, const Loop* loop, int& slot) noexcept {
+  slot = -1;
   LocalRegistry& reg = local_registry();
   std::lock_guard<detail::Mutex> lock(reg.mutex);
   const pid_t me = ::getpid();
-  for (LocalService& e : reg.entries) {
+  for (int i = 0; i < LEMSG_MAX_SERVICES; ++i) {
+    LocalService& e = reg.entries[i];
     // Entries a forked child inherited from its parent are free to reuse.
     if (e.loop != nullptr && e.pid == me) continue;
     std::snprintf(e.path, sizeof e.path, "%s", path);
     e.loop = loop;
     e.pid = me;
+    slot = i;
     return Result::Ok;
   }
   return Result::ServiceTableFull;
 }
 
-inline void registry_remove(const char* path) noexcept {
+inline void registry_remove(int slot) noexcept {
+  if (slot < 0 || slot >= LEMSG_MAX_SERVICES) return;
   LocalRegistry& reg = local_registry();
   std::lock_guard<detail::Mutex> lock(reg.mutex);
-  for (LocalService& e : reg.entries)
-    if (e.loop && e.pid == ::getpid() && std::strcmp(e.path, path) == 0) e.loop = nullptr;
+  LocalService& e = reg.entries[slot];
+  if (e.pid == ::getpid()) e.loop = nullptr;
 }
 
 inline bool served_by_this_thread(const char* path) noexcept {
@@ -2719,7 +2743,7 @@ inline Result Service::advertise(const char* name, const ServiceOptions& options
     return errno == EACCES ? Result::NotPermitted : Result::SystemError;
   }
   if (detail::served_by_this_thread(path)) return Result::Duplicate;
-  r = detail::registry_add(path, &loop_);
+  r = detail::registry_add(path, &loop_, registry_slot_);
   if (r != Result::Ok) return r;
   int fd = -1;
   r = detail::listen_at(path, options.mode, fd);
@@ -2731,7 +2755,8 @@ inline Result Service::advertise(const char* name, const ServiceOptions& options
     }
   }
   if (r != Result::Ok) {
-    detail::registry_remove(path);
+    detail::registry_remove(registry_slot_);
+    registry_slot_ = -1;
     return r;
   }
   std::memcpy(path_, path, sizeof path_);
@@ -2749,7 +2774,8 @@ inline Result Service::hide() noexcept {
   ::close(listen_fd_);
   listen_fd_ = -1;
   ::unlink(path_);
-  detail::registry_remove(path_);
+  detail::registry_remove(registry_slot_);
+  registry_slot_ = -1;
   return Result::Ok;
 }
 

@@ -1239,13 +1239,26 @@ TEST_CASE("loop: a signal from another thread interrupts run_once without an err
   REQUIRE(::sigaction(SIGUSR1, &old, nullptr) == 0);
 }
 
-TEST_CASE("loop: on_owner_thread is true on the thread that created or last ran the loop") {
+TEST_CASE("loop: on_owner_thread is true on the thread that last dispatched the loop, and nowhere before") {
   Loop loop;
-  CHECK(loop.on_owner_thread());
+  // Built here but never run: nobody owns it yet.
+  CHECK_FALSE(loop.on_owner_thread());
   bool there = true;
   std::thread other([&] { there = loop.on_owner_thread(); });
   other.join();
   CHECK_FALSE(there);
+  // dispatch() claims the loop as run_once() does.
+  std::thread embedder([&] {
+    struct pollfd fds[LEMSG_MAX_WATCHES + 1];
+    std::size_t n = 0;
+    if (loop.fill_pollfds(fds, LEMSG_MAX_WATCHES + 1, n) != Result::Ok) return;
+    Result r = loop.dispatch(fds, n);
+    (void)r;
+    there = loop.on_owner_thread();
+  });
+  embedder.join();
+  CHECK(there);
+  CHECK_FALSE(loop.on_owner_thread());
   // Another thread runs it once: that thread becomes the owner.
   bool ran_there = false;
   std::thread runner([&] {

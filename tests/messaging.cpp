@@ -1643,6 +1643,91 @@ TEST_CASE("messaging: a synchronous request to a service on another thread's loo
   server.join();
 }
 
+// The owner of a loop is the thread that dispatches it, not the one that
+// built it: a loop built here and run by a thread that starts later serves a
+// synchronous client on this thread.
+TEST_CASE("messaging: a loop built on one thread and run by a thread that starts later gives no false WouldDeadlock") {
+  testutil::RuntimeDir dir;
+  Loop loop;
+  SmallPool pool;
+  Server srv(loop, pool);
+  REQUIRE(srv.svc.advertise("built-here") == Result::Ok);
+  std::atomic<int> go{0}, stop{0};
+  std::thread runner([&] {
+    for (int i = 0; i < kWaitMs && go.load() == 0; ++i) usleep(1000);
+    usleep(20000);  // the client below is inside open_sync by now
+    testutil::run_until(loop, [&] { return stop.load() != 0; }, 4 * kWaitMs);
+  });
+  {
+    Loop cloop;
+    SmallPool cpool;
+    Session s(cloop, kProto, cpool);
+    go.store(1);
+    CHECK(s.open_sync("built-here", kWaitMs) == Result::Ok);
+    Body b{0, 0};
+    if (s.is_open()) CHECK(call(s, OpEcho, 5, b) == Result::Ok);
+    CHECK(b.value == echo_of(5));
+    s.close();
+  }
+  stop.store(1);
+  runner.join();
+}
+
+// A loop embedded in another loop (fill_pollfds/dispatch) is owned by the
+// thread that dispatches it: a synchronous call from that thread to its own
+// service fails at once instead of waiting out its timeout.
+TEST_CASE("messaging: a loop driven by fill_pollfds and dispatch on another thread is that thread's for WouldDeadlock") {
+  testutil::RuntimeDir dir;
+  Loop loop;
+  SmallPool pool;
+  Server srv(loop, pool);
+  REQUIRE(srv.svc.advertise("embedded") == Result::Ok);
+  Result open_result = Result::Ok, request_result = Result::Ok;
+  std::thread driver([&] {
+    struct pollfd fds[LEMSG_MAX_WATCHES + 1];
+    std::size_t n = 0;
+    for (int i = 0; i < 3; ++i) {
+      if (loop.fill_pollfds(fds, LEMSG_MAX_WATCHES + 1, n) != Result::Ok) return;
+      if (::poll(fds, static_cast<nfds_t>(n), 0) < 0) return;
+      Result r = loop.dispatch(fds, n);
+      (void)r;
+    }
+    Loop cloop;
+    SmallPool cpool;
+    Session s(cloop, kProto, cpool);
+    // Far longer than the test waits if the call did block.
+    open_result = s.open_sync("embedded", 5000);
+    request_result = s.try_open("embedded");
+  });
+  driver.join();
+  CHECK(open_result == Result::WouldDeadlock);
+  CHECK(request_result == Result::WouldDeadlock);
+}
+
+// A second advertisement of a served name from another thread fails with
+// Duplicate and leaves the first service's entry in the process's table, so
+// a synchronous call on the first service's thread is still refused at once.
+TEST_CASE("messaging: a failed advertise of a served name on another thread keeps the WouldDeadlock check of the first") {
+  testutil::RuntimeDir dir;
+  Loop loop;
+  SmallPool pool;
+  Server srv(loop, pool);
+  REQUIRE(srv.svc.advertise("taken") == Result::Ok);
+  CHECK(loop.run_once(0) != Result::SystemError);  // this thread runs the loop
+  Result second = Result::Ok;
+  std::thread other([&second] {
+    Loop l2;
+    SmallPool p2;
+    Service s2(l2, kProto, p2);
+    second = s2.advertise("taken");
+  });
+  other.join();
+  CHECK(second == Result::Duplicate);
+  Session s(loop, kProto, pool);
+  CHECK(s.open_sync("taken", 5000) == Result::WouldDeadlock);
+  CHECK(s.try_open("taken") == Result::WouldDeadlock);
+}
+
 }  // TEST_SUITE
 
 // The process-wide service table (LEMSG_MAX_SERVICES), exhausted. Each service
