@@ -61,6 +61,10 @@
 //   LEMSG_MAX_PROTOCOL_ID 64  characters in a protocol id.
 //   LEMSG_OPEN_TIMEOUT_MS 5000  how long either side waits for the other's half
 //                             of the open handshake.
+//   LEMSG_TXN_BITS        32  bits of the transaction ids a Session hands out;
+//                             they wrap (never onto a pending one) after
+//                             2^bits / LEMSG_MAX_PENDING requests per slot.
+//                             Lower it only to test the wrap.
 //   LEMSG_CALLABLE_SIZE   4 pointers  bytes a handler may capture in place;
 //                             a larger capture is a compile-time error.
 //   LEMSG_LOG_LEVEL       1   default run-time log threshold
@@ -228,6 +232,9 @@
 #ifndef LEMSG_OPEN_TIMEOUT_MS
 #define LEMSG_OPEN_TIMEOUT_MS 5000
 #endif
+#ifndef LEMSG_TXN_BITS
+#define LEMSG_TXN_BITS 32
+#endif
 
 static_assert(LEMSG_MAX_WATCHES >= 1 && LEMSG_MAX_WATCHES <= 4096, "LEMSG_MAX_WATCHES must be 1..4096");
 static_assert(LEMSG_MAX_TIMERS >= 1 && LEMSG_MAX_TIMERS <= 4096, "LEMSG_MAX_TIMERS must be 1..4096");
@@ -243,6 +250,7 @@ static_assert(LEMSG_MAX_TRACKED >= 1 && LEMSG_MAX_TRACKED <= 64, "LEMSG_MAX_TRAC
 static_assert(LEMSG_MAX_NAME >= 1 && LEMSG_MAX_NAME <= 64, "LEMSG_MAX_NAME must be 1..64");
 static_assert(LEMSG_MAX_PROTOCOL_ID >= 1 && LEMSG_MAX_PROTOCOL_ID <= 256, "LEMSG_MAX_PROTOCOL_ID must be 1..256");
 static_assert(LEMSG_OPEN_TIMEOUT_MS >= 1, "LEMSG_OPEN_TIMEOUT_MS must be positive");
+static_assert(LEMSG_TXN_BITS >= 2 && LEMSG_TXN_BITS <= 32, "LEMSG_TXN_BITS must be 2..32");
 
 namespace lemsg {
 
@@ -2133,6 +2141,67 @@ struct Channel {
   void reset(Loop& loop) noexcept;
 };
 
+// The transaction ids of one Session's pending requests. An id is the
+// pending slot's index in its low bits and a sequence number above them that
+// wraps (after 2^(LEMSG_TXN_BITS - index bits) requests): a slot holds one
+// request at a time, so a new id never equals a pending one, and the ids
+// never run out. A late response to a slot's earlier request finds another
+// id there and is refused, unless the sequence wrapped in between. 0 is
+// never an id. Same interface as RefMap, so Session uses it the same way.
+template <typename T, std::size_t N, unsigned Bits = LEMSG_TXN_BITS>
+class TxnTable {
+  static constexpr std::uint32_t index_bits = index_bits_for(N);
+  static_assert(Bits <= 32 && Bits > index_bits, "LEMSG_TXN_BITS must leave room beside the pending slot index");
+  static constexpr std::uint32_t seq_mask =
+      Bits - index_bits >= 32 ? UINT32_MAX : ((std::uint32_t{1} << (Bits - index_bits)) - 1);
+  static constexpr std::uint32_t index_mask = (std::uint32_t{1} << index_bits) - 1;
+
+ public:
+  // Ok with `txn` set, BadParameter for nullptr, NoMemory when all N are pending.
+  Result add(T* obj, std::uint32_t& txn) noexcept {
+    txn = 0;
+    if (!obj) return Result::BadParameter;
+    for (std::uint32_t i = 0; i < N; ++i) {
+      if (e_[i].obj) continue;
+      do {
+        seq_ = (seq_ + 1) & seq_mask;
+        txn = (seq_ << index_bits) | i;
+      } while (txn == 0);
+      e_[i].obj = obj;
+      e_[i].txn = txn;
+      ++count_;
+      return Result::Ok;
+    }
+    return Result::NoMemory;
+  }
+  T* lookup(std::uint32_t txn) const noexcept {
+    const std::uint32_t i = txn & index_mask;
+    return (txn != 0 && i < N && e_[i].obj && e_[i].txn == txn) ? e_[i].obj : nullptr;
+  }
+  Result remove(std::uint32_t txn) noexcept {
+    if (!lookup(txn)) return Result::NotFound;
+    e_[txn & index_mask].obj = nullptr;
+    --count_;
+    return Result::Ok;
+  }
+  // f(T*, txn) for each pending id, in slot order.
+  template <typename F>
+  void for_each(F&& f) const {
+    for (std::uint32_t i = 0; i < N; ++i)
+      if (e_[i].obj) f(e_[i].obj, e_[i].txn);
+  }
+  std::size_t size() const noexcept { return count_; }
+
+ private:
+  struct Entry {
+    T* obj = nullptr;
+    std::uint32_t txn = 0;
+  };
+  Entry e_[N];
+  std::size_t count_ = 0;
+  std::uint32_t seq_ = 0;
+};
+
 // The services of this process, so a synchronous call can see that only its
 // own thread could answer it.
 // Every member has an initialiser, so the registry is constant-initialised:
@@ -2406,7 +2475,7 @@ class Session {
   bool lost_pending_ = false;  // server lost inside request_sync; finish on the loop
   Result lost_reason_ = Result::Closed;
   Pending pending_[LEMSG_MAX_PENDING];
-  RefMap<Pending, LEMSG_MAX_PENDING> pending_refs_;
+  detail::TxnTable<Pending, LEMSG_MAX_PENDING> pending_refs_;
   Message deferred_[LEMSG_MAX_DEFERRED];
   std::size_t deferred_head_ = 0;
   std::size_t deferred_count_ = 0;

@@ -1156,6 +1156,78 @@ TEST_CASE("messaging: more than LEMSG_MAX_PENDING outstanding requests return Pe
   CHECK(run_until_exit(loop, child, kWaitMs) == 0);
 }
 
+// Transaction ids: slot index + a wrapping sequence (LEMSG_TXN_BITS). Here
+// with 6 bits over 4 slots the sequence wraps every 16 uses of a slot.
+TEST_CASE("messaging: transaction ids wrap past their space without colliding with a pending id or running out") {
+  lemsg::detail::TxnTable<int, 4, 6> t;
+  int held = 0, obj = 0;
+  std::uint32_t held_id = 0;
+  REQUIRE(t.add(&held, held_id) == Result::Ok);
+  REQUIRE(held_id != 0);
+  std::uint32_t prev = 0;
+  int wrong = 0, repeats = 0;
+  for (int i = 0; i < 10000; ++i) {
+    std::uint32_t id = 0;
+    if (t.add(&obj, id) != Result::Ok) {
+      ++wrong;
+      break;
+    }
+    if (id == 0 || id == held_id || id >= 64) ++wrong;
+    if (id == prev) ++repeats;  // the next id differs even for the same slot
+    if (prev && t.lookup(prev) != nullptr) ++wrong;  // a finished id is stale
+    if (t.lookup(id) != &obj || t.lookup(held_id) != &held) ++wrong;
+    if (t.remove(id) != Result::Ok || t.remove(id) != Result::NotFound) ++wrong;
+    prev = id;
+  }
+  CHECK(wrong == 0);
+  CHECK(repeats == 0);
+  CHECK(t.size() == 1);
+  // All four slots pending: the table is full, and says so.
+  int more[3];
+  std::uint32_t ids[3];
+  for (int i = 0; i < 3; ++i) REQUIRE(t.add(&more[i], ids[i]) == Result::Ok);
+  std::uint32_t none = 0;
+  CHECK(t.add(&obj, none) == Result::NoMemory);
+  CHECK(none == 0);
+  CHECK(t.lookup(0) == nullptr);
+  CHECK(t.lookup(0xFFFFFFFFu) == nullptr);
+}
+
+// The same through a Session: with one request held pending the whole time,
+// more requests than the id space holds (in the tiny build, whose
+// LEMSG_TXN_BITS is 6) are all answered, and the held one last gets its own
+// answer. Before ids wrapped, a session ran out after 2^32 requests.
+TEST_CASE("messaging: a session makes more requests than its id space holds while one stays pending") {
+  testutil::RuntimeDir dir;
+  Loop loop;
+  SmallPool pool;
+  Server srv(loop, pool);
+  Client c(loop, pool);
+  REQUIRE(connect(loop, srv, c, "wrap"));
+  Reply held;
+  REQUIRE(ask(c.s, OpHold, 7, held) == Result::Ok);
+  REQUIRE(testutil::run_until(loop, [&] { return srv.nheld == 1; }, kWaitMs));
+  constexpr int kRequests = LEMSG_TXN_BITS >= 10 ? 3000 : (1 << LEMSG_TXN_BITS) * 3;
+  int bad = 0;
+  for (int i = 0; i < kRequests && bad == 0; ++i) {
+    Reply r;
+    if (ask(c.s, OpEcho, static_cast<std::uint32_t>(i), r) != Result::Ok) {
+      ++bad;
+      break;
+    }
+    if (!testutil::run_until(loop, [&] { return r.calls == 1; }, kWaitMs)) ++bad;
+    if (r.result != Result::Ok || r.body.value != echo_of(static_cast<std::uint32_t>(i))) ++bad;
+  }
+  CHECK(bad == 0);
+  CHECK(held.calls == 0);
+  srv.reply(srv.held[0], echo_of(7));
+  srv.nheld = 0;
+  CHECK(testutil::run_until(loop, [&] { return held.calls == 1; }, kWaitMs));
+  CHECK(held.result == Result::Ok);
+  CHECK(held.body.value == echo_of(7));
+  c.s.close();
+}
+
 TEST_CASE("messaging: a client's send returns Overflow while the server does not read, and nothing is lost") {
   testutil::RuntimeDir dir;
   Loop loop;
