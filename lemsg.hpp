@@ -128,7 +128,8 @@
 // =============================================================================
 //
 // Print to_string(result). A full table names the macro to raise. With
-// LEMSG_LOG_LEVEL 3 (or set_log_level(LogLevel::Debug)) the library logs each
+// LEMSG_LOG_LEVEL 3 (or set_log_level(LogLevel::Debug), or LEMSG_LOG=debug in
+// the environment) the library logs each
 // decision; a refused client or a bad frame is logged as a warning.
 //   - open_sync returns Timeout: is the server advertising under the same
 //     runtime dir (LEMSG_RUNTIME_DIR) and name? ls the runtime dir.
@@ -265,8 +266,15 @@ using LogSink = void (*)(LogLevel level, const char* line, void* ctx);
 /// before other threads log.
 inline void set_log_sink(LogSink sink, void* ctx) noexcept;
 
-/// Lines above `level` are dropped. Default LEMSG_LOG_LEVEL.
+/// Lines above `level` are dropped. Default LEMSG_LOG_LEVEL. The environment
+/// variable LEMSG_LOG (error, warning, info or debug; or 0..3), read at the
+/// first log line, wins over both, so a deployed program can be made to log
+/// its decisions without a rebuild: LEMSG_LOG=debug ./server
 inline void set_log_level(LogLevel level) noexcept;
+
+/// The threshold in force: LEMSG_LOG when set, else set_log_level()'s, else
+/// LEMSG_LOG_LEVEL.
+inline LogLevel log_level() noexcept;
 
 // -- implementation --
 
@@ -276,10 +284,32 @@ struct LogState {
   LogSink sink = nullptr;
   void* ctx = nullptr;
   std::atomic<int> level{LEMSG_LOG_LEVEL};
+  std::atomic<int> env{-2};  // LEMSG_LOG: -2 not read yet, -1 unset or not understood
 };
 inline LogState& log_state() noexcept {
   static LogState state;
   return state;
+}
+
+// LEMSG_LOG's level, or -1.
+inline int env_log_level() noexcept {
+  const char* e = std::getenv("LEMSG_LOG");
+  if (!e || !*e) return -1;
+  static const char* const names[][2] = {{"error", "0"}, {"warning", "1"}, {"info", "2"}, {"debug", "3"}};
+  for (int i = 0; i < 4; ++i)
+    if (std::strcmp(e, names[i][0]) == 0 || std::strcmp(e, names[i][1]) == 0) return i;
+  if (std::strcmp(e, "warn") == 0) return 1;
+  return -1;
+}
+
+inline int log_threshold() noexcept {
+  LogState& st = log_state();
+  int e = st.env.load(std::memory_order_relaxed);
+  if (e == -2) {
+    e = env_log_level();
+    st.env.store(e, std::memory_order_relaxed);
+  }
+  return e >= 0 ? e : st.level.load(std::memory_order_relaxed);
 }
 
 #if defined(__GNUC__)
@@ -287,8 +317,8 @@ __attribute__((format(printf, 2, 3)))
 #endif
 inline void
 log_printf(LogLevel level, const char* fmt, ...) noexcept {
+  if (static_cast<int>(level) > log_threshold()) return;
   LogState& st = log_state();
-  if (static_cast<int>(level) > st.level.load(std::memory_order_relaxed)) return;
   // A stack buffer keeps logging off the heap; long lines are cut, not lost.
   char line[256];
   va_list ap;
@@ -319,6 +349,8 @@ inline void set_log_level(LogLevel level) noexcept {
   detail::log_state().level.store(static_cast<int>(level), std::memory_order_relaxed);
 }
 
+inline LogLevel log_level() noexcept { return static_cast<LogLevel>(detail::log_threshold()); }
+
 }  // namespace lemsg
 
 #ifndef LEMSG_LOG
@@ -339,7 +371,7 @@ namespace lemsg {
 #define LEMSG_DETAIL_RESULTS(X)                                                \
   X(Ok, "ok")                                                                  \
   X(BadParameter, "bad parameter")                                             \
-  X(NotFound, "not found (stale, forged or unknown reference)")                \
+  X(NotFound, "not found: no server listens on that name, or the reference, id or session is stale or unknown") \
   X(NoMemory, "reference table full (raise the RefMap's N)")                   \
   X(PoolEmpty, "pool empty (raise the pool's block count)")                    \
   X(NotPoolBlock, "pointer is not a block of this pool")                       \
@@ -364,7 +396,8 @@ namespace lemsg {
   X(WouldBlock, "operation would block")                                       \
   X(Unanswered, "the server released the request without responding")        \
   X(ServiceTableFull, "this process's service table is full (raise LEMSG_MAX_SERVICES)") \
-  X(TrackTableFull, "tracked map table full (raise LEMSG_MAX_TRACKED)")
+  X(TrackTableFull, "tracked map table full (raise LEMSG_MAX_TRACKED)")         \
+  X(TooBigForSocket, "protocol's maximum frame is larger than a socket datagram may be here (lower max_payload or raise net.core.wmem_max)")
 
 /// Outcome of every call that can fail. Ok is 0. Ignoring one is a warning.
 enum class [[nodiscard]] Result : int {
@@ -1576,6 +1609,20 @@ inline bool is_directory(int fd) noexcept;
 /// pass MSG_DONTWAIT wherever they must not wait.
 inline bool clear_nonblock(int fd) noexcept;
 
+/// Whether this system lets one datagram carry `len` bytes. The kernel
+/// refuses (EMSGSIZE) a datagram longer than the sending socket's buffer
+/// (net.core.wmem_default, about 208 KiB) less a little overhead; a socket
+/// may raise its own buffer up to twice net.core.wmem_max. Ok with `sndbuf`
+/// 0 when the default buffer is enough, or the SO_SNDBUF value each socket
+/// must get (set_send_buffer); TooBigForSocket when even the largest buffer
+/// allowed is too small; SystemError. Probes with a socketpair, so call it
+/// at construction, not per message.
+inline Result probe_datagram(std::size_t len, int& sndbuf) noexcept;
+
+/// Gives a connected socket the send buffer probe_datagram() asked for
+/// (nothing when `sndbuf` is 0). A failure shows later as TooBigForSocket.
+inline void set_send_buffer(int fd, int sndbuf) noexcept;
+
 /// Sends one datagram, with `pass_fd` (>= 0) attached. Ok, WouldBlock,
 /// Closed (peer gone), SystemError. Never raises SIGPIPE.
 inline Result send_datagram(int fd, const void* buf, std::size_t len, int pass_fd) noexcept;
@@ -1741,6 +1788,49 @@ inline bool is_directory(int fd) noexcept {
   return ::fstat(fd, &st) == 0 && S_ISDIR(st.st_mode);
 }
 
+// Bytes the kernel keeps for itself out of a send buffer (32 in Linux's
+// unix_dgram_sendmsg), with room to spare.
+constexpr std::size_t send_buffer_slack = 256;
+
+inline Result probe_datagram(std::size_t len, int& sndbuf) noexcept {
+  sndbuf = 0;
+  // No system lowers the buffer this far: small frames need no probe.
+  if (len <= 4096) return Result::Ok;
+  if (len > static_cast<std::size_t>(INT32_MAX / 2) - send_buffer_slack) return Result::TooBigForSocket;
+  int sv[2];
+  if (::socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv) < 0) {
+    LEMSG_LOG(Error, "transport: socketpair failed: %s", std::strerror(errno));
+    return Result::SystemError;
+  }
+  int have = 0;
+  socklen_t sl = sizeof have;
+  Result r = Result::Ok;
+  if (::getsockopt(sv[0], SOL_SOCKET, SO_SNDBUF, &have, &sl) < 0) {
+    r = Result::SystemError;
+  } else if (static_cast<std::size_t>(have) < len + send_buffer_slack) {
+    // The kernel doubles what is asked for, capped at twice wmem_max
+    // (SO_SNDBUFFORCE, which ignores the cap, is left to the system's owner).
+    const int want = static_cast<int>(len + send_buffer_slack);
+    sl = sizeof have;
+    if (::setsockopt(sv[0], SOL_SOCKET, SO_SNDBUF, &want, sizeof want) < 0 ||
+        ::getsockopt(sv[0], SOL_SOCKET, SO_SNDBUF, &have, &sl) < 0)
+      r = Result::SystemError;
+    else if (static_cast<std::size_t>(have) < len + send_buffer_slack)
+      r = Result::TooBigForSocket;
+    else
+      sndbuf = want;
+  }
+  if (r == Result::SystemError) LEMSG_LOG(Error, "transport: SO_SNDBUF failed: %s", std::strerror(errno));
+  ::close(sv[0]);
+  ::close(sv[1]);
+  return r;
+}
+
+inline void set_send_buffer(int fd, int sndbuf) noexcept {
+  if (sndbuf > 0 && ::setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &sndbuf, sizeof sndbuf) < 0)
+    LEMSG_LOG(Warning, "transport: SO_SNDBUF %d failed: %s", sndbuf, std::strerror(errno));
+}
+
 inline Result send_datagram(int fd, const void* buf, std::size_t len, int pass_fd) noexcept {
   struct iovec iov;
   iov.iov_base = const_cast<void*>(buf);
@@ -1766,7 +1856,7 @@ inline Result send_datagram(int fd, const void* buf, std::size_t len, int pass_f
     if (errno == EINTR) continue;
     if (errno == EAGAIN || errno == EWOULDBLOCK) return Result::WouldBlock;
     if (errno == EPIPE || errno == ECONNRESET || errno == ENOTCONN) return Result::Closed;
-    if (errno == EMSGSIZE) return Result::TooLarge;
+    if (errno == EMSGSIZE) return Result::TooBigForSocket;
     LEMSG_LOG(Error, "transport: sendmsg failed: %s", std::strerror(errno));
     return Result::SystemError;
   }
@@ -2254,8 +2344,10 @@ class Service {
   Service& operator=(const Service&) = delete;
 
   /// Ok when constructed fine; BadParameter (protocol id empty or too long,
-  /// max_payload above the pool's) or TimerTableFull otherwise. Every call
-  /// below returns this error while it is not Ok.
+  /// max_payload above the pool's), TooBigForSocket (a frame of max_payload
+  /// bytes cannot be one datagram on this system: see detail::probe_datagram;
+  /// up to about 208 KiB always can), SystemError or TimerTableFull
+  /// otherwise. Every call below returns this error while it is not Ok.
   Result status() const noexcept { return status_; }
 
   /// Listens on <runtime dir>/<name>. Ok; BadParameter (name); Busy (already
@@ -2286,6 +2378,7 @@ class Service {
   Result create_message(Message& out) noexcept { return status_ != Result::Ok ? status_ : pool_.create(out); }
   /// Sends a one-way message to a session. Ok (the message is consumed);
   /// NotFound; BadParameter (not a created message, or shared); TooLarge;
+  /// TooBigForSocket (the socket refused the datagram);
   /// Overflow (LEMSG_MAX_OUTGOING frames already wait); Closed. On failure
   /// the message is still the caller's.
   Result send(SessionRef s, Message&& m) noexcept;
@@ -2293,7 +2386,9 @@ class Service {
   /// so a request is answered at most once. Ok; Closed when its session is
   /// gone (harmless; the message is consumed); BadParameter when `m` is empty
   /// (already responded), shared (copies exist), or not a request received
-  /// here; TooLarge; Overflow when the response cannot even be queued (the
+  /// here; TooLarge; TooBigForSocket when the socket refuses the datagram
+  /// (the client's request then completes with TooBigForSocket; `m` is
+  /// consumed); Overflow when the response cannot even be queued (the
   /// session is closed).
   Result respond(Message&& m) noexcept;
   /// Closes a session; the close handler runs with Ok. Ok or NotFound.
@@ -2351,6 +2446,7 @@ class Service {
   TimerId timer_;
   char path_[sizeof(sockaddr_un::sun_path)] = {};
   int registry_slot_ = -1;  // this process's service table (WouldDeadlock checks)
+  int sndbuf_ = 0;          // SO_SNDBUF each session's socket needs (0: the default)
   Peer peers_[LEMSG_MAX_SESSIONS];
   RefMap<Peer, LEMSG_MAX_SESSIONS> peer_refs_;
   Tracked tracked_[LEMSG_MAX_TRACKED];
@@ -2366,7 +2462,8 @@ class Session {
   Session(const Session&) = delete;
   Session& operator=(const Session&) = delete;
 
-  /// Ok when constructed fine; BadParameter or TimerTableFull otherwise.
+  /// Ok when constructed fine; BadParameter, TooBigForSocket, SystemError or
+  /// TimerTableFull otherwise (as Service::status()).
   Result status() const noexcept { return status_; }
 
   /// Starts opening: connects now if the server is there, otherwise waits
@@ -2400,12 +2497,12 @@ class Session {
   /// A message from this session's pool. Ok or PoolEmpty.
   Result create_message(Message& out) noexcept { return status_ != Result::Ok ? status_ : pool_.create(out); }
   /// One-way send. Ok (consumed); Closed (not open); BadParameter; TooLarge;
-  /// Overflow. On failure the message is still the caller's.
+  /// TooBigForSocket; Overflow. On failure the message is still the caller's.
   Result send(Message&& m) noexcept;
   /// Sends a request; `done` runs exactly once on the loop: Ok with the
   /// response, Closed, Timeout (after `timeout_ms`, 0 = none) or Unanswered.
   /// Returns Ok (sent or queued; consumed), Closed, BadParameter, TooLarge,
-  /// Overflow or PendingTableFull (then `done` is not called and the message
+  /// TooBigForSocket, Overflow or PendingTableFull (then `done` is not called and the message
   /// is still the caller's).
   Result request(Message&& m, ResponseHandler done, std::uint32_t timeout_ms = 0) noexcept;
   /// Sends a request and blocks until its response, at most `timeout_ms`
@@ -2465,6 +2562,7 @@ class Session {
   ReceiveHandler receive_handler_;
   SessionCloseHandler close_handler_;
   Credentials server_;
+  int sndbuf_ = 0;  // SO_SNDBUF the socket needs (0: the default)
   bool server_here_ = false;  // the server was this process at open (saves a getpid per request_sync)
   bool reconnect_ = false;
   std::uint32_t backoff_min_ = 50;
@@ -2787,6 +2885,12 @@ inline Service::Service(Loop& loop, const Protocol& protocol, MessagePoolBase& p
     status_ = Result::BadParameter;
     return;
   }
+  status_ = detail::probe_datagram(wire::header_size + protocol.max_payload, sndbuf_);
+  if (status_ != Result::Ok) {
+    LEMSG_LOG(Error, "service %s: frames of %lu bytes cannot travel: %s", protocol.id,
+              static_cast<unsigned long>(wire::header_size + protocol.max_payload), to_string(status_));
+    return;
+  }
   status_ = loop_.add_timer([this] { on_timer(); }, timer_);
 }
 
@@ -2937,6 +3041,7 @@ inline void Service::on_listen(short revents) noexcept {
     slot->context = nullptr;
     slot->creds = c;
     slot->ch.fd = fd;
+    detail::set_send_buffer(fd, sndbuf_);
     slot->hello_deadline = detail::now_ns() + static_cast<std::int64_t>(LEMSG_OPEN_TIMEOUT_MS) * 1000000;
     reschedule();
   }
@@ -3096,9 +3201,20 @@ inline Result Service::respond(Message&& m) noexcept {
     return Result::Closed;
   }
   const std::uint32_t ref = b->session;
+  const std::uint32_t txn = b->txn;
+  const std::uint32_t size = b->size;
   b->kind = detail::MsgKind::Outgoing;
-  const Result r = p->ch.send(loop_, m, wire::FrameType::Response, b->txn, 0);
+  const Result r = p->ch.send(loop_, m, wire::FrameType::Response, txn, 0);
   if (r == Result::Ok) return r;
+  if (r == Result::TooBigForSocket) {
+    // This socket cannot carry it (its buffer could not be raised): the
+    // client's request still completes, with the reason.
+    m.release();
+    LEMSG_LOG(Warning, "service %s: a response of %lu bytes is too large for the socket", protocol_.id,
+              static_cast<unsigned long>(size));
+    answer_error(ref, txn, r);
+    return r;
+  }
   // The response cannot reach the client. A dead peer's POLLHUP closes the
   // session from the loop; a peer that stopped reading is closed now,
   // because a response is never dropped silently.
@@ -3179,6 +3295,12 @@ inline Session::Session(Loop& loop, const Protocol& protocol, MessagePoolBase& p
   const std::size_t idlen = protocol.id ? std::strlen(protocol.id) : 0;
   if (idlen == 0 || idlen > LEMSG_MAX_PROTOCOL_ID || protocol.max_payload > pool.max_payload()) {
     status_ = Result::BadParameter;
+    return;
+  }
+  status_ = detail::probe_datagram(wire::header_size + protocol.max_payload, sndbuf_);
+  if (status_ != Result::Ok) {
+    LEMSG_LOG(Error, "session %s: frames of %lu bytes cannot travel: %s", protocol.id,
+              static_cast<unsigned long>(wire::header_size + protocol.max_payload), to_string(status_));
     return;
   }
   status_ = loop_.add_timer([this] { on_timer(); }, timer_);
@@ -3344,6 +3466,7 @@ inline Result Session::start_handshake(int fd) noexcept {
     return r;
   }
   ch_.fd = fd;
+  detail::set_send_buffer(fd, sndbuf_);
   ch_.blocking = detail::clear_nonblock(fd);
   state_ = State::Handshake;
   handshake_deadline_ = detail::now_ns() + static_cast<std::int64_t>(LEMSG_OPEN_TIMEOUT_MS) * 1000000;
@@ -3434,6 +3557,7 @@ inline Result Session::finish_open(int fd) noexcept {
     return r;
   }
   ch_.fd = fd;
+  detail::set_send_buffer(fd, sndbuf_);
   ch_.blocking = detail::clear_nonblock(fd);
   state_ = State::Open;
   backoff_next_ = backoff_min_;

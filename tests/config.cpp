@@ -4,6 +4,7 @@
 #include "lemsg.hpp"
 
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 
 TEST_SUITE("config") {
@@ -117,6 +118,42 @@ TEST_CASE("config: set_log_level filters lines above the level") {
   LEMSG_LOG(Info, "dropped again");
   restore_log_defaults();
   CHECK(c.calls == 2);
+}
+
+// LEMSG_LOG is read once, at the first line logged; the tests make the
+// header read it again by resetting that mark.
+TEST_CASE("config: LEMSG_LOG in the environment sets the log level, over set_log_level") {
+  Captured c;
+  lemsg::set_log_sink(capture_sink, &c);
+  lemsg::set_log_level(lemsg::LogLevel::Error);
+  const char* const was = std::getenv("LEMSG_LOG");
+  char saved[32] = {};
+  if (was) std::snprintf(saved, sizeof saved, "%s", was);
+
+  setenv("LEMSG_LOG", "debug", 1);
+  lemsg::detail::log_state().env.store(-2);
+  CHECK(lemsg::log_level() == lemsg::LogLevel::Debug);
+  LEMSG_LOG(Debug, "seen at debug");
+  CHECK(c.calls == 1);
+  CHECK(std::strcmp(c.line, "seen at debug") == 0);
+
+  setenv("LEMSG_LOG", "2", 1);
+  lemsg::detail::log_state().env.store(-2);
+  CHECK(lemsg::log_level() == lemsg::LogLevel::Info);
+  LEMSG_LOG(Debug, "dropped at info");
+  CHECK(c.calls == 1);
+
+  // A value it does not understand leaves set_log_level's level in force.
+  setenv("LEMSG_LOG", "loud", 1);
+  lemsg::detail::log_state().env.store(-2);
+  CHECK(lemsg::log_level() == lemsg::LogLevel::Error);
+  LEMSG_LOG(Warning, "dropped at error");
+  CHECK(c.calls == 1);
+
+  if (was) setenv("LEMSG_LOG", saved, 1);
+  else unsetenv("LEMSG_LOG");
+  lemsg::detail::log_state().env.store(-2);
+  restore_log_defaults();
 }
 
 TEST_CASE("config: a log line longer than the buffer is cut, not lost") {

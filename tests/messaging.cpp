@@ -837,6 +837,82 @@ TEST_CASE("messaging: a message larger than the protocol's maximum is refused wi
   c.s.close();
 }
 
+// A frame above the socket's default send buffer (net.core.wmem_default,
+// about 208 KiB) used to fail with EMSGSIZE: the request was lost and, with
+// no timeout, never completed. Each side now raises its sockets' buffers.
+TEST_CASE("messaging: a payload above the socket's default send buffer travels both ways at the protocol's maximum") {
+  testutil::RuntimeDir dir;
+  constexpr std::uint32_t kBig = 300 * 1024;
+  const lemsg::Protocol big{"lemsg.test.big", kBig};
+  static lemsg::MessagePool<kBig, 4> pool;
+  Loop loop;
+  Server srv(loop, pool, big);
+  Client c(loop, pool, big);
+  REQUIRE(srv.svc.status() == Result::Ok);
+  REQUIRE(c.s.status() == Result::Ok);
+  REQUIRE(connect(loop, srv, c, "big"));
+  bool request_intact = false;
+  srv.hook = [&](Message& req) {
+    const unsigned char* p = static_cast<const unsigned char*>(req.payload());
+    request_intact = req.size() == kBig;
+    for (std::uint32_t i = 0; request_intact && i < kBig; ++i) request_intact = p[i] == static_cast<unsigned char>(i * 7);
+    unsigned char* q = static_cast<unsigned char*>(req.payload());
+    for (std::uint32_t i = 0; i < kBig; ++i) q[i] = static_cast<unsigned char>(i * 13);
+    srv.last_respond = srv.svc.respond(std::move(req));
+    return true;
+  };
+  Message m;
+  REQUIRE(c.s.create_message(m) == Result::Ok);
+  REQUIRE(m.set_size(kBig) == Result::Ok);
+  unsigned char* p = static_cast<unsigned char*>(m.payload());
+  for (std::uint32_t i = 0; i < kBig; ++i) p[i] = static_cast<unsigned char>(i * 7);
+  int calls = 0;
+  Result result = Result::BadParameter;
+  bool response_intact = false;
+  CHECK(c.s.request(std::move(m), [&](Result r, Message& resp) {
+    ++calls;
+    result = r;
+    const unsigned char* q = static_cast<const unsigned char*>(resp.payload());
+    response_intact = resp.size() == kBig;
+    for (std::uint32_t i = 0; response_intact && i < kBig; ++i) response_intact = q[i] == static_cast<unsigned char>(i * 13);
+  }) == Result::Ok);
+  CHECK(testutil::run_until(loop, [&] { return calls == 1; }, kWaitMs));
+  CHECK(request_intact);
+  CHECK(srv.last_respond == Result::Ok);
+  CHECK(result == Result::Ok);
+  CHECK(response_intact);
+  c.s.close();
+}
+
+// A protocol whose largest frame no socket on this system can carry is
+// refused when the Service or Session is built, with a Result that says why.
+TEST_CASE("messaging: a protocol whose frames cannot be one datagram here is refused at construction with TooBigForSocket") {
+  long wmem_max = 0;
+  if (FILE* f = std::fopen("/proc/sys/net/core/wmem_max", "r")) {
+    if (std::fscanf(f, "%ld", &wmem_max) != 1) wmem_max = 0;
+    std::fclose(f);
+  }
+  REQUIRE(wmem_max > 0);
+  // A socket's buffer is at most twice wmem_max; the largest protocol is 16 MiB.
+  if (2 * wmem_max + 4096 >= (1L << 24)) {
+    MESSAGE("net.core.wmem_max is large enough for 16 MiB frames: nothing to refuse here");
+    return;
+  }
+  constexpr std::uint32_t kHuge = 1u << 24;
+  const lemsg::Protocol huge{"lemsg.test.huge", kHuge};
+  static lemsg::MessagePool<kHuge, 1> pool;
+  Loop loop;
+  Service svc(loop, huge, pool);
+  Session s(loop, huge, pool);
+  CHECK(svc.status() == Result::TooBigForSocket);
+  CHECK(s.status() == Result::TooBigForSocket);
+  CHECK(std::strstr(lemsg::to_string(Result::TooBigForSocket), "wmem_max") != nullptr);
+  testutil::RuntimeDir dir;
+  CHECK(svc.advertise("huge") == Result::TooBigForSocket);
+  CHECK(s.try_open("huge") == Result::TooBigForSocket);
+  CHECK(loop.timer_count() == 0);
+}
+
 TEST_CASE("messaging: Service::close runs the client's close handler with Closed and the server's with Ok") {
   testutil::RuntimeDir dir;
   Loop loop;
