@@ -1075,6 +1075,22 @@ class Mutex {
   pthread_mutex_t m_ = PTHREAD_MUTEX_INITIALIZER;
 };
 
+// The one clock of the library: CLOCK_MONOTONIC in nanoseconds.
+inline std::int64_t now_ns() noexcept {
+  struct timespec ts;
+  ::clock_gettime(CLOCK_MONOTONIC, &ts);
+  return static_cast<std::int64_t>(ts.tv_sec) * 1000000000 + ts.tv_nsec;
+}
+// Whole milliseconds from `now` to `deadline` (both now_ns() values), rounded
+// up so a poll() never wakes just before the deadline and spins; 0 when due.
+inline int ms_between(std::int64_t now, std::int64_t deadline) noexcept {
+  const std::int64_t left = deadline - now;
+  if (left <= 0) return 0;
+  const std::int64_t ms = (left + 999999) / 1000000;
+  return ms > INT32_MAX ? INT32_MAX : static_cast<int>(ms);
+}
+inline int ms_until(std::int64_t deadline) noexcept { return ms_between(now_ns(), deadline); }
+
 }  // namespace detail
 
 /// A distinct handle type per kind of object, wrapping a uint32_t; 0 is never
@@ -1204,7 +1220,6 @@ class Loop {
     TimerHandler handler;
   };
 
-  static std::int64_t now_ns() noexcept;
   bool dispatch_fds(const struct pollfd* fds, std::size_t count) noexcept;
   bool dispatch_timers() noexcept;
   bool dispatch_posted() noexcept;
@@ -1247,12 +1262,6 @@ inline Loop::Loop() noexcept {
 
 inline Loop::~Loop() {
   if (wake_fd_ >= 0) ::close(wake_fd_);
-}
-
-inline std::int64_t Loop::now_ns() noexcept {
-  struct timespec ts;
-  ::clock_gettime(CLOCK_MONOTONIC, &ts);
-  return static_cast<std::int64_t>(ts.tv_sec) * 1000000000 + ts.tv_nsec;
 }
 
 inline Result Loop::add_watch(int fd, short events, WatchHandler handler, WatchId& out) noexcept {
@@ -1309,7 +1318,7 @@ inline Result Loop::add_timer(TimerHandler handler, TimerId& out) noexcept {
 inline Result Loop::arm_timer(TimerId id, std::uint32_t delay_ms, std::uint32_t period_ms) noexcept {
   Timer* t = timer_refs_.lookup(id.value);
   if (!t) return Result::NotFound;
-  t->deadline_ns = now_ns() + static_cast<std::int64_t>(delay_ms) * 1000000;
+  t->deadline_ns = detail::now_ns() + static_cast<std::int64_t>(delay_ms) * 1000000;
   t->period_ns = static_cast<std::int64_t>(period_ms) * 1000000;
   t->seq = ++arm_seq_;
   t->armed = true;
@@ -1440,11 +1449,7 @@ inline int Loop::next_timeout_ms() const noexcept {
     }
   });
   if (!found) return -1;
-  const std::int64_t left = earliest - now_ns();
-  if (left <= 0) return 0;
-  // Round up so poll() never wakes just before the deadline and spins.
-  const std::int64_t ms = (left + 999999) / 1000000;
-  return ms > INT32_MAX ? INT32_MAX : static_cast<int>(ms);
+  return detail::ms_until(earliest);
 }
 
 inline bool Loop::dispatch_fds(const struct pollfd* fds, std::size_t count) noexcept {
@@ -1475,7 +1480,7 @@ inline bool Loop::dispatch_fds(const struct pollfd* fds, std::size_t count) noex
 }
 
 inline bool Loop::dispatch_timers() noexcept {
-  const std::int64_t now = now_ns();
+  const std::int64_t now = detail::now_ns();
   const std::uint64_t last_seq = arm_seq_;  // timers armed from here on wait
   bool any = false;
   for (;;) {
@@ -2316,17 +2321,6 @@ inline Result registry_add(const char* path, const Loop* loop, int& slot) noexce
 inline void registry_remove(int slot) noexcept;
 inline bool served_by_this_thread(const char* path) noexcept;
 
-inline std::int64_t now_ns() noexcept {
-  struct timespec ts;
-  ::clock_gettime(CLOCK_MONOTONIC, &ts);
-  return static_cast<std::int64_t>(ts.tv_sec) * 1000000000 + ts.tv_nsec;
-}
-inline int ms_until(std::int64_t deadline) noexcept {
-  const std::int64_t left = deadline - now_ns();
-  if (left <= 0) return 0;
-  const std::int64_t ms = (left + 999999) / 1000000;
-  return ms > INT32_MAX ? INT32_MAX : static_cast<int>(ms);
-}
 inline Result send_control(int fd, wire::FrameType type, std::uint32_t txn, std::uint8_t flags, const void* payload,
                            std::uint32_t len) noexcept;
 
