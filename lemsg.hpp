@@ -157,6 +157,7 @@
 #include <poll.h>
 #include <pthread.h>
 #include <sys/eventfd.h>
+#include <sys/file.h>
 #include <sys/inotify.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -343,7 +344,7 @@ namespace lemsg {
   X(ProtocolMismatch, "client and server protocol ids differ")                 \
   X(SizeMismatch, "client and server maximum payload sizes differ")            \
   X(WouldDeadlock, "only this thread's own loop could answer this synchronous call") \
-  X(Duplicate, "already exists (the name is served by another live server)")   \
+  X(Duplicate, "already exists (another live server has the name, or a file that is not a socket)") \
   X(Busy, "busy (already open, opening or advertised; or the server's backlog is full)") \
   X(SessionTableFull, "session table full (raise LEMSG_MAX_SESSIONS)")         \
   X(PendingTableFull, "pending request table full (raise LEMSG_MAX_PENDING)")  \
@@ -1507,6 +1508,16 @@ inline Result Loop::run() noexcept {
 // file modes and owners decide who may connect. Received fds arrive
 // close-on-exec; whenever a frame is refused, every fd that came with it is
 // closed. Peer credentials come from SO_PEERCRED at connect time.
+//
+// Socket files:
+//   - Advertisers of one runtime dir take turns (flock on the directory): of
+//     several processes advertising one name at once exactly one wins, the
+//     others get Duplicate. Only a stale socket file (no one listens) is
+//     replaced; any other file with the name is left alone (Duplicate).
+//   - Only the process that advertised removes the socket file, and only
+//     while the file is still the one it created (device and inode): a
+//     forked child's copy of a Service, or a server whose file was replaced,
+//     removes nothing.
 
 /// Who is at the other end of a session, as the kernel saw it at connect
 /// time. Authorise by uid and gid; the pid is for information only (pids are
@@ -1528,13 +1539,28 @@ namespace detail {
 /// bad name or a path longer than sun_path.
 inline Result socket_path(const char* name, char (&out)[sizeof(sockaddr_un::sun_path)]) noexcept;
 
-/// Creates, binds (under a temporary name, then renamed into place so no
-/// client ever sees the file before its mode is set) and listens. A socket
+/// Identity of a socket file (device and inode), so that a service removes
+/// only the file it created.
+struct SocketFile {
+  std::uint64_t dev = 0;
+  std::uint64_t ino = 0;
+};
+
+/// Creates, binds (under a temporary name, then linked into place so no
+/// client ever sees the file before its mode is set) and listens,
+/// holding the directory's lock (flock) so advertisers take turns. A socket
 /// file that no process listens on is replaced; one that answers, or whose
 /// backlog is full, is a Duplicate; one we may not connect to is left alone
-/// (NotPermitted). Ok with `fd` set, Duplicate, NotPermitted, BadParameter
-/// (the path plus a temporary suffix does not fit), SystemError.
-inline Result listen_at(const char* path, mode_t mode, int& fd) noexcept;
+/// (NotPermitted); a file that is not a socket is never replaced (Duplicate,
+/// logged). The new file's identity goes to `file` when not null. Ok with
+/// `fd` set, Duplicate, NotPermitted, BadParameter (the path plus a
+/// temporary suffix does not fit), SystemError (logged; a missing directory
+/// is one).
+inline Result listen_at(const char* path, mode_t mode, int& fd, SocketFile* file = nullptr) noexcept;
+
+/// Removes the socket file `path` only while it is still `file`, holding the
+/// directory's lock. True when removed.
+inline bool remove_socket_file(const char* path, const SocketFile& file) noexcept;
 
 /// Connects a non-blocking socket to `path`. Ok with `fd` set; NotFound when
 /// nothing listens (no file, or a stale one); NotPermitted when the file's
@@ -1656,42 +1682,124 @@ inline Result connect_to(const char* path, int& fd) noexcept {
   }
 }
 
-inline Result listen_at(const char* path, mode_t mode, int& fd) noexcept {
-  fd = -1;
-  int probe = -1;
-  const Result live = connect_to(path, probe);
-  if (live == Result::Ok) {
-    ::close(probe);
-    return Result::Duplicate;
+// The directory part of `path` ("." when it has none, "/" for a top-level name).
+inline void directory_of(const char* path, char (&dir)[sizeof(sockaddr_un::sun_path)]) noexcept {
+  std::snprintf(dir, sizeof dir, "%s", path);
+  char* slash = std::strrchr(dir, '/');
+  if (slash == nullptr) std::snprintf(dir, sizeof dir, ".");
+  else if (slash == dir) dir[1] = '\0';
+  else *slash = '\0';
+}
+
+// Holds an exclusive flock() on a directory while it lives, so that the
+// advertisers of one runtime dir check and replace socket files one at a time.
+struct DirLock {
+  int fd = -1;
+  DirLock() noexcept = default;
+  DirLock(const DirLock&) = delete;
+  DirLock& operator=(const DirLock&) = delete;
+  ~DirLock() {
+    if (fd >= 0) ::close(fd);  // releases the lock
   }
-  // Only a missing or refusing (stale) file may be replaced: a full backlog
-  // is a live server, and a file we may not connect to cannot be probed.
-  if (live == Result::Busy) return Result::Duplicate;
-  if (live == Result::NotPermitted) return Result::NotPermitted;
+  // Locks the directory of `path`. 0, or the errno that stopped it.
+  int lock(const char* path) noexcept {
+    char dir[sizeof(sockaddr_un::sun_path)];
+    directory_of(path, dir);
+    fd = ::open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (fd < 0) return errno;
+    int rc;
+    do {
+      rc = ::flock(fd, LOCK_EX);
+    } while (rc < 0 && errno == EINTR);
+    return rc < 0 ? errno : 0;
+  }
+};
+
+inline Result listen_at(const char* path, mode_t mode, int& fd, SocketFile* file) noexcept {
+  fd = -1;
   char tmp[sizeof(sockaddr_un::sun_path)];
   const int w = std::snprintf(tmp, sizeof tmp, "%s.%ld.tmp", path, static_cast<long>(::getpid()));
   if (w < 0 || static_cast<std::size_t>(w) >= sizeof tmp) return Result::BadParameter;
   sockaddr_un sa;
   socklen_t len;
   if (!fill_address(tmp, sa, len)) return Result::BadParameter;
+  DirLock lock;
+  if (const int e = lock.lock(path)) {
+    LEMSG_LOG(Error, "transport: cannot lock the directory of %s: %s", path, std::strerror(e));
+    return e == EACCES ? Result::NotPermitted : Result::SystemError;
+  }
+  // Under the lock no other advertiser can create or replace the file
+  // between this check and the link below.
+  bool stale = false;
+  struct stat st;
+  if (::lstat(path, &st) == 0) {
+    if (!S_ISSOCK(st.st_mode)) {
+      LEMSG_LOG(Error, "transport: %s exists and is not a socket: not replaced (remove it)", path);
+      return Result::Duplicate;
+    }
+    int probe = -1;
+    const Result live = connect_to(path, probe);
+    if (live == Result::Ok) {
+      ::close(probe);
+      return Result::Duplicate;
+    }
+    // Only a refusing (stale) socket may be replaced: a full backlog is a
+    // live server, and a file we may not connect to cannot be probed.
+    if (live == Result::Busy) return Result::Duplicate;
+    if (live != Result::NotFound) return live;
+    stale = true;
+  } else if (errno != ENOENT) {
+    LEMSG_LOG(Error, "transport: cannot look at %s: %s", path, std::strerror(errno));
+    return errno == EACCES ? Result::NotPermitted : Result::SystemError;
+  }
   const int s = ::socket(AF_UNIX, SOCK_SEQPACKET | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
   if (s < 0) return Result::SystemError;
-  ::unlink(tmp);
+  ::unlink(tmp);  // left by a dead process that had our pid
   Result r = Result::Ok;
+  struct stat made = {};
   if (::bind(s, reinterpret_cast<const sockaddr*>(&sa), len) < 0) {
-    r = (errno == EACCES || errno == EPERM || errno == EROFS) ? Result::NotPermitted : Result::SystemError;
-    LEMSG_LOG(Error, "transport: bind %s failed: %s", tmp, std::strerror(errno));
-  } else if (::chmod(tmp, mode) < 0 || ::listen(s, 64) < 0 || ::rename(tmp, path) < 0) {
-    r = (errno == EACCES || errno == EPERM) ? Result::NotPermitted : Result::SystemError;
-    LEMSG_LOG(Error, "transport: publishing %s failed: %s", path, std::strerror(errno));
+    const int e = errno;
+    r = (e == EACCES || e == EPERM || e == EROFS) ? Result::NotPermitted : Result::SystemError;
+    LEMSG_LOG(Error, "transport: cannot create %s: %s", tmp, std::strerror(e));
+  } else {
+    // link() fails when the name exists: a file made meanwhile by a process
+    // that does not take the lock is never overwritten.
+    const char* step = nullptr;
+    if (::chmod(tmp, mode) != 0 || ::lstat(tmp, &made) != 0)
+      step = "setting the mode of";
+    else if (::listen(s, 64) != 0)
+      step = "listening on";
+    else if (stale && ::unlink(path) != 0 && errno != ENOENT)
+      step = "replacing the stale";
+    else if (::link(tmp, path) != 0)
+      step = "publishing";
+    if (step) {
+      const int e = errno;
+      r = e == EEXIST ? Result::Duplicate : (e == EACCES || e == EPERM) ? Result::NotPermitted : Result::SystemError;
+      LEMSG_LOG(Error, "transport: %s %s failed: %s", step, path, std::strerror(e));
+    }
     ::unlink(tmp);
   }
   if (r != Result::Ok) {
     ::close(s);
     return r;
   }
+  if (file) {
+    file->dev = static_cast<std::uint64_t>(made.st_dev);
+    file->ino = static_cast<std::uint64_t>(made.st_ino);
+  }
   fd = s;
   return Result::Ok;
+}
+
+inline bool remove_socket_file(const char* path, const SocketFile& file) noexcept {
+  DirLock lock;
+  if (lock.lock(path) != 0) return false;  // no directory: no file either
+  struct stat st;
+  if (::lstat(path, &st) != 0 || static_cast<std::uint64_t>(st.st_dev) != file.dev ||
+      static_cast<std::uint64_t>(st.st_ino) != file.ino)
+    return false;
+  return ::unlink(path) == 0;
 }
 
 inline Result peer_credentials(int fd, Credentials& out) noexcept {
@@ -2170,11 +2278,16 @@ class Service {
   /// below returns this error while it is not Ok.
   Result status() const noexcept { return status_; }
 
-  /// Listens on <runtime dir>/<name>. Ok; BadParameter (name); Busy (already
-  /// advertised); Duplicate (another live server has the name);
-  /// NotPermitted; WatchTableFull; ServiceTableFull; SystemError.
+  /// Listens on <runtime dir>/<name>. Of several processes advertising one
+  /// name at once exactly one gets Ok. Ok; BadParameter (name); Busy
+  /// (already advertised); Duplicate (another live server has the name, or
+  /// a file that is not a socket does: it is never replaced); NotPermitted;
+  /// WatchTableFull; ServiceTableFull; SystemError.
   Result advertise(const char* name, const ServiceOptions& options = ServiceOptions{}) noexcept;
-  /// Stops accepting and removes the socket file; open sessions go on. Ok or NotFound.
+  /// Stops accepting and removes the socket file; open sessions go on. Only
+  /// the process that advertised removes the file, and only while it is the
+  /// file it created: in a forked child (also when the child's exit runs the
+  /// destructor) hide() just closes the child's copy. Ok or NotFound.
   Result hide() noexcept;
   bool is_advertised() const noexcept { return listen_fd_ >= 0; }
 
@@ -2262,6 +2375,8 @@ class Service {
   WatchId listen_watch_;
   TimerId timer_;
   char path_[sizeof(sockaddr_un::sun_path)] = {};
+  detail::SocketFile file_;  // the socket file advertise() made
+  pid_t owner_pid_ = 0;      // the process that made it
   Peer peers_[LEMSG_MAX_SESSIONS];
   RefMap<Peer, LEMSG_MAX_SESSIONS> peer_refs_;
   Tracked tracked_[LEMSG_MAX_TRACKED];
@@ -2722,12 +2837,14 @@ inline Result Service::advertise(const char* name, const ServiceOptions& options
   r = detail::registry_add(path, &loop_);
   if (r != Result::Ok) return r;
   int fd = -1;
-  r = detail::listen_at(path, options.mode, fd);
+  detail::SocketFile file;
+  r = detail::listen_at(path, options.mode, fd, &file);
   if (r == Result::Ok) {
     r = loop_.add_watch(fd, Readable, [this](int, short ev) { on_listen(ev); }, listen_watch_);
     if (r != Result::Ok) {
+      bool removed = detail::remove_socket_file(path, file);
+      (void)removed;
       ::close(fd);
-      ::unlink(path);
     }
   }
   if (r != Result::Ok) {
@@ -2736,6 +2853,8 @@ inline Result Service::advertise(const char* name, const ServiceOptions& options
   }
   std::memcpy(path_, path, sizeof path_);
   listen_fd_ = fd;
+  file_ = file;
+  owner_pid_ = ::getpid();
   options_ = options;
   LEMSG_LOG(Info, "service %s: advertised at %s", protocol_.id, path_);
   return Result::Ok;
@@ -2746,9 +2865,13 @@ inline Result Service::hide() noexcept {
   Result r = loop_.remove_watch(listen_watch_);
   (void)r;
   listen_watch_ = WatchId{};
+  // Removed while still listening, so no other advertiser can take the name
+  // in between; and only by the process that made it, only if it is the
+  // file it made (not a forked child's copy, not a newer server's file).
+  if (owner_pid_ == ::getpid() && !detail::remove_socket_file(path_, file_))
+    LEMSG_LOG(Info, "service %s: %s is no longer ours; left in place", protocol_.id, path_);
   ::close(listen_fd_);
   listen_fd_ = -1;
-  ::unlink(path_);
   detail::registry_remove(path_);
   return Result::Ok;
 }

@@ -1009,4 +1009,179 @@ TEST_CASE("transport: a client beyond the session table gets SessionTableFull un
   CHECK(server.finish() == 0);
 }
 
+// ---- socket files: who may create, replace and remove them ----
+
+TEST_CASE("transport: of several processes advertising one name at once exactly one wins, and the losers leave its file") {
+  RuntimeDir dir;
+  testutil::LogCapture log;  // made before the forks: quiets the children too
+  char path[256];
+  dir.socket("race", path);
+  constexpr int procs = 4;
+  const int rounds = 20;
+  int multiple_winners = 0;
+  for (int round = 0; round < rounds; ++round) {
+    CAPTURE(round);
+    testutil::Pipe go;  // every child holds its write end until ready; then all start at once
+    testutil::Pipe results;
+    testutil::Pipe stop[procs];
+    pid_t pids[procs];
+    for (int i = 0; i < procs; ++i) {
+      pids[i] = testutil::spawn([&, i] {
+        testutil::die_with_parent();
+        results.close_read();
+        Loop loop;
+        lemsg::MessagePool<64, 2> pool;
+        lemsg::Service svc(loop, kEcho, pool);
+        CHILD_CHECK(svc.status() == Result::Ok);
+        go.close_write();
+        char c;
+        struct pollfd p = {go.fd[0], POLLIN, 0};
+        CHILD_CHECK(::poll(&p, 1, 20000) == 1 && ::read(go.fd[0], &c, 1) == 0);  // end of file: go
+        const Result r = svc.advertise("race");
+        const char msg[2] = {static_cast<char>('0' + i), r == Result::Ok ? 'W' : r == Result::Duplicate ? 'D' : 'E'};
+        CHILD_CHECK(::write(results.fd[1], msg, 2) == 2);
+        CHILD_CHECK(stop[i].get(30000) == 'q');
+        return 0;  // the Service's destructor runs here: a loser must not remove the winner's file
+      });
+    }
+    go.close_write();
+    results.close_write();
+    int winner = -1, winners = 0, losers = 0;
+    for (int n = 0; n < procs; ++n) {
+      const int who = results.get(20000);
+      const int what = results.get(20000);
+      REQUIRE(who >= '0');
+      REQUIRE(who < '0' + procs);
+      if (what == 'W') {
+        ++winners;
+        winner = who - '0';
+      } else if (what == 'D') {
+        ++losers;
+      }
+    }
+    CHECK(winners == 1);
+    CHECK(losers == procs - 1);
+    if (winners > 1) ++multiple_winners;
+    // The losers leave; the winner's file must stay, and answer.
+    for (int i = 0; i < procs; ++i) {
+      if (i == winner) continue;
+      CHECK(stop[i].put('q'));
+      CHECK(testutil::wait_exit(pids[i], 20000) == 0);
+    }
+    struct stat st;
+    CHECK(::lstat(path, &st) == 0);
+    int c = -1;
+    CHECK(lemsg::detail::connect_to(path, c) == Result::Ok);
+    Fd cg(c);
+    if (winner >= 0) {
+      CHECK(stop[winner].put('q'));
+      CHECK(testutil::wait_exit(pids[winner], 20000) == 0);
+    }
+    CHECK(::lstat(path, &st) != 0);  // the winner removed its own file
+    ::unlink(path);
+  }
+  CHECK(multiple_winners == 0);
+}
+
+TEST_CASE("transport: a forked child that destroys its copy of a service leaves the parent's socket file") {
+  RuntimeDir dir;
+  Loop loop;
+  lemsg::MessagePool<64, 2> pool;
+  std::unique_ptr<lemsg::Service> svc(new lemsg::Service(loop, kEcho, pool));
+  REQUIRE(svc->advertise("forked") == Result::Ok);
+  char path[256];
+  dir.socket("forked", path);
+  struct stat before, after;
+  REQUIRE(::lstat(path, &before) == 0);
+  // As at exit() with a static Service: its destructor runs in the child.
+  pid_t pid = testutil::spawn([&] {
+    svc.reset();
+    return 0;
+  });
+  CHECK(testutil::wait_exit(pid, 20000) == 0);
+  REQUIRE(::lstat(path, &after) == 0);
+  CHECK(after.st_ino == before.st_ino);
+  // A child's own hide() leaves it as well.
+  pid = testutil::spawn([&] { return svc->hide() == Result::Ok ? 0 : 1; });
+  CHECK(testutil::wait_exit(pid, 20000) == 0);
+  REQUIRE(::lstat(path, &after) == 0);
+  CHECK(after.st_ino == before.st_ino);
+  int c = -1;
+  CHECK(lemsg::detail::connect_to(path, c) == Result::Ok);  // still the parent's listener
+  Fd cg(c);
+  CHECK(svc->hide() == Result::Ok);  // the process that advertised removes it
+  CHECK(::lstat(path, &after) != 0);
+}
+
+TEST_CASE("transport: hide() leaves a socket file that another server put in place of its own") {
+  RuntimeDir dir;
+  Loop loop;
+  lemsg::MessagePool<64, 2> pool;
+  lemsg::Service svc(loop, kEcho, pool);
+  REQUIRE(svc.advertise("moved") == Result::Ok);
+  char path[256];
+  dir.socket("moved", path);
+  REQUIRE(::unlink(path) == 0);  // someone removed our file, and another server advertised
+  int fd = -1;
+  REQUIRE(lemsg::detail::listen_at(path, 0660, fd) == Result::Ok);
+  Fd other(fd);
+  struct stat before, after;
+  REQUIRE(::lstat(path, &before) == 0);
+  CHECK(svc.hide() == Result::Ok);
+  REQUIRE(::lstat(path, &after) == 0);
+  CHECK(after.st_ino == before.st_ino);
+  int c = -1;
+  CHECK(lemsg::detail::connect_to(path, c) == Result::Ok);
+  Fd cg(c);
+}
+
+TEST_CASE("transport: advertise never replaces a file that is not a socket") {
+  RuntimeDir dir;
+  testutil::LogCapture log;
+  Loop loop;
+  lemsg::MessagePool<64, 2> pool;
+  lemsg::Service svc(loop, kEcho, pool);
+  char path[256];
+  dir.socket("taken", path);
+  const int f = ::open(path, O_CREAT | O_WRONLY | O_CLOEXEC, 0644);
+  REQUIRE(f >= 0);
+  CHECK(::write(f, "data", 4) == 4);
+  ::close(f);
+  CHECK(svc.advertise("taken") == Result::Duplicate);
+  CHECK_FALSE(svc.is_advertised());
+  int fd = -1;
+  CHECK(lemsg::detail::listen_at(path, 0660, fd) == Result::Duplicate);
+  CHECK(fd == -1);
+  struct stat st;
+  REQUIRE(::lstat(path, &st) == 0);
+  CHECK(S_ISREG(st.st_mode));
+  CHECK(st.st_size == 4);
+  CHECK(log.count[0] > 0);  // said why, as an error
+  REQUIRE(::unlink(path) == 0);
+  // Nor a directory, nor a symbolic link (even to a stale socket).
+  REQUIRE(::mkdir(path, 0755) == 0);
+  CHECK(svc.advertise("taken") == Result::Duplicate);
+  REQUIRE(::lstat(path, &st) == 0);
+  CHECK(S_ISDIR(st.st_mode));
+  REQUIRE(::rmdir(path) == 0);
+  char stale[256];
+  dir.socket("stale", stale);
+  {
+    Fd s(::socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0));
+    sockaddr_un sa;
+    REQUIRE(address_of(stale, sa));
+    REQUIRE(::bind(s.fd, reinterpret_cast<sockaddr*>(&sa), sizeof sa) == 0);
+  }
+  REQUIRE(::symlink(stale, path) == 0);
+  CHECK(svc.advertise("taken") == Result::Duplicate);
+  REQUIRE(::lstat(path, &st) == 0);
+  CHECK(S_ISLNK(st.st_mode));
+  REQUIRE(::unlink(path) == 0);
+  // A stale socket is replaced.
+  CHECK(svc.advertise("stale") == Result::Ok);
+  REQUIRE(::lstat(stale, &st) == 0);
+  CHECK(S_ISSOCK(st.st_mode));
+  CHECK(svc.hide() == Result::Ok);
+}
+
 }  // TEST_SUITE
