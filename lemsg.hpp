@@ -92,9 +92,13 @@
 //              optional fd. Only the used bytes travel.
 //   Service    server end: advertise/hide, open/close/receive handlers,
 //              per-session context and credentials, send, respond, close,
-//              track(RefMap) for per-client clean-up.
+//              track(RefMap) for per-client clean-up. ServiceOptions: the
+//              socket file's mode and group, a uid/gid allow-list.
 //   Session    client end: open (async, waits for the server), open_sync,
-//              try_open, send, request, request_sync, reconnect with backoff.
+//              try_open, send, request, request_sync, reconnect with backoff,
+//              require_server_uid (talk only to a server of that user).
+//   Runtime dir  <runtime dir>/<name> is a service's socket; both ends
+//              refuse a runtime dir another user owns or may write (see 7).
 //
 // =============================================================================
 // Threading
@@ -125,7 +129,15 @@
 // decision; a refused client or a bad frame is logged as a warning.
 //   - open_sync returns Timeout: is the server advertising under the same
 //     runtime dir (LEMSG_RUNTIME_DIR) and name? ls the runtime dir.
-//   - NotPermitted: the socket file's mode/owner, or the allow-list.
+//   - NotPermitted: the socket file's mode/owner/group, or the allow-list.
+//   - NoRuntimeDir at advertise: this user cannot create or write the
+//     runtime dir (/run/lemsg needs root): set LEMSG_RUNTIME_DIR to a
+//     directory of this user's, or have it created owned by this user.
+//   - UnsafeRuntimeDir: another user owns or may write the runtime dir (or a
+//     directory above it without the sticky bit); the log names it. Use a
+//     directory owned by root or by this user, mode 0755 or 0700.
+//   - UntrustedServer: Session::require_server_uid() asked for another user
+//     than the one the server runs as (the log says both).
 //   - ProtocolMismatch / SizeMismatch: client and server were built against
 //     different protocol declarations.
 //   - A watch whose fd was closed before remove_watch() gets POLLNVAL once; if
@@ -354,7 +366,10 @@ namespace lemsg {
   X(WouldBlock, "operation would block")                                       \
   X(Unanswered, "the server released the request without responding")        \
   X(ServiceTableFull, "this process's service table is full (raise LEMSG_MAX_SERVICES)") \
-  X(TrackTableFull, "tracked map table full (raise LEMSG_MAX_TRACKED)")
+  X(TrackTableFull, "tracked map table full (raise LEMSG_MAX_TRACKED)")         \
+  X(UnsafeRuntimeDir, "runtime dir unsafe: another user owns or may write it or a directory above it (see the log)") \
+  X(NoRuntimeDir, "cannot create or write the runtime dir: set LEMSG_RUNTIME_DIR, or create it owned by this user") \
+  X(UntrustedServer, "the server runs as another user than Session::require_server_uid() asks for")
 
 /// Outcome of every call that can fail. Ok is 0. Ignoring one is a warning.
 enum class [[nodiscard]] Result : int {
@@ -1509,7 +1524,16 @@ inline Result Loop::run() noexcept {
 // close-on-exec; whenever a frame is refused, every fd that came with it is
 // closed. Peer credentials come from SO_PEERCRED at connect time.
 //
-// Socket files:
+// Socket files and the runtime dir:
+//   - The runtime dir must be safe, or both ends refuse it (UnsafeRuntimeDir,
+//     with a log line saying which directory and why): it and every directory
+//     above it in its path belong to root or to this process's user, and no
+//     one else may write it (a directory above it may be writable by others
+//     only with the sticky bit, like /tmp; the runtime dir itself not even
+//     then). Otherwise another user could put an impostor's socket in place
+//     of a server's.
+//   - advertise() creates a missing runtime dir with mode 0755 (whatever the
+//     umask), so others may reach the sockets their file modes let them use.
 //   - Advertisers of one runtime dir take turns (flock on the directory): of
 //     several processes advertising one name at once exactly one wins, the
 //     others get Duplicate. Only a stale socket file (no one listens) is
@@ -1547,20 +1571,28 @@ struct SocketFile {
 };
 
 /// Creates, binds (under a temporary name, then linked into place so no
-/// client ever sees the file before its mode is set) and listens,
+/// client ever sees the file before its mode and group are set) and listens,
 /// holding the directory's lock (flock) so advertisers take turns. A socket
 /// file that no process listens on is replaced; one that answers, or whose
 /// backlog is full, is a Duplicate; one we may not connect to is left alone
 /// (NotPermitted); a file that is not a socket is never replaced (Duplicate,
-/// logged). The new file's identity goes to `file` when not null. Ok with
-/// `fd` set, Duplicate, NotPermitted, BadParameter (the path plus a
-/// temporary suffix does not fit), SystemError (logged; a missing directory
-/// is one).
-inline Result listen_at(const char* path, mode_t mode, int& fd, SocketFile* file = nullptr) noexcept;
+/// logged). `group` (gid_t(-1): none) is given to the file with chown; the
+/// new file's identity goes to `file` when not null. Ok with `fd` set,
+/// Duplicate, NotPermitted (the file's mode or the group refuses us),
+/// NoRuntimeDir (we may not create files in the directory), BadParameter
+/// (the path plus a temporary suffix does not fit), SystemError (logged; a
+/// missing directory is one).
+inline Result listen_at(const char* path, mode_t mode, int& fd, gid_t group = static_cast<gid_t>(-1),
+                        SocketFile* file = nullptr) noexcept;
 
 /// Removes the socket file `path` only while it is still `file`, holding the
 /// directory's lock. True when removed.
 inline bool remove_socket_file(const char* path, const SocketFile& file) noexcept;
+
+/// Checks the directory that holds socket `path` and those above it (see
+/// "Socket files and the runtime dir"). Ok; NotFound when the directory does
+/// not exist; UnsafeRuntimeDir (logged); SystemError (logged).
+inline Result check_socket_dir(const char* path) noexcept;
 
 /// Connects a non-blocking socket to `path`. Ok with `fd` set; NotFound when
 /// nothing listens (no file, or a stale one); NotPermitted when the file's
@@ -1715,7 +1747,7 @@ struct DirLock {
   }
 };
 
-inline Result listen_at(const char* path, mode_t mode, int& fd, SocketFile* file) noexcept {
+inline Result listen_at(const char* path, mode_t mode, int& fd, gid_t group, SocketFile* file) noexcept {
   fd = -1;
   char tmp[sizeof(sockaddr_un::sun_path)];
   const int w = std::snprintf(tmp, sizeof tmp, "%s.%ld.tmp", path, static_cast<long>(::getpid()));
@@ -1726,7 +1758,7 @@ inline Result listen_at(const char* path, mode_t mode, int& fd, SocketFile* file
   DirLock lock;
   if (const int e = lock.lock(path)) {
     LEMSG_LOG(Error, "transport: cannot lock the directory of %s: %s", path, std::strerror(e));
-    return e == EACCES ? Result::NotPermitted : Result::SystemError;
+    return e == EACCES ? Result::NoRuntimeDir : Result::SystemError;
   }
   // Under the lock no other advertiser can create or replace the file
   // between this check and the link below.
@@ -1750,7 +1782,7 @@ inline Result listen_at(const char* path, mode_t mode, int& fd, SocketFile* file
     stale = true;
   } else if (errno != ENOENT) {
     LEMSG_LOG(Error, "transport: cannot look at %s: %s", path, std::strerror(errno));
-    return errno == EACCES ? Result::NotPermitted : Result::SystemError;
+    return errno == EACCES ? Result::NoRuntimeDir : Result::SystemError;
   }
   const int s = ::socket(AF_UNIX, SOCK_SEQPACKET | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
   if (s < 0) return Result::SystemError;
@@ -1759,13 +1791,15 @@ inline Result listen_at(const char* path, mode_t mode, int& fd, SocketFile* file
   struct stat made = {};
   if (::bind(s, reinterpret_cast<const sockaddr*>(&sa), len) < 0) {
     const int e = errno;
-    r = (e == EACCES || e == EPERM || e == EROFS) ? Result::NotPermitted : Result::SystemError;
+    r = (e == EACCES || e == EPERM || e == EROFS) ? Result::NoRuntimeDir : Result::SystemError;
     LEMSG_LOG(Error, "transport: cannot create %s: %s", tmp, std::strerror(e));
   } else {
     // link() fails when the name exists: a file made meanwhile by a process
     // that does not take the lock is never overwritten.
     const char* step = nullptr;
-    if (::chmod(tmp, mode) != 0 || ::lstat(tmp, &made) != 0)
+    if (group != static_cast<gid_t>(-1) && ::chown(tmp, static_cast<uid_t>(-1), group) != 0)
+      step = "giving its group to";
+    else if (::chmod(tmp, mode) != 0 || ::lstat(tmp, &made) != 0)
       step = "setting the mode of";
     else if (::listen(s, 64) != 0)
       step = "listening on";
@@ -1800,6 +1834,36 @@ inline bool remove_socket_file(const char* path, const SocketFile& file) noexcep
       static_cast<std::uint64_t>(st.st_ino) != file.ino)
     return false;
   return ::unlink(path) == 0;
+}
+
+inline Result check_socket_dir(const char* path) noexcept {
+  char dir[sizeof(sockaddr_un::sun_path)];
+  directory_of(path, dir);
+  const uid_t me = ::geteuid();
+  // The runtime dir first, then each directory above it in the path. A
+  // relative path is checked up to its first component.
+  for (bool first = true;; first = false) {
+    struct stat st;
+    if (::stat(dir, &st) != 0) {
+      if (first && (errno == ENOENT || errno == ENOTDIR)) return Result::NotFound;
+      LEMSG_LOG(Error, "transport: cannot check the runtime dir %s: %s", dir, std::strerror(errno));
+      return Result::SystemError;
+    }
+    const char* why = nullptr;
+    if (!S_ISDIR(st.st_mode)) why = "is not a directory";
+    else if (st.st_uid != 0 && st.st_uid != me) why = "belongs to another user";
+    else if ((st.st_mode & (S_IWGRP | S_IWOTH)) != 0 && (first || (st.st_mode & S_ISVTX) == 0))
+      why = first ? "may be written by its group or others" : "may be written by its group or others and is not sticky";
+    if (why) {
+      LEMSG_LOG(Error, "transport: refusing the runtime dir of %s: %s (uid %u, mode %04o) %s", path, dir,
+                static_cast<unsigned>(st.st_uid), static_cast<unsigned>(st.st_mode & 07777), why);
+      return Result::UnsafeRuntimeDir;
+    }
+    char* slash = std::strrchr(dir, '/');
+    if (slash == nullptr || (slash == dir && dir[1] == '\0')) return Result::Ok;
+    if (slash == dir) dir[1] = '\0';
+    else *slash = '\0';
+  }
 }
 
 inline Result peer_credentials(int fd, Credentials& out) noexcept {
@@ -2147,8 +2211,11 @@ class MessagePool : private Pool<sizeof(detail::MsgBlock) + MaxPayload, Count>, 
   using MessagePoolBase::in_use;
 };
 
-/// Who may open a Service, and the socket file's mode.
+/// Who may open a Service: the socket file's mode and group, and an
+/// optional allow-list.
 struct ServiceOptions {
+  /// The socket file's mode (the umask does not apply). With the default
+  /// 0660, the service's user and the file's group may connect.
   mode_t mode = 0660;
   /// When either list is set, only a peer whose uid is in `uids` or whose gid
   /// is in `gids` (from SO_PEERCRED) is let in; others get NotPermitted.
@@ -2157,6 +2224,10 @@ struct ServiceOptions {
   std::size_t uid_count = 0;
   const gid_t* gids = nullptr;
   std::size_t gid_count = 0;
+  /// The socket file's group (chown), to let one group in through `mode`;
+  /// gid_t(-1), the default, leaves the process's group. Unless it runs as
+  /// root, the process must be a member of the group (else NotPermitted).
+  gid_t group = static_cast<gid_t>(-1);
 };
 
 using OpenHandler = Callable<void(SessionRef)>;
@@ -2278,11 +2349,16 @@ class Service {
   /// below returns this error while it is not Ok.
   Result status() const noexcept { return status_; }
 
-  /// Listens on <runtime dir>/<name>. Of several processes advertising one
-  /// name at once exactly one gets Ok. Ok; BadParameter (name); Busy
-  /// (already advertised); Duplicate (another live server has the name, or
-  /// a file that is not a socket does: it is never replaced); NotPermitted;
-  /// WatchTableFull; ServiceTableFull; SystemError.
+  /// Listens on <runtime dir>/<name>, creating a missing runtime dir with
+  /// mode 0755. Of several processes advertising one name at once exactly
+  /// one gets Ok. Ok; BadParameter (name); Busy (already advertised);
+  /// Duplicate (another live server has the name, or a file that is not a
+  /// socket does: it is never replaced); NotPermitted (a socket file we may
+  /// not probe, or options.group is not ours to give); NoRuntimeDir (the
+  /// runtime dir cannot be created or written: set LEMSG_RUNTIME_DIR or
+  /// create it owned by this user); UnsafeRuntimeDir (another user owns or
+  /// may write it, see the transport section); WatchTableFull;
+  /// ServiceTableFull; SystemError.
   Result advertise(const char* name, const ServiceOptions& options = ServiceOptions{}) noexcept;
   /// Stops accepting and removes the socket file; open sessions go on. Only
   /// the process that advertised removes the file, and only while it is the
@@ -2396,20 +2472,29 @@ class Session {
   Result status() const noexcept { return status_; }
 
   /// Starts opening: connects now if the server is there, otherwise waits
-  /// (inotify on the runtime dir, no polling) until it appears. `cb` runs on
-  /// the loop with Ok each time the session opens (again after a reconnect),
-  /// or with ProtocolMismatch, SizeMismatch or NotPermitted, which end the
-  /// attempt. Returns Ok (started), BadParameter, Busy (not closed).
+  /// (inotify on the runtime dir, no polling) until it
+  /// appears. `cb` runs on the loop with Ok each time the session opens
+  /// (again after a reconnect), or with ProtocolMismatch, SizeMismatch,
+  /// NotPermitted, UnsafeRuntimeDir (another user owns or may write the
+  /// runtime dir; see the transport section) or UntrustedServer (see
+  /// require_server_uid), which end the attempt. Returns Ok (started),
+  /// BadParameter, Busy (not closed).
   Result open(const char* name, OpenCallback cb) noexcept;
   /// Opens, waiting at most `timeout_ms` (> 0) for the server to appear and
   /// answer; blocks the thread (the loop does not run meanwhile). Ok, Timeout,
-  /// ProtocolMismatch, SizeMismatch, NotPermitted, SessionTableFull,
-  /// WouldDeadlock (the server is served by this thread's loop), Busy,
-  /// BadParameter.
+  /// ProtocolMismatch, SizeMismatch, NotPermitted, UnsafeRuntimeDir,
+  /// UntrustedServer, SessionTableFull, WouldDeadlock (the server is served
+  /// by this thread's loop), Busy, BadParameter.
   Result open_sync(const char* name, int timeout_ms) noexcept;
   /// One attempt: NotFound when no server listens; otherwise as open_sync
   /// with LEMSG_OPEN_TIMEOUT_MS for the server's answer.
   Result try_open(const char* name) noexcept;
+  /// Opens only to a server running as `uid` (from SO_PEERCRED, checked
+  /// before anything is sent to it): a server of another user, for instance
+  /// an impostor's socket, makes the open end with UntrustedServer. Use it
+  /// for a service that runs as root or as a known system user. uid_t(-1),
+  /// the default, accepts any server. Applies from the next open.
+  void require_server_uid(uid_t uid) noexcept { required_uid_ = uid; }
   /// Closes (or stops opening). Pending requests complete with Closed before
   /// this returns; the close handler is not called (it is for the server's
   /// side going away). Reconnecting stops until the next open.
@@ -2456,6 +2541,7 @@ class Session {
   };
 
   Result prepare(const char* name) noexcept;
+  Result connect_checked(int& fd) noexcept;
   void attempt() noexcept;
   bool watch_dir() noexcept;
   void stop_watching_dir() noexcept;
@@ -2485,6 +2571,7 @@ class Session {
   TimerId timer_;
   int dir_fd_ = -1;  // inotify
   WatchId dir_watch_;
+  uid_t required_uid_ = static_cast<uid_t>(-1);
   char path_[sizeof(sockaddr_un::sun_path)] = {};
   const char* name_ = nullptr;  // points into path_
   OpenCallback open_cb_;
@@ -2829,16 +2916,27 @@ inline Result Service::advertise(const char* name, const ServiceOptions& options
   Result r = detail::socket_path(name, path);
   if (r != Result::Ok) return r;
   if ((options.uid_count && !options.uids) || (options.gid_count && !options.gids)) return Result::BadParameter;
-  if (::mkdir(runtime_dir(), 0755) < 0 && errno != EEXIST) {
-    LEMSG_LOG(Error, "service %s: cannot create %s: %s", name, runtime_dir(), std::strerror(errno));
-    return errno == EACCES ? Result::NotPermitted : Result::SystemError;
+  const char* dir = runtime_dir();
+  if (::mkdir(dir, 0755) == 0) {
+    // mkdir's mode passes through the umask (077 would shut every other user
+    // out, whatever the socket's mode): set it explicitly.
+    if (::chmod(dir, 0755) != 0)
+      LEMSG_LOG(Warning, "service %s: cannot set the mode of %s: %s", name, dir, std::strerror(errno));
+  } else if (errno != EEXIST) {
+    const int e = errno;
+    LEMSG_LOG(Error, "service %s: cannot create the runtime dir %s: %s (set LEMSG_RUNTIME_DIR, or create it owned by this user)",
+              name, dir, std::strerror(e));
+    return (e == EACCES || e == EPERM || e == EROFS || e == ENOENT) ? Result::NoRuntimeDir : Result::SystemError;
   }
+  r = detail::check_socket_dir(path);
+  if (r == Result::NotFound) r = Result::NoRuntimeDir;  // deleted since the mkdir
+  if (r != Result::Ok) return r;
   if (detail::served_by_this_thread(path)) return Result::Duplicate;
   r = detail::registry_add(path, &loop_);
   if (r != Result::Ok) return r;
   int fd = -1;
   detail::SocketFile file;
-  r = detail::listen_at(path, options.mode, fd, &file);
+  r = detail::listen_at(path, options.mode, fd, options.group, &file);
   if (r == Result::Ok) {
     r = loop_.add_watch(fd, Readable, [this](int, short ev) { on_listen(ev); }, listen_watch_);
     if (r != Result::Ok) {
@@ -3298,9 +3396,28 @@ inline void Session::on_dir_event() noexcept {
   if ((ours || gone) && state_ == State::Waiting) attempt();
 }
 
+inline Result Session::connect_checked(int& fd) noexcept {
+  fd = -1;
+  Result r = detail::check_socket_dir(path_);
+  if (r == Result::Ok) r = detail::connect_to(path_, fd);
+  if (r != Result::Ok || required_uid_ == static_cast<uid_t>(-1)) return r;
+  Credentials c;
+  r = detail::peer_credentials(fd, c);
+  if (r == Result::Ok && c.uid != required_uid_) {
+    LEMSG_LOG(Warning, "session %s: the server runs as uid %u, not the required %u: refused", name_,
+              static_cast<unsigned>(c.uid), static_cast<unsigned>(required_uid_));
+    r = Result::UntrustedServer;
+  }
+  if (r != Result::Ok) {
+    ::close(fd);
+    fd = -1;
+  }
+  return r;
+}
+
 inline void Session::attempt() noexcept {
   int fd = -1;
-  Result r = detail::connect_to(path_, fd);
+  Result r = connect_checked(fd);
   bool watching = false;
   if (r == Result::NotFound) {
     // Watch only once the server is missing (closing an inotify watch costs
@@ -3308,7 +3425,7 @@ inline void Session::attempt() noexcept {
     // between is not missed.
     const bool was_watching = dir_fd_ >= 0;
     watching = watch_dir();
-    if (watching && !was_watching) r = detail::connect_to(path_, fd);
+    if (watching && !was_watching) r = connect_checked(fd);
   }
   if (r == Result::Ok) {
     stop_watching_dir();
@@ -3321,7 +3438,7 @@ inline void Session::attempt() noexcept {
     reschedule();
     return;
   }
-  if (r == Result::NotPermitted) {
+  if (r == Result::NotPermitted || r == Result::UnsafeRuntimeDir || r == Result::UntrustedServer) {
     fail_open(r);
     return;
   }
@@ -3478,7 +3595,7 @@ inline Result Session::open_sync(const char* name, int timeout_ms) noexcept {
   bool watched = false;
   for (;;) {
     int fd = -1;
-    r = detail::connect_to(path_, fd);
+    r = connect_checked(fd);
     if (r == Result::Ok) {
       r = handshake_blocking(fd, deadline);
       if (r == Result::Ok) {
@@ -3530,7 +3647,7 @@ inline Result Session::try_open(const char* name) noexcept {
   if (r != Result::Ok) return r;
   if (detail::served_by_this_thread(path_)) return Result::WouldDeadlock;
   int fd = -1;
-  r = detail::connect_to(path_, fd);
+  r = connect_checked(fd);
   if (r != Result::Ok) return r;
   r = handshake_blocking(fd, detail::now_ns() + static_cast<std::int64_t>(LEMSG_OPEN_TIMEOUT_MS) * 1000000);
   if (r != Result::Ok) {

@@ -17,6 +17,7 @@
 
 #include <dirent.h>
 #include <fcntl.h>
+#include <grp.h>
 #include <poll.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -1182,6 +1183,223 @@ TEST_CASE("transport: advertise never replaces a file that is not a socket") {
   REQUIRE(::lstat(stale, &st) == 0);
   CHECK(S_ISSOCK(st.st_mode));
   CHECK(svc.hide() == Result::Ok);
+}
+
+TEST_CASE("transport: the runtime dir a service makes is 0755 whatever the umask") {
+  RuntimeDir dir;
+  EnvGuard env;
+  char sub[128];
+  std::snprintf(sub, sizeof sub, "%s/run", dir.path);
+  setenv("LEMSG_RUNTIME_DIR", sub, 1);
+  Loop loop;
+  lemsg::MessagePool<64, 2> pool;
+  {
+    lemsg::Service svc(loop, kEcho, pool);
+    const mode_t old = ::umask(077);
+    const Result r = svc.advertise("masked");
+    ::umask(old);
+    REQUIRE(r == Result::Ok);
+    struct stat st;
+    REQUIRE(::stat(sub, &st) == 0);
+    CHECK(S_ISDIR(st.st_mode));
+    CHECK((st.st_mode & 07777) == 0755);
+    char path[256];
+    std::snprintf(path, sizeof path, "%s/masked", sub);
+    REQUIRE(::stat(path, &st) == 0);
+    CHECK((st.st_mode & 07777) == 0660);
+  }
+  CHECK(::rmdir(sub) == 0);
+}
+
+TEST_CASE("transport: the socket file gets the group from the service's options") {
+  RuntimeDir dir;
+  Loop loop;
+  lemsg::MessagePool<64, 2> pool;
+  lemsg::Service svc(loop, kEcho, pool);
+  lemsg::ServiceOptions opts;
+  opts.mode = 0660;
+  opts.group = ::getegid() == 0 ? 12345 : ::getegid();  // root may give any group; others their own
+  REQUIRE(svc.advertise("grouped", opts) == Result::Ok);
+  char path[256];
+  dir.socket("grouped", path);
+  struct stat st;
+  REQUIRE(::stat(path, &st) == 0);
+  CHECK(st.st_gid == opts.group);
+  CHECK((st.st_mode & 07777) == 0660);
+  CHECK(svc.hide() == Result::Ok);
+}
+
+// ---- the runtime dir must be safe ----
+
+TEST_CASE("transport: a service refuses a runtime dir another user owns or others may write") {
+  if (::geteuid() != 0) {
+    MESSAGE("skipped: needs root to chown a directory to another user");
+    return;
+  }
+  RuntimeDir dir;
+  testutil::LogCapture log;
+  Loop loop;
+  lemsg::MessagePool<64, 2> pool;
+  lemsg::Service svc(loop, kEcho, pool);
+  struct Case {
+    uid_t owner;
+    mode_t mode;
+    Result want;
+  } const cases[] = {
+      {12345, 0755, Result::UnsafeRuntimeDir},  // owned by another user
+      {0, 0777, Result::UnsafeRuntimeDir},      // anyone may write
+      {0, 0775, Result::UnsafeRuntimeDir},      // its group may write
+      {0, 01777, Result::UnsafeRuntimeDir},     // sticky or not: another user could squat the name
+      {0, 0755, Result::Ok},
+      {0, 0700, Result::Ok},
+  };
+  for (const Case& c : cases) {
+    CAPTURE(c.owner);
+    CAPTURE(c.mode);
+    REQUIRE(::chown(dir.path, c.owner, static_cast<gid_t>(-1)) == 0);
+    REQUIRE(::chmod(dir.path, c.mode) == 0);
+    const int errors = log.count[0];
+    CHECK(svc.advertise("safe") == c.want);
+    if (c.want != Result::Ok) {
+      CHECK(log.count[0] > errors);  // and says which directory and why
+      CHECK(std::strstr(log.last, dir.path) != nullptr);
+    }
+    if (svc.is_advertised()) CHECK(svc.hide() == Result::Ok);
+  }
+  // A directory above it that others may write lets them swap the runtime
+  // dir itself, unless it is sticky (like /tmp).
+  char sub[128];
+  std::snprintf(sub, sizeof sub, "%s/run", dir.path);
+  EnvGuard env;
+  setenv("LEMSG_RUNTIME_DIR", sub, 1);
+  REQUIRE(::chmod(dir.path, 0777) == 0);
+  CHECK(svc.advertise("safe") == Result::UnsafeRuntimeDir);
+  REQUIRE(::chmod(dir.path, 01777) == 0);
+  CHECK(svc.advertise("safe") == Result::Ok);
+  CHECK(svc.hide() == Result::Ok);
+  REQUIRE(::chown(dir.path, 12345, static_cast<gid_t>(-1)) == 0);
+  REQUIRE(::chmod(dir.path, 0755) == 0);
+  CHECK(svc.advertise("safe") == Result::UnsafeRuntimeDir);
+  REQUIRE(::chown(dir.path, 0, static_cast<gid_t>(-1)) == 0);
+  CHECK(::rmdir(sub) == 0);
+}
+
+TEST_CASE("transport: a client refuses a runtime dir another user owns or others may write") {
+  if (::geteuid() != 0) {
+    MESSAGE("skipped: needs root to chown a directory to another user");
+    return;
+  }
+  RuntimeDir dir;
+  testutil::LogCapture log;  // made before the fork: quiets the server child too
+  ServerChild server(echo_server("impostor"));
+  char path[256];
+  dir.socket("impostor", path);
+  REQUIRE(testutil::wait_for_path(path, 20000));
+  // The server is there; only the directory is wrong.
+  REQUIRE(::chown(dir.path, 12345, static_cast<gid_t>(-1)) == 0);
+  {
+    Client c;
+    CHECK(c.s.try_open("impostor") == Result::UnsafeRuntimeDir);
+    CHECK(c.s.open_sync("impostor", 10000) == Result::UnsafeRuntimeDir);
+    CHECK_FALSE(c.s.is_open());
+    struct Got {
+      int calls = 0;
+      Result r = Result::Ok;
+    } got;
+    REQUIRE(c.s.open("impostor", [&got](Result r) {
+      ++got.calls;
+      got.r = r;
+    }) == Result::Ok);
+    CHECK(testutil::run_until(c.loop, [&] { return got.calls > 0; }, 20000));
+    CHECK(got.calls == 1);
+    CHECK(got.r == Result::UnsafeRuntimeDir);
+    CHECK_FALSE(c.s.is_open());
+  }
+  REQUIRE(::chown(dir.path, 0, static_cast<gid_t>(-1)) == 0);
+  REQUIRE(::chmod(dir.path, 0777) == 0);
+  {
+    Client c;
+    CHECK(c.s.try_open("impostor") == Result::UnsafeRuntimeDir);
+  }
+  REQUIRE(::chmod(dir.path, 0755) == 0);
+  {
+    Client c;
+    CHECK(c.s.try_open("impostor") == Result::Ok);
+    CHECK(echo_once(c.s, "safe again") == Result::Ok);
+  }
+  CHECK(server.finish() == 0);
+}
+
+TEST_CASE("transport: a client that requires another server uid is refused with UntrustedServer") {
+  RuntimeDir dir;
+  testutil::LogCapture log;  // made before the fork: quiets the server child too
+  ServerChild server(echo_server("root-only"));
+  char path[256];
+  dir.socket("root-only", path);
+  REQUIRE(testutil::wait_for_path(path, 20000));
+  {
+    Client c;
+    c.s.require_server_uid(::geteuid() + 12345);
+    const int warnings = log.warnings();
+    CHECK(c.s.try_open("root-only") == Result::UntrustedServer);
+    CHECK(log.warnings() > warnings);
+    CHECK(c.s.open_sync("root-only", 10000) == Result::UntrustedServer);
+    CHECK_FALSE(c.s.is_open());
+    struct Got {
+      int calls = 0;
+      Result r = Result::Ok;
+    } got;
+    REQUIRE(c.s.open("root-only", [&got](Result r) {
+      ++got.calls;
+      got.r = r;
+    }) == Result::Ok);
+    CHECK(testutil::run_until(c.loop, [&] { return got.calls > 0; }, 20000));
+    CHECK(got.calls == 1);
+    CHECK(got.r == Result::UntrustedServer);
+    CHECK_FALSE(c.s.is_open());
+    // The server's real uid lets it in.
+    c.s.require_server_uid(::geteuid());
+    CHECK(c.s.try_open("root-only") == Result::Ok);
+    CHECK(echo_once(c.s, "trusted") == Result::Ok);
+    lemsg::Credentials creds;
+    REQUIRE(c.s.server_credentials(creds) == Result::Ok);
+    CHECK(creds.uid == ::geteuid());
+  }
+  CHECK(server.finish() == 0);
+}
+
+TEST_CASE("transport: a server that cannot create or write its runtime dir gets NoRuntimeDir, not NotPermitted") {
+  if (::geteuid() != 0) {
+    MESSAGE("skipped: needs root to drop to another uid");
+    return;
+  }
+  RuntimeDir dir;  // root's, 0755: another user may look in, not create
+  REQUIRE(::chmod(dir.path, 0755) == 0);
+  testutil::LogCapture log;  // made before the fork: quiets the child too
+  char sub[128];
+  std::snprintf(sub, sizeof sub, "%s/run", dir.path);
+  const pid_t pid = testutil::spawn([&] {
+    testutil::die_with_parent();
+    CHILD_CHECK(::setgroups(0, nullptr) == 0);
+    CHILD_CHECK(::setresgid(65534, 65534, 65534) == 0);
+    CHILD_CHECK(::setresuid(65534, 65534, 65534) == 0);
+    Loop loop;
+    lemsg::MessagePool<64, 2> pool;
+    lemsg::Service svc(loop, kEcho, pool);
+    CHILD_CHECK(svc.status() == Result::Ok);
+    setenv("LEMSG_RUNTIME_DIR", sub, 1);  // cannot be created
+    CHILD_CHECK(svc.advertise("x") == Result::NoRuntimeDir);
+    CHILD_CHECK(std::strstr(log.last, sub) != nullptr);
+    setenv("LEMSG_RUNTIME_DIR", dir.path, 1);  // exists, but is not ours to write
+    CHILD_CHECK(svc.advertise("x") == Result::NoRuntimeDir);
+    CHILD_CHECK(std::strstr(lemsg::to_string(Result::NoRuntimeDir), "LEMSG_RUNTIME_DIR") != nullptr);
+    return 0;
+  });
+  CHECK(testutil::wait_exit(pid, 20000) == 0);
+  struct stat st;
+  CHECK(::stat(sub, &st) != 0);
+  char names[512];
+  CHECK(list_dir(dir.path, names, sizeof names) == 0);
 }
 
 }  // TEST_SUITE
