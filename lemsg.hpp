@@ -1594,6 +1594,14 @@ inline bool remove_socket_file(const char* path, const SocketFile& file) noexcep
 /// not exist; UnsafeRuntimeDir (logged); SystemError (logged).
 inline Result check_socket_dir(const char* path) noexcept;
 
+/// Adds to inotify instance `ino` a watch for files appearing in the
+/// directory of socket `path`, or, while that directory does not exist, a
+/// watch on its parent for the directory's creation (`parent_wd`, removed
+/// once the directory itself is watched). Call again after every event: a
+/// deleted directory loses its watch, a new one needs one. False when
+/// neither can be watched.
+inline bool watch_socket_dir(int ino, const char* path, int& parent_wd) noexcept;
+
 /// Connects a non-blocking socket to `path`. Ok with `fd` set; NotFound when
 /// nothing listens (no file, or a stale one); NotPermitted when the file's
 /// mode refuses us; Busy when the server's backlog is full; SystemError.
@@ -1864,6 +1872,24 @@ inline Result check_socket_dir(const char* path) noexcept {
     if (slash == dir) dir[1] = '\0';
     else *slash = '\0';
   }
+}
+
+inline bool watch_socket_dir(int ino, const char* path, int& parent_wd) noexcept {
+  char dir[sizeof(sockaddr_un::sun_path)];
+  directory_of(path, dir);
+  if (::inotify_add_watch(ino, dir, IN_CREATE | IN_MOVED_TO | IN_ATTRIB | IN_DELETE_SELF | IN_MOVE_SELF) >= 0) {
+    if (parent_wd >= 0) ::inotify_rm_watch(ino, parent_wd);
+    parent_wd = -1;
+    return true;
+  }
+  if (errno != ENOENT) return false;
+  // The directory is missing: wait for it to be made in its parent.
+  char parent[sizeof dir];
+  directory_of(dir, parent);
+  const int wd = ::inotify_add_watch(ino, parent, IN_CREATE | IN_MOVED_TO);
+  if (wd < 0) return false;
+  parent_wd = wd;
+  return true;
 }
 
 inline Result peer_credentials(int fd, Credentials& out) noexcept {
@@ -2472,7 +2498,8 @@ class Session {
   Result status() const noexcept { return status_; }
 
   /// Starts opening: connects now if the server is there, otherwise waits
-  /// (inotify on the runtime dir, no polling) until it
+  /// (inotify on the runtime dir, or on the directory above it while the
+  /// runtime dir does not exist or after it was deleted; no polling) until it
   /// appears. `cb` runs on the loop with Ok each time the session opens
   /// (again after a reconnect), or with ProtocolMismatch, SizeMismatch,
   /// NotPermitted, UnsafeRuntimeDir (another user owns or may write the
@@ -2570,6 +2597,7 @@ class Session {
   detail::Channel ch_;
   TimerId timer_;
   int dir_fd_ = -1;  // inotify
+  int dir_parent_wd_ = -1;  // its watch on the runtime dir's parent, while the dir is missing
   WatchId dir_watch_;
   uid_t required_uid_ = static_cast<uid_t>(-1);
   char path_[sizeof(sockaddr_un::sun_path)] = {};
@@ -3358,10 +3386,8 @@ inline bool Session::watch_dir() noexcept {
   if (dir_fd_ >= 0) return true;
   const int fd = ::inotify_init1(IN_NONBLOCK | IN_CLOEXEC);
   if (fd < 0) return false;
-  char dir[sizeof path_];
-  std::memcpy(dir, path_, sizeof dir);
-  dir[name_ - path_ - 1] = '\0';
-  if (::inotify_add_watch(fd, dir, IN_CREATE | IN_MOVED_TO | IN_ATTRIB) < 0 ||
+  dir_parent_wd_ = -1;
+  if (!detail::watch_socket_dir(fd, path_, dir_parent_wd_) ||
       loop_.add_watch(fd, Readable, [this](int, short) { on_dir_event(); }, dir_watch_) != Result::Ok) {
     ::close(fd);
     return false;
@@ -3377,23 +3403,29 @@ inline void Session::stop_watching_dir() noexcept {
   dir_watch_ = WatchId{};
   ::close(dir_fd_);
   dir_fd_ = -1;
+  dir_parent_wd_ = -1;
 }
 
 inline void Session::on_dir_event() noexcept {
   alignas(struct inotify_event) char buf[1024];
-  bool ours = false, gone = false;
+  bool ours = false, moved = false;
   for (;;) {
     const ssize_t n = ::read(dir_fd_, buf, sizeof buf);
     if (n <= 0) break;
     for (ssize_t off = 0; off + static_cast<ssize_t>(sizeof(struct inotify_event)) <= n;) {
       const struct inotify_event* ev = reinterpret_cast<const struct inotify_event*>(buf + off);
-      if (ev->len && std::strcmp(ev->name, name_) == 0) ours = true;
-      if (ev->mask & IN_IGNORED) gone = true;  // the directory itself went away
+      // Made in the parent: maybe the dir. A queue overflow (wd -1) may hide anything.
+      if (ev->wd == dir_parent_wd_ || (ev->mask & IN_Q_OVERFLOW)) moved = true;
+      else if (ev->len && std::strcmp(ev->name, name_) == 0) ours = true;
+      if (ev->mask & (IN_IGNORED | IN_DELETE_SELF | IN_MOVE_SELF)) moved = true;  // the directory went away
       off += static_cast<ssize_t>(sizeof(struct inotify_event) + ev->len);
     }
   }
-  if (gone) stop_watching_dir();
-  if ((ours || gone) && state_ == State::Waiting) attempt();
+  if (state_ != State::Waiting || !(ours || moved)) return;
+  // Watch the directory now there (or its parent while it is missing) before
+  // connecting, so a server appearing in between is not missed.
+  if (moved && !detail::watch_socket_dir(dir_fd_, path_, dir_parent_wd_)) stop_watching_dir();
+  attempt();
 }
 
 inline Result Session::connect_checked(int& fd) noexcept {
@@ -3442,7 +3474,7 @@ inline void Session::attempt() noexcept {
     fail_open(r);
     return;
   }
-  // No inotify (the runtime dir is missing), a full backlog, or an error:
+  // No inotify (neither the runtime dir nor its parent exists), a full backlog, or an error:
   // try again after a bounded backoff.
   backoff();
 }
@@ -3592,7 +3624,8 @@ inline Result Session::open_sync(const char* name, int timeout_ms) noexcept {
   if (detail::served_by_this_thread(path_)) return Result::WouldDeadlock;
   const std::int64_t deadline = detail::now_ns() + static_cast<std::int64_t>(timeout_ms) * 1000000;
   int ino = -1;
-  bool watched = false;
+  int parent_wd = -1;
+  bool watched = false, armed = false;
   for (;;) {
     int fd = -1;
     r = connect_checked(fd);
@@ -3617,26 +3650,21 @@ inline Result Session::open_sync(const char* name, int timeout_ms) noexcept {
       // Connect again after the watch is set, so an appearance is not missed.
       watched = true;
       ino = ::inotify_init1(IN_NONBLOCK | IN_CLOEXEC);
-      if (ino >= 0) {
-        char dir[sizeof path_];
-        std::memcpy(dir, path_, sizeof dir);
-        dir[name_ - path_ - 1] = '\0';
-        if (::inotify_add_watch(ino, dir, IN_CREATE | IN_MOVED_TO | IN_ATTRIB) < 0) {
-          ::close(ino);
-          ino = -1;
-        }
-      }
+      armed = ino >= 0 && detail::watch_socket_dir(ino, path_, parent_wd);
       continue;
     }
-    // Wait for the socket to appear; without inotify, re-check every 20 ms.
+    // Wait for the socket to appear; with nothing watched, re-check every 20 ms.
     struct pollfd pfd = {ino, POLLIN, 0};
     const int wait = detail::ms_until(deadline);
-    const int rc = ::poll(&pfd, ino >= 0 ? 1 : 0, (ino < 0 || r == Result::Busy) && wait > 20 ? 20 : wait);
+    const int rc = ::poll(&pfd, ino >= 0 ? 1 : 0, (!armed || r == Result::Busy) && wait > 20 ? 20 : wait);
     if (rc > 0) {
       alignas(struct inotify_event) char buf[1024];
       while (::read(ino, buf, sizeof buf) > 0) {
       }
     }
+    // The runtime dir may have been deleted (its watch is gone) or made:
+    // move the watch before connecting again, so nothing is missed.
+    if (ino >= 0) armed = detail::watch_socket_dir(ino, path_, parent_wd);
   }
   if (ino >= 0) ::close(ino);
   return r;

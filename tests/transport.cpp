@@ -118,6 +118,7 @@ struct ServerArgs {
   lemsg::Protocol protocol;
   lemsg::ServiceOptions options;
   int delay_ms;
+  bool remove_dir;  // after the delay, delete the runtime dir; advertise makes it again
 };
 
 // The child's body: advertise after `delay_ms`, answer each request with its
@@ -125,6 +126,12 @@ struct ServerArgs {
 // Exit codes: 0 fine, 1 advertise failed, 2 loop failed, 3 setup failed.
 int serve(const ServerArgs& a, int stop_fd) {
   if (a.delay_ms) usleep(static_cast<useconds_t>(a.delay_ms) * 1000);
+  if (a.remove_dir) {
+    const char* d = lemsg::runtime_dir();
+    testutil::remove_entries(d);
+    if (::rmdir(d) != 0) return 3;
+    usleep(100 * 1000);  // let a waiting client see the directory gone
+  }
   Loop loop;
   lemsg::MessagePool<256, 8> pool;
   lemsg::Service svc(loop, a.protocol, pool);
@@ -181,7 +188,7 @@ struct ServerChild {
 };
 
 ServerArgs echo_server(const char* name, int delay_ms = 0) {
-  return ServerArgs{name, kEcho, lemsg::ServiceOptions{}, delay_ms};
+  return ServerArgs{name, kEcho, lemsg::ServiceOptions{}, delay_ms, false};
 }
 
 // One request through the session, checking the echo.
@@ -894,6 +901,79 @@ TEST_CASE("transport: with no server, open_sync times out and try_open is NotFou
   CHECK(c.s.open_sync("absent", 100) == Result::Timeout);
   CHECK(c.s.open_sync("absent", 0) == Result::BadParameter);
   CHECK(c.s.try_open("bad/name") == Result::BadParameter);
+}
+
+TEST_CASE("transport: open_sync finds a server whose runtime dir was deleted and made again while it waited") {
+  RuntimeDir dir;
+  ServerArgs args = echo_server("phoenix", 300);
+  args.remove_dir = true;  // the server deletes the dir the client watches, then advertises in a new one
+  ServerChild server(args);
+  Client c;
+  CHECK(c.s.open_sync("phoenix", 20000) == Result::Ok);
+  REQUIRE(c.s.is_open());
+  CHECK(echo_once(c.s, "back") == Result::Ok);
+  c.s.close();
+  CHECK(server.finish() == 0);
+}
+
+TEST_CASE("transport: an asynchronous open finds a server whose runtime dir was deleted and made again while it waited") {
+  RuntimeDir dir;
+  Client c;
+  struct Got {
+    int calls = 0;
+    Result r = Result::BadParameter;
+  } got;
+  REQUIRE(c.s.open("phoenix", [&got](Result r) {
+    ++got.calls;
+    got.r = r;
+  }) == Result::Ok);
+  CHECK_FALSE(testutil::run_until(c.loop, [&] { return got.calls > 0; }, 50));  // waiting on the dir
+  ServerArgs args = echo_server("phoenix", 100);
+  args.remove_dir = true;
+  ServerChild server(args);
+  CHECK(testutil::run_until(c.loop, [&] { return got.calls > 0; }, 20000));
+  CHECK(got.calls == 1);
+  CHECK(got.r == Result::Ok);
+  REQUIRE(c.s.is_open());
+  CHECK(echo_once(c.s, "back again") == Result::Ok);
+  c.s.close();
+  CHECK(server.finish() == 0);
+}
+
+TEST_CASE("transport: open and open_sync wait for a runtime dir that does not exist yet") {
+  RuntimeDir dir;
+  EnvGuard env;
+  char sub[128];
+  std::snprintf(sub, sizeof sub, "%s/later", dir.path);
+  setenv("LEMSG_RUNTIME_DIR", sub, 1);  // the server's advertise makes it
+  {
+    ServerChild server(echo_server("nodir", 200));
+    Client c;
+    CHECK(c.s.open_sync("nodir", 20000) == Result::Ok);
+    CHECK(echo_once(c.s, "made") == Result::Ok);
+    c.s.close();
+    CHECK(server.finish() == 0);
+  }
+  REQUIRE(::rmdir(sub) == 0);
+  {
+    Client c;
+    struct Got {
+      int calls = 0;
+      Result r = Result::BadParameter;
+    } got;
+    REQUIRE(c.s.open("nodir", [&got](Result r) {
+      ++got.calls;
+      got.r = r;
+    }) == Result::Ok);
+    CHECK_FALSE(testutil::run_until(c.loop, [&] { return got.calls > 0; }, 50));
+    ServerChild server(echo_server("nodir", 100));
+    CHECK(testutil::run_until(c.loop, [&] { return got.calls > 0; }, 20000));
+    CHECK(got.r == Result::Ok);
+    CHECK(echo_once(c.s, "made again") == Result::Ok);
+    c.s.close();
+    CHECK(server.finish() == 0);
+  }
+  ::rmdir(sub);
 }
 
 // ---- protocol agreement ----
