@@ -96,9 +96,13 @@
 //              optional fd. Only the used bytes travel.
 //   Service    server end: advertise/hide, open/close/receive handlers,
 //              per-session context and credentials, send, respond, close,
-//              track(RefMap) for per-client clean-up.
+//              track(RefMap) for per-client clean-up. ServiceOptions: the
+//              socket file's mode and group, a uid/gid allow-list.
 //   Session    client end: open (async, waits for the server), open_sync,
-//              try_open, send, request, request_sync, reconnect with backoff.
+//              try_open, send, request, request_sync, reconnect with backoff,
+//              require_server_uid (talk only to a server of that user).
+//   Runtime dir  <runtime dir>/<name> is a service's socket; both ends
+//              refuse a runtime dir another user owns or may write (see 7).
 //
 // =============================================================================
 // Threading
@@ -133,7 +137,15 @@
 // decision; a refused client or a bad frame is logged as a warning.
 //   - open_sync returns Timeout: is the server advertising under the same
 //     runtime dir (LEMSG_RUNTIME_DIR) and name? ls the runtime dir.
-//   - NotPermitted: the socket file's mode/owner, or the allow-list.
+//   - NotPermitted: the socket file's mode/owner/group, or the allow-list.
+//   - NoRuntimeDir at advertise: this user cannot create or write the
+//     runtime dir (/run/lemsg needs root): set LEMSG_RUNTIME_DIR to a
+//     directory of this user's, or have it created owned by this user.
+//   - UnsafeRuntimeDir: another user owns or may write the runtime dir (or a
+//     directory above it without the sticky bit); the log names it. Use a
+//     directory owned by root or by this user, mode 0755 or 0700.
+//   - UntrustedServer: Session::require_server_uid() asked for another user
+//     than the one the server runs as (the log says both).
 //   - ProtocolMismatch / SizeMismatch: client and server were built against
 //     different protocol declarations.
 //   - A watch whose fd was closed before remove_watch() gets POLLNVAL once; if
@@ -165,6 +177,7 @@
 #include <poll.h>
 #include <pthread.h>
 #include <sys/eventfd.h>
+#include <sys/file.h>
 #include <sys/inotify.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -386,7 +399,7 @@ namespace lemsg {
   X(ProtocolMismatch, "client and server protocol ids differ")                 \
   X(SizeMismatch, "client and server maximum payload sizes differ")            \
   X(WouldDeadlock, "only this thread's own loop could answer this synchronous call") \
-  X(Duplicate, "already exists (the name is served by another live server)")   \
+  X(Duplicate, "already exists (another live server has the name, or a file that is not a socket)") \
   X(Busy, "busy (already open, opening or advertised; or the server's backlog is full)") \
   X(SessionTableFull, "session table full (raise LEMSG_MAX_SESSIONS)")         \
   X(PendingTableFull, "pending request table full (raise LEMSG_MAX_PENDING)")  \
@@ -397,7 +410,10 @@ namespace lemsg {
   X(Unanswered, "the server released the request without responding")        \
   X(ServiceTableFull, "this process's service table is full (raise LEMSG_MAX_SERVICES)") \
   X(TrackTableFull, "tracked map table full (raise LEMSG_MAX_TRACKED)")         \
-  X(TooBigForSocket, "protocol's maximum frame is larger than a socket datagram may be here (lower max_payload or raise net.core.wmem_max)")
+  X(TooBigForSocket, "protocol's maximum frame is larger than a socket datagram may be here (lower max_payload or raise net.core.wmem_max)") \
+  X(UnsafeRuntimeDir, "runtime dir unsafe: another user owns or may write it or a directory above it (see the log)") \
+  X(NoRuntimeDir, "cannot create or write the runtime dir: set LEMSG_RUNTIME_DIR, or create it owned by this user") \
+  X(UntrustedServer, "the server runs as another user than Session::require_server_uid() asks for")
 
 /// Outcome of every call that can fail. Ok is 0. Ignoring one is a warning.
 enum class [[nodiscard]] Result : int {
@@ -1570,6 +1586,25 @@ inline Result Loop::run() noexcept {
 // file modes and owners decide who may connect. Received fds arrive
 // close-on-exec; whenever a frame is refused, every fd that came with it is
 // closed. Peer credentials come from SO_PEERCRED at connect time.
+//
+// Socket files and the runtime dir:
+//   - The runtime dir must be safe, or both ends refuse it (UnsafeRuntimeDir,
+//     with a log line saying which directory and why): it and every directory
+//     above it in its path belong to root or to this process's user, and no
+//     one else may write it (a directory above it may be writable by others
+//     only with the sticky bit, like /tmp; the runtime dir itself not even
+//     then). Otherwise another user could put an impostor's socket in place
+//     of a server's.
+//   - advertise() creates a missing runtime dir with mode 0755 (whatever the
+//     umask), so others may reach the sockets their file modes let them use.
+//   - Advertisers of one runtime dir take turns (flock on the directory): of
+//     several processes advertising one name at once exactly one wins, the
+//     others get Duplicate. Only a stale socket file (no one listens) is
+//     replaced; any other file with the name is left alone (Duplicate).
+//   - Only the process that advertised removes the socket file, and only
+//     while the file is still the one it created (device and inode): a
+//     forked child's copy of a Service, or a server whose file was replaced,
+//     removes nothing.
 
 /// Who is at the other end of a session, as the kernel saw it at connect
 /// time. Authorise by uid and gid; the pid is for information only (pids are
@@ -1591,13 +1626,44 @@ namespace detail {
 /// bad name or a path longer than sun_path.
 inline Result socket_path(const char* name, char (&out)[sizeof(sockaddr_un::sun_path)]) noexcept;
 
-/// Creates, binds (under a temporary name, then renamed into place so no
-/// client ever sees the file before its mode is set) and listens. A socket
+/// Identity of a socket file (device and inode), so that a service removes
+/// only the file it created.
+struct SocketFile {
+  std::uint64_t dev = 0;
+  std::uint64_t ino = 0;
+};
+
+/// Creates, binds (under a temporary name, then linked into place so no
+/// client ever sees the file before its mode and group are set) and listens,
+/// holding the directory's lock (flock) so advertisers take turns. A socket
 /// file that no process listens on is replaced; one that answers, or whose
 /// backlog is full, is a Duplicate; one we may not connect to is left alone
-/// (NotPermitted). Ok with `fd` set, Duplicate, NotPermitted, BadParameter
-/// (the path plus a temporary suffix does not fit), SystemError.
-inline Result listen_at(const char* path, mode_t mode, int& fd) noexcept;
+/// (NotPermitted); a file that is not a socket is never replaced (Duplicate,
+/// logged). `group` (gid_t(-1): none) is given to the file with chown; the
+/// new file's identity goes to `file` when not null. Ok with `fd` set,
+/// Duplicate, NotPermitted (the file's mode or the group refuses us),
+/// NoRuntimeDir (we may not create files in the directory), BadParameter
+/// (the path plus a temporary suffix does not fit), SystemError (logged; a
+/// missing directory is one).
+inline Result listen_at(const char* path, mode_t mode, int& fd, gid_t group = static_cast<gid_t>(-1),
+                        SocketFile* file = nullptr) noexcept;
+
+/// Removes the socket file `path` only while it is still `file`, holding the
+/// directory's lock. True when removed.
+inline bool remove_socket_file(const char* path, const SocketFile& file) noexcept;
+
+/// Checks the directory that holds socket `path` and those above it (see
+/// "Socket files and the runtime dir"). Ok; NotFound when the directory does
+/// not exist; UnsafeRuntimeDir (logged); SystemError (logged).
+inline Result check_socket_dir(const char* path) noexcept;
+
+/// Adds to inotify instance `ino` a watch for files appearing in the
+/// directory of socket `path`, or, while that directory does not exist, a
+/// watch on its parent for the directory's creation (`parent_wd`, removed
+/// once the directory itself is watched). Call again after every event: a
+/// deleted directory loses its watch, a new one needs one. False when
+/// neither can be watched.
+inline bool watch_socket_dir(int ino, const char* path, int& parent_wd) noexcept;
 
 /// Connects a non-blocking socket to `path`. Ok with `fd` set; NotFound when
 /// nothing listens (no file, or a stale one); NotPermitted when the file's
@@ -1733,42 +1799,174 @@ inline Result connect_to(const char* path, int& fd) noexcept {
   }
 }
 
-inline Result listen_at(const char* path, mode_t mode, int& fd) noexcept {
-  fd = -1;
-  int probe = -1;
-  const Result live = connect_to(path, probe);
-  if (live == Result::Ok) {
-    ::close(probe);
-    return Result::Duplicate;
+// The directory part of `path` ("." when it has none, "/" for a top-level name).
+inline void directory_of(const char* path, char (&dir)[sizeof(sockaddr_un::sun_path)]) noexcept {
+  std::snprintf(dir, sizeof dir, "%s", path);
+  char* slash = std::strrchr(dir, '/');
+  if (slash == nullptr) std::snprintf(dir, sizeof dir, ".");
+  else if (slash == dir) dir[1] = '\0';
+  else *slash = '\0';
+}
+
+// Holds an exclusive flock() on a directory while it lives, so that the
+// advertisers of one runtime dir check and replace socket files one at a time.
+struct DirLock {
+  int fd = -1;
+  DirLock() noexcept = default;
+  DirLock(const DirLock&) = delete;
+  DirLock& operator=(const DirLock&) = delete;
+  ~DirLock() {
+    if (fd >= 0) ::close(fd);  // releases the lock
   }
-  // Only a missing or refusing (stale) file may be replaced: a full backlog
-  // is a live server, and a file we may not connect to cannot be probed.
-  if (live == Result::Busy) return Result::Duplicate;
-  if (live == Result::NotPermitted) return Result::NotPermitted;
+  // Locks the directory of `path`. 0, or the errno that stopped it.
+  int lock(const char* path) noexcept {
+    char dir[sizeof(sockaddr_un::sun_path)];
+    directory_of(path, dir);
+    fd = ::open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (fd < 0) return errno;
+    int rc;
+    do {
+      rc = ::flock(fd, LOCK_EX);
+    } while (rc < 0 && errno == EINTR);
+    return rc < 0 ? errno : 0;
+  }
+};
+
+inline Result listen_at(const char* path, mode_t mode, int& fd, gid_t group, SocketFile* file) noexcept {
+  fd = -1;
   char tmp[sizeof(sockaddr_un::sun_path)];
   const int w = std::snprintf(tmp, sizeof tmp, "%s.%ld.tmp", path, static_cast<long>(::getpid()));
   if (w < 0 || static_cast<std::size_t>(w) >= sizeof tmp) return Result::BadParameter;
   sockaddr_un sa;
   socklen_t len;
   if (!fill_address(tmp, sa, len)) return Result::BadParameter;
+  DirLock lock;
+  if (const int e = lock.lock(path)) {
+    LEMSG_LOG(Error, "transport: cannot lock the directory of %s: %s", path, std::strerror(e));
+    return e == EACCES ? Result::NoRuntimeDir : Result::SystemError;
+  }
+  // Under the lock no other advertiser can create or replace the file
+  // between this check and the link below.
+  bool stale = false;
+  struct stat st;
+  if (::lstat(path, &st) == 0) {
+    if (!S_ISSOCK(st.st_mode)) {
+      LEMSG_LOG(Error, "transport: %s exists and is not a socket: not replaced (remove it)", path);
+      return Result::Duplicate;
+    }
+    int probe = -1;
+    const Result live = connect_to(path, probe);
+    if (live == Result::Ok) {
+      ::close(probe);
+      return Result::Duplicate;
+    }
+    // Only a refusing (stale) socket may be replaced: a full backlog is a
+    // live server, and a file we may not connect to cannot be probed.
+    if (live == Result::Busy) return Result::Duplicate;
+    if (live != Result::NotFound) return live;
+    stale = true;
+  } else if (errno != ENOENT) {
+    LEMSG_LOG(Error, "transport: cannot look at %s: %s", path, std::strerror(errno));
+    return errno == EACCES ? Result::NoRuntimeDir : Result::SystemError;
+  }
   const int s = ::socket(AF_UNIX, SOCK_SEQPACKET | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
   if (s < 0) return Result::SystemError;
-  ::unlink(tmp);
+  ::unlink(tmp);  // left by a dead process that had our pid
   Result r = Result::Ok;
+  struct stat made = {};
   if (::bind(s, reinterpret_cast<const sockaddr*>(&sa), len) < 0) {
-    r = (errno == EACCES || errno == EPERM || errno == EROFS) ? Result::NotPermitted : Result::SystemError;
-    LEMSG_LOG(Error, "transport: bind %s failed: %s", tmp, std::strerror(errno));
-  } else if (::chmod(tmp, mode) < 0 || ::listen(s, 64) < 0 || ::rename(tmp, path) < 0) {
-    r = (errno == EACCES || errno == EPERM) ? Result::NotPermitted : Result::SystemError;
-    LEMSG_LOG(Error, "transport: publishing %s failed: %s", path, std::strerror(errno));
+    const int e = errno;
+    r = (e == EACCES || e == EPERM || e == EROFS) ? Result::NoRuntimeDir : Result::SystemError;
+    LEMSG_LOG(Error, "transport: cannot create %s: %s", tmp, std::strerror(e));
+  } else {
+    // link() fails when the name exists: a file made meanwhile by a process
+    // that does not take the lock is never overwritten.
+    const char* step = nullptr;
+    if (group != static_cast<gid_t>(-1) && ::chown(tmp, static_cast<uid_t>(-1), group) != 0)
+      step = "giving its group to";
+    else if (::chmod(tmp, mode) != 0 || ::lstat(tmp, &made) != 0)
+      step = "setting the mode of";
+    else if (::listen(s, 64) != 0)
+      step = "listening on";
+    else if (stale && ::unlink(path) != 0 && errno != ENOENT)
+      step = "replacing the stale";
+    else if (::link(tmp, path) != 0)
+      step = "publishing";
+    if (step) {
+      const int e = errno;
+      r = e == EEXIST ? Result::Duplicate : (e == EACCES || e == EPERM) ? Result::NotPermitted : Result::SystemError;
+      LEMSG_LOG(Error, "transport: %s %s failed: %s", step, path, std::strerror(e));
+    }
     ::unlink(tmp);
   }
   if (r != Result::Ok) {
     ::close(s);
     return r;
   }
+  if (file) {
+    file->dev = static_cast<std::uint64_t>(made.st_dev);
+    file->ino = static_cast<std::uint64_t>(made.st_ino);
+  }
   fd = s;
   return Result::Ok;
+}
+
+inline bool remove_socket_file(const char* path, const SocketFile& file) noexcept {
+  DirLock lock;
+  if (lock.lock(path) != 0) return false;  // no directory: no file either
+  struct stat st;
+  if (::lstat(path, &st) != 0 || static_cast<std::uint64_t>(st.st_dev) != file.dev ||
+      static_cast<std::uint64_t>(st.st_ino) != file.ino)
+    return false;
+  return ::unlink(path) == 0;
+}
+
+inline Result check_socket_dir(const char* path) noexcept {
+  char dir[sizeof(sockaddr_un::sun_path)];
+  directory_of(path, dir);
+  const uid_t me = ::geteuid();
+  // The runtime dir first, then each directory above it in the path. A
+  // relative path is checked up to its first component.
+  for (bool first = true;; first = false) {
+    struct stat st;
+    if (::stat(dir, &st) != 0) {
+      if (first && (errno == ENOENT || errno == ENOTDIR)) return Result::NotFound;
+      LEMSG_LOG(Error, "transport: cannot check the runtime dir %s: %s", dir, std::strerror(errno));
+      return Result::SystemError;
+    }
+    const char* why = nullptr;
+    if (!S_ISDIR(st.st_mode)) why = "is not a directory";
+    else if (st.st_uid != 0 && st.st_uid != me) why = "belongs to another user";
+    else if ((st.st_mode & (S_IWGRP | S_IWOTH)) != 0 && (first || (st.st_mode & S_ISVTX) == 0))
+      why = first ? "may be written by its group or others" : "may be written by its group or others and is not sticky";
+    if (why) {
+      LEMSG_LOG(Error, "transport: refusing the runtime dir of %s: %s (uid %u, mode %04o) %s", path, dir,
+                static_cast<unsigned>(st.st_uid), static_cast<unsigned>(st.st_mode & 07777), why);
+      return Result::UnsafeRuntimeDir;
+    }
+    char* slash = std::strrchr(dir, '/');
+    if (slash == nullptr || (slash == dir && dir[1] == '\0')) return Result::Ok;
+    if (slash == dir) dir[1] = '\0';
+    else *slash = '\0';
+  }
+}
+
+inline bool watch_socket_dir(int ino, const char* path, int& parent_wd) noexcept {
+  char dir[sizeof(sockaddr_un::sun_path)];
+  directory_of(path, dir);
+  if (::inotify_add_watch(ino, dir, IN_CREATE | IN_MOVED_TO | IN_ATTRIB | IN_DELETE_SELF | IN_MOVE_SELF) >= 0) {
+    if (parent_wd >= 0) ::inotify_rm_watch(ino, parent_wd);
+    parent_wd = -1;
+    return true;
+  }
+  if (errno != ENOENT) return false;
+  // The directory is missing: wait for it to be made in its parent.
+  char parent[sizeof dir];
+  directory_of(dir, parent);
+  const int wd = ::inotify_add_watch(ino, parent, IN_CREATE | IN_MOVED_TO);
+  if (wd < 0) return false;
+  parent_wd = wd;
+  return true;
 }
 
 inline Result peer_credentials(int fd, Credentials& out) noexcept {
@@ -2159,8 +2357,11 @@ class MessagePool : private Pool<sizeof(detail::MsgBlock) + MaxPayload, Count>, 
   using MessagePoolBase::in_use;
 };
 
-/// Who may open a Service, and the socket file's mode.
+/// Who may open a Service: the socket file's mode and group, and an
+/// optional allow-list.
 struct ServiceOptions {
+  /// The socket file's mode (the umask does not apply). With the default
+  /// 0660, the service's user and the file's group may connect.
   mode_t mode = 0660;
   /// When either list is set, only a peer whose uid is in `uids` or whose gid
   /// is in `gids` (from SO_PEERCRED) is let in; others get NotPermitted.
@@ -2169,6 +2370,10 @@ struct ServiceOptions {
   std::size_t uid_count = 0;
   const gid_t* gids = nullptr;
   std::size_t gid_count = 0;
+  /// The socket file's group (chown), to let one group in through `mode`;
+  /// gid_t(-1), the default, leaves the process's group. Unless it runs as
+  /// root, the process must be a member of the group (else NotPermitted).
+  gid_t group = static_cast<gid_t>(-1);
 };
 
 using OpenHandler = Callable<void(SessionRef)>;
@@ -2344,11 +2549,21 @@ class Service {
   /// otherwise. Every call below returns this error while it is not Ok.
   Result status() const noexcept { return status_; }
 
-  /// Listens on <runtime dir>/<name>. Ok; BadParameter (name); Busy (already
-  /// advertised); Duplicate (another live server has the name);
-  /// NotPermitted; WatchTableFull; ServiceTableFull; SystemError.
+  /// Listens on <runtime dir>/<name>, creating a missing runtime dir with
+  /// mode 0755. Of several processes advertising one name at once exactly
+  /// one gets Ok. Ok; BadParameter (name); Busy (already advertised);
+  /// Duplicate (another live server has the name, or a file that is not a
+  /// socket does: it is never replaced); NotPermitted (a socket file we may
+  /// not probe, or options.group is not ours to give); NoRuntimeDir (the
+  /// runtime dir cannot be created or written: set LEMSG_RUNTIME_DIR or
+  /// create it owned by this user); UnsafeRuntimeDir (another user owns or
+  /// may write it, see the transport section); WatchTableFull;
+  /// ServiceTableFull; SystemError.
   Result advertise(const char* name, const ServiceOptions& options = ServiceOptions{}) noexcept;
-  /// Stops accepting and removes the socket file; open sessions go on. Ok or NotFound.
+  /// Stops accepting and removes the socket file; open sessions go on. Only
+  /// the process that advertised removes the file, and only while it is the
+  /// file it created: in a forked child (also when the child's exit runs the
+  /// destructor) hide() just closes the child's copy. Ok or NotFound.
   Result hide() noexcept;
   bool is_advertised() const noexcept { return listen_fd_ >= 0; }
 
@@ -2441,6 +2656,8 @@ class Service {
   char path_[sizeof(sockaddr_un::sun_path)] = {};
   int registry_slot_ = -1;  // this process's service table (WouldDeadlock checks)
   int sndbuf_ = 0;          // SO_SNDBUF each session's socket needs (0: the default)
+  detail::SocketFile file_;  // the socket file advertise() made
+  pid_t owner_pid_ = 0;      // the process that made it
   Peer peers_[LEMSG_MAX_SESSIONS];
   RefMap<Peer, LEMSG_MAX_SESSIONS> peer_refs_;
   Tracked tracked_[LEMSG_MAX_TRACKED];
@@ -2461,20 +2678,30 @@ class Session {
   Result status() const noexcept { return status_; }
 
   /// Starts opening: connects now if the server is there, otherwise waits
-  /// (inotify on the runtime dir, no polling) until it appears. `cb` runs on
-  /// the loop with Ok each time the session opens (again after a reconnect),
-  /// or with ProtocolMismatch, SizeMismatch or NotPermitted, which end the
-  /// attempt. Returns Ok (started), BadParameter, Busy (not closed).
+  /// (inotify on the runtime dir, or on the directory above it while the
+  /// runtime dir does not exist or after it was deleted; no polling) until it
+  /// appears. `cb` runs on the loop with Ok each time the session opens
+  /// (again after a reconnect), or with ProtocolMismatch, SizeMismatch,
+  /// NotPermitted, UnsafeRuntimeDir (another user owns or may write the
+  /// runtime dir; see the transport section) or UntrustedServer (see
+  /// require_server_uid), which end the attempt. Returns Ok (started),
+  /// BadParameter, Busy (not closed).
   Result open(const char* name, OpenCallback cb) noexcept;
   /// Opens, waiting at most `timeout_ms` (> 0) for the server to appear and
   /// answer; blocks the thread (the loop does not run meanwhile). Ok, Timeout,
-  /// ProtocolMismatch, SizeMismatch, NotPermitted, SessionTableFull,
-  /// WouldDeadlock (the server is served by this thread's loop), Busy,
-  /// BadParameter.
+  /// ProtocolMismatch, SizeMismatch, NotPermitted, UnsafeRuntimeDir,
+  /// UntrustedServer, SessionTableFull, WouldDeadlock (the server is served
+  /// by this thread's loop), Busy, BadParameter.
   Result open_sync(const char* name, int timeout_ms) noexcept;
   /// One attempt: NotFound when no server listens; otherwise as open_sync
   /// with LEMSG_OPEN_TIMEOUT_MS for the server's answer.
   Result try_open(const char* name) noexcept;
+  /// Opens only to a server running as `uid` (from SO_PEERCRED, checked
+  /// before anything is sent to it): a server of another user, for instance
+  /// an impostor's socket, makes the open end with UntrustedServer. Use it
+  /// for a service that runs as root or as a known system user. uid_t(-1),
+  /// the default, accepts any server. Applies from the next open.
+  void require_server_uid(uid_t uid) noexcept { required_uid_ = uid; }
   /// Closes (or stops opening). Pending requests complete with Closed before
   /// this returns; the close handler is not called (it is for the server's
   /// side going away). Reconnecting stops until the next open.
@@ -2521,6 +2748,7 @@ class Session {
   };
 
   Result prepare(const char* name) noexcept;
+  Result connect_checked(int& fd) noexcept;
   void attempt() noexcept;
   bool watch_dir() noexcept;
   void stop_watching_dir() noexcept;
@@ -2549,7 +2777,9 @@ class Session {
   detail::Channel ch_;
   TimerId timer_;
   int dir_fd_ = -1;  // inotify
+  int dir_parent_wd_ = -1;  // its watch on the runtime dir's parent, while the dir is missing
   WatchId dir_watch_;
+  uid_t required_uid_ = static_cast<uid_t>(-1);
   char path_[sizeof(sockaddr_un::sun_path)] = {};
   const char* name_ = nullptr;  // points into path_
   OpenCallback open_cb_;
@@ -2905,20 +3135,33 @@ inline Result Service::advertise(const char* name, const ServiceOptions& options
   Result r = detail::socket_path(name, path);
   if (r != Result::Ok) return r;
   if ((options.uid_count && !options.uids) || (options.gid_count && !options.gids)) return Result::BadParameter;
-  if (::mkdir(runtime_dir(), 0755) < 0 && errno != EEXIST) {
-    LEMSG_LOG(Error, "service %s: cannot create %s: %s", name, runtime_dir(), std::strerror(errno));
-    return errno == EACCES ? Result::NotPermitted : Result::SystemError;
+  const char* dir = runtime_dir();
+  if (::mkdir(dir, 0755) == 0) {
+    // mkdir's mode passes through the umask (077 would shut every other user
+    // out, whatever the socket's mode): set it explicitly.
+    if (::chmod(dir, 0755) != 0)
+      LEMSG_LOG(Warning, "service %s: cannot set the mode of %s: %s", name, dir, std::strerror(errno));
+  } else if (errno != EEXIST) {
+    const int e = errno;
+    LEMSG_LOG(Error, "service %s: cannot create the runtime dir %s: %s (set LEMSG_RUNTIME_DIR, or create it owned by this user)",
+              name, dir, std::strerror(e));
+    return (e == EACCES || e == EPERM || e == EROFS || e == ENOENT) ? Result::NoRuntimeDir : Result::SystemError;
   }
+  r = detail::check_socket_dir(path);
+  if (r == Result::NotFound) r = Result::NoRuntimeDir;  // deleted since the mkdir
+  if (r != Result::Ok) return r;
   if (detail::served_by_this_thread(path)) return Result::Duplicate;
   r = detail::registry_add(path, &loop_, registry_slot_);
   if (r != Result::Ok) return r;
   int fd = -1;
-  r = detail::listen_at(path, options.mode, fd);
+  detail::SocketFile file;
+  r = detail::listen_at(path, options.mode, fd, options.group, &file);
   if (r == Result::Ok) {
     r = loop_.add_watch(fd, Readable, [this](int, short ev) { on_listen(ev); }, listen_watch_);
     if (r != Result::Ok) {
+      bool removed = detail::remove_socket_file(path, file);
+      (void)removed;
       ::close(fd);
-      ::unlink(path);
     }
   }
   if (r != Result::Ok) {
@@ -2928,6 +3171,8 @@ inline Result Service::advertise(const char* name, const ServiceOptions& options
   }
   std::memcpy(path_, path, sizeof path_);
   listen_fd_ = fd;
+  file_ = file;
+  owner_pid_ = ::getpid();
   options_ = options;
   LEMSG_LOG(Info, "service %s: advertised at %s", protocol_.id, path_);
   return Result::Ok;
@@ -2938,9 +3183,13 @@ inline Result Service::hide() noexcept {
   Result r = loop_.remove_watch(listen_watch_);
   (void)r;
   listen_watch_ = WatchId{};
+  // Removed while still listening, so no other advertiser can take the name
+  // in between; and only by the process that made it, only if it is the
+  // file it made (not a forked child's copy, not a newer server's file).
+  if (owner_pid_ == ::getpid() && !detail::remove_socket_file(path_, file_))
+    LEMSG_LOG(Info, "service %s: %s is no longer ours; left in place", protocol_.id, path_);
   ::close(listen_fd_);
   listen_fd_ = -1;
-  ::unlink(path_);
   detail::registry_remove(registry_slot_);
   registry_slot_ = -1;
   return Result::Ok;
@@ -3348,10 +3597,8 @@ inline bool Session::watch_dir() noexcept {
   if (dir_fd_ >= 0) return true;
   const int fd = ::inotify_init1(IN_NONBLOCK | IN_CLOEXEC);
   if (fd < 0) return false;
-  char dir[sizeof path_];
-  std::memcpy(dir, path_, sizeof dir);
-  dir[name_ - path_ - 1] = '\0';
-  if (::inotify_add_watch(fd, dir, IN_CREATE | IN_MOVED_TO | IN_ATTRIB) < 0 ||
+  dir_parent_wd_ = -1;
+  if (!detail::watch_socket_dir(fd, path_, dir_parent_wd_) ||
       loop_.add_watch(fd, Readable, [this](int, short) { on_dir_event(); }, dir_watch_) != Result::Ok) {
     ::close(fd);
     return false;
@@ -3367,28 +3614,53 @@ inline void Session::stop_watching_dir() noexcept {
   dir_watch_ = WatchId{};
   ::close(dir_fd_);
   dir_fd_ = -1;
+  dir_parent_wd_ = -1;
 }
 
 inline void Session::on_dir_event() noexcept {
   alignas(struct inotify_event) char buf[1024];
-  bool ours = false, gone = false;
+  bool ours = false, moved = false;
   for (;;) {
     const ssize_t n = ::read(dir_fd_, buf, sizeof buf);
     if (n <= 0) break;
     for (ssize_t off = 0; off + static_cast<ssize_t>(sizeof(struct inotify_event)) <= n;) {
       const struct inotify_event* ev = reinterpret_cast<const struct inotify_event*>(buf + off);
-      if (ev->len && std::strcmp(ev->name, name_) == 0) ours = true;
-      if (ev->mask & IN_IGNORED) gone = true;  // the directory itself went away
+      // Made in the parent: maybe the dir. A queue overflow (wd -1) may hide anything.
+      if (ev->wd == dir_parent_wd_ || (ev->mask & IN_Q_OVERFLOW)) moved = true;
+      else if (ev->len && std::strcmp(ev->name, name_) == 0) ours = true;
+      if (ev->mask & (IN_IGNORED | IN_DELETE_SELF | IN_MOVE_SELF)) moved = true;  // the directory went away
       off += static_cast<ssize_t>(sizeof(struct inotify_event) + ev->len);
     }
   }
-  if (gone) stop_watching_dir();
-  if ((ours || gone) && state_ == State::Waiting) attempt();
+  if (state_ != State::Waiting || !(ours || moved)) return;
+  // Watch the directory now there (or its parent while it is missing) before
+  // connecting, so a server appearing in between is not missed.
+  if (moved && !detail::watch_socket_dir(dir_fd_, path_, dir_parent_wd_)) stop_watching_dir();
+  attempt();
+}
+
+inline Result Session::connect_checked(int& fd) noexcept {
+  fd = -1;
+  Result r = detail::check_socket_dir(path_);
+  if (r == Result::Ok) r = detail::connect_to(path_, fd);
+  if (r != Result::Ok || required_uid_ == static_cast<uid_t>(-1)) return r;
+  Credentials c;
+  r = detail::peer_credentials(fd, c);
+  if (r == Result::Ok && c.uid != required_uid_) {
+    LEMSG_LOG(Warning, "session %s: the server runs as uid %u, not the required %u: refused", name_,
+              static_cast<unsigned>(c.uid), static_cast<unsigned>(required_uid_));
+    r = Result::UntrustedServer;
+  }
+  if (r != Result::Ok) {
+    ::close(fd);
+    fd = -1;
+  }
+  return r;
 }
 
 inline void Session::attempt() noexcept {
   int fd = -1;
-  Result r = detail::connect_to(path_, fd);
+  Result r = connect_checked(fd);
   bool watching = false;
   if (r == Result::NotFound) {
     // Watch only once the server is missing (closing an inotify watch costs
@@ -3396,7 +3668,7 @@ inline void Session::attempt() noexcept {
     // between is not missed.
     const bool was_watching = dir_fd_ >= 0;
     watching = watch_dir();
-    if (watching && !was_watching) r = detail::connect_to(path_, fd);
+    if (watching && !was_watching) r = connect_checked(fd);
   }
   if (r == Result::Ok) {
     stop_watching_dir();
@@ -3409,11 +3681,11 @@ inline void Session::attempt() noexcept {
     reschedule();
     return;
   }
-  if (r == Result::NotPermitted) {
+  if (r == Result::NotPermitted || r == Result::UnsafeRuntimeDir || r == Result::UntrustedServer) {
     fail_open(r);
     return;
   }
-  // No inotify (the runtime dir is missing), a full backlog, or an error:
+  // No inotify (neither the runtime dir nor its parent exists), a full backlog, or an error:
   // try again after a bounded backoff.
   backoff();
 }
@@ -3565,10 +3837,11 @@ inline Result Session::open_sync(const char* name, int timeout_ms) noexcept {
   if (detail::served_by_this_thread(path_)) return Result::WouldDeadlock;
   const std::int64_t deadline = detail::now_ns() + static_cast<std::int64_t>(timeout_ms) * 1000000;
   int ino = -1;
-  bool watched = false;
+  int parent_wd = -1;
+  bool watched = false, armed = false;
   for (;;) {
     int fd = -1;
-    r = detail::connect_to(path_, fd);
+    r = connect_checked(fd);
     if (r == Result::Ok) {
       r = handshake_blocking(fd, deadline);
       if (r == Result::Ok) {
@@ -3590,26 +3863,21 @@ inline Result Session::open_sync(const char* name, int timeout_ms) noexcept {
       // Connect again after the watch is set, so an appearance is not missed.
       watched = true;
       ino = ::inotify_init1(IN_NONBLOCK | IN_CLOEXEC);
-      if (ino >= 0) {
-        char dir[sizeof path_];
-        std::memcpy(dir, path_, sizeof dir);
-        dir[name_ - path_ - 1] = '\0';
-        if (::inotify_add_watch(ino, dir, IN_CREATE | IN_MOVED_TO | IN_ATTRIB) < 0) {
-          ::close(ino);
-          ino = -1;
-        }
-      }
+      armed = ino >= 0 && detail::watch_socket_dir(ino, path_, parent_wd);
       continue;
     }
-    // Wait for the socket to appear; without inotify, re-check every 20 ms.
+    // Wait for the socket to appear; with nothing watched, re-check every 20 ms.
     struct pollfd pfd = {ino, POLLIN, 0};
     const int wait = detail::ms_until(deadline);
-    const int rc = ::poll(&pfd, ino >= 0 ? 1 : 0, (ino < 0 || r == Result::Busy) && wait > 20 ? 20 : wait);
+    const int rc = ::poll(&pfd, ino >= 0 ? 1 : 0, (!armed || r == Result::Busy) && wait > 20 ? 20 : wait);
     if (rc > 0) {
       alignas(struct inotify_event) char buf[1024];
       while (::read(ino, buf, sizeof buf) > 0) {
       }
     }
+    // The runtime dir may have been deleted (its watch is gone) or made:
+    // move the watch before connecting again, so nothing is missed.
+    if (ino >= 0) armed = detail::watch_socket_dir(ino, path_, parent_wd);
   }
   if (ino >= 0) ::close(ino);
   return r;
@@ -3620,7 +3888,7 @@ inline Result Session::try_open(const char* name) noexcept {
   if (r != Result::Ok) return r;
   if (detail::served_by_this_thread(path_)) return Result::WouldDeadlock;
   int fd = -1;
-  r = detail::connect_to(path_, fd);
+  r = connect_checked(fd);
   if (r != Result::Ok) return r;
   r = handshake_blocking(fd, detail::now_ns() + static_cast<std::int64_t>(LEMSG_OPEN_TIMEOUT_MS) * 1000000);
   if (r != Result::Ok) {

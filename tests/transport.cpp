@@ -17,6 +17,7 @@
 
 #include <dirent.h>
 #include <fcntl.h>
+#include <grp.h>
 #include <poll.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -117,6 +118,7 @@ struct ServerArgs {
   lemsg::Protocol protocol;
   lemsg::ServiceOptions options;
   int delay_ms;
+  bool remove_dir;  // after the delay, delete the runtime dir; advertise makes it again
 };
 
 // The child's body: advertise after `delay_ms`, answer each request with its
@@ -124,6 +126,12 @@ struct ServerArgs {
 // Exit codes: 0 fine, 1 advertise failed, 2 loop failed, 3 setup failed.
 int serve(const ServerArgs& a, int stop_fd) {
   if (a.delay_ms) usleep(static_cast<useconds_t>(a.delay_ms) * 1000);
+  if (a.remove_dir) {
+    const char* d = lemsg::runtime_dir();
+    testutil::remove_entries(d);
+    if (::rmdir(d) != 0) return 3;
+    usleep(100 * 1000);  // let a waiting client see the directory gone
+  }
   Loop loop;
   lemsg::MessagePool<256, 8> pool;
   lemsg::Service svc(loop, a.protocol, pool);
@@ -180,7 +188,7 @@ struct ServerChild {
 };
 
 ServerArgs echo_server(const char* name, int delay_ms = 0) {
-  return ServerArgs{name, kEcho, lemsg::ServiceOptions{}, delay_ms};
+  return ServerArgs{name, kEcho, lemsg::ServiceOptions{}, delay_ms, false};
 }
 
 // One request through the session, checking the echo.
@@ -895,6 +903,79 @@ TEST_CASE("transport: with no server, open_sync times out and try_open is NotFou
   CHECK(c.s.try_open("bad/name") == Result::BadParameter);
 }
 
+TEST_CASE("transport: open_sync finds a server whose runtime dir was deleted and made again while it waited") {
+  RuntimeDir dir;
+  ServerArgs args = echo_server("phoenix", 300);
+  args.remove_dir = true;  // the server deletes the dir the client watches, then advertises in a new one
+  ServerChild server(args);
+  Client c;
+  CHECK(c.s.open_sync("phoenix", 20000) == Result::Ok);
+  REQUIRE(c.s.is_open());
+  CHECK(echo_once(c.s, "back") == Result::Ok);
+  c.s.close();
+  CHECK(server.finish() == 0);
+}
+
+TEST_CASE("transport: an asynchronous open finds a server whose runtime dir was deleted and made again while it waited") {
+  RuntimeDir dir;
+  Client c;
+  struct Got {
+    int calls = 0;
+    Result r = Result::BadParameter;
+  } got;
+  REQUIRE(c.s.open("phoenix", [&got](Result r) {
+    ++got.calls;
+    got.r = r;
+  }) == Result::Ok);
+  CHECK_FALSE(testutil::run_until(c.loop, [&] { return got.calls > 0; }, 50));  // waiting on the dir
+  ServerArgs args = echo_server("phoenix", 100);
+  args.remove_dir = true;
+  ServerChild server(args);
+  CHECK(testutil::run_until(c.loop, [&] { return got.calls > 0; }, 20000));
+  CHECK(got.calls == 1);
+  CHECK(got.r == Result::Ok);
+  REQUIRE(c.s.is_open());
+  CHECK(echo_once(c.s, "back again") == Result::Ok);
+  c.s.close();
+  CHECK(server.finish() == 0);
+}
+
+TEST_CASE("transport: open and open_sync wait for a runtime dir that does not exist yet") {
+  RuntimeDir dir;
+  EnvGuard env;
+  char sub[128];
+  std::snprintf(sub, sizeof sub, "%s/later", dir.path);
+  setenv("LEMSG_RUNTIME_DIR", sub, 1);  // the server's advertise makes it
+  {
+    ServerChild server(echo_server("nodir", 200));
+    Client c;
+    CHECK(c.s.open_sync("nodir", 20000) == Result::Ok);
+    CHECK(echo_once(c.s, "made") == Result::Ok);
+    c.s.close();
+    CHECK(server.finish() == 0);
+  }
+  REQUIRE(::rmdir(sub) == 0);
+  {
+    Client c;
+    struct Got {
+      int calls = 0;
+      Result r = Result::BadParameter;
+    } got;
+    REQUIRE(c.s.open("nodir", [&got](Result r) {
+      ++got.calls;
+      got.r = r;
+    }) == Result::Ok);
+    CHECK_FALSE(testutil::run_until(c.loop, [&] { return got.calls > 0; }, 50));
+    ServerChild server(echo_server("nodir", 100));
+    CHECK(testutil::run_until(c.loop, [&] { return got.calls > 0; }, 20000));
+    CHECK(got.r == Result::Ok);
+    CHECK(echo_once(c.s, "made again") == Result::Ok);
+    c.s.close();
+    CHECK(server.finish() == 0);
+  }
+  ::rmdir(sub);
+}
+
 // ---- protocol agreement ----
 
 TEST_CASE("transport: a client with another protocol id is refused and the server goes on serving") {
@@ -1007,6 +1088,398 @@ TEST_CASE("transport: a client beyond the session table gets SessionTableFull un
   extra.s.close();
   for (auto& c : clients) c.reset();
   CHECK(server.finish() == 0);
+}
+
+// ---- socket files: who may create, replace and remove them ----
+
+TEST_CASE("transport: of several processes advertising one name at once exactly one wins, and the losers leave its file") {
+  RuntimeDir dir;
+  testutil::LogCapture log;  // made before the forks: quiets the children too
+  char path[256];
+  dir.socket("race", path);
+  constexpr int procs = 4;
+  const int rounds = 20;
+  int multiple_winners = 0;
+  for (int round = 0; round < rounds; ++round) {
+    CAPTURE(round);
+    testutil::Pipe go;  // every child holds its write end until ready; then all start at once
+    testutil::Pipe results;
+    testutil::Pipe stop[procs];
+    pid_t pids[procs];
+    for (int i = 0; i < procs; ++i) {
+      pids[i] = testutil::spawn([&, i] {
+        testutil::die_with_parent();
+        results.close_read();
+        Loop loop;
+        lemsg::MessagePool<64, 2> pool;
+        lemsg::Service svc(loop, kEcho, pool);
+        CHILD_CHECK(svc.status() == Result::Ok);
+        go.close_write();
+        char c;
+        struct pollfd p = {go.fd[0], POLLIN, 0};
+        CHILD_CHECK(::poll(&p, 1, 20000) == 1 && ::read(go.fd[0], &c, 1) == 0);  // end of file: go
+        const Result r = svc.advertise("race");
+        const char msg[2] = {static_cast<char>('0' + i), r == Result::Ok ? 'W' : r == Result::Duplicate ? 'D' : 'E'};
+        CHILD_CHECK(::write(results.fd[1], msg, 2) == 2);
+        CHILD_CHECK(stop[i].get(30000) == 'q');
+        return 0;  // the Service's destructor runs here: a loser must not remove the winner's file
+      });
+    }
+    go.close_write();
+    results.close_write();
+    int winner = -1, winners = 0, losers = 0;
+    for (int n = 0; n < procs; ++n) {
+      const int who = results.get(20000);
+      const int what = results.get(20000);
+      REQUIRE(who >= '0');
+      REQUIRE(who < '0' + procs);
+      if (what == 'W') {
+        ++winners;
+        winner = who - '0';
+      } else if (what == 'D') {
+        ++losers;
+      }
+    }
+    CHECK(winners == 1);
+    CHECK(losers == procs - 1);
+    if (winners > 1) ++multiple_winners;
+    // The losers leave; the winner's file must stay, and answer.
+    for (int i = 0; i < procs; ++i) {
+      if (i == winner) continue;
+      CHECK(stop[i].put('q'));
+      CHECK(testutil::wait_exit(pids[i], 20000) == 0);
+    }
+    struct stat st;
+    CHECK(::lstat(path, &st) == 0);
+    int c = -1;
+    CHECK(lemsg::detail::connect_to(path, c) == Result::Ok);
+    Fd cg(c);
+    if (winner >= 0) {
+      CHECK(stop[winner].put('q'));
+      CHECK(testutil::wait_exit(pids[winner], 20000) == 0);
+    }
+    CHECK(::lstat(path, &st) != 0);  // the winner removed its own file
+    ::unlink(path);
+  }
+  CHECK(multiple_winners == 0);
+}
+
+TEST_CASE("transport: a forked child that destroys its copy of a service leaves the parent's socket file") {
+  RuntimeDir dir;
+  Loop loop;
+  lemsg::MessagePool<64, 2> pool;
+  std::unique_ptr<lemsg::Service> svc(new lemsg::Service(loop, kEcho, pool));
+  REQUIRE(svc->advertise("forked") == Result::Ok);
+  char path[256];
+  dir.socket("forked", path);
+  struct stat before, after;
+  REQUIRE(::lstat(path, &before) == 0);
+  // As at exit() with a static Service: its destructor runs in the child.
+  pid_t pid = testutil::spawn([&] {
+    svc.reset();
+    return 0;
+  });
+  CHECK(testutil::wait_exit(pid, 20000) == 0);
+  REQUIRE(::lstat(path, &after) == 0);
+  CHECK(after.st_ino == before.st_ino);
+  // A child's own hide() leaves it as well.
+  pid = testutil::spawn([&] { return svc->hide() == Result::Ok ? 0 : 1; });
+  CHECK(testutil::wait_exit(pid, 20000) == 0);
+  REQUIRE(::lstat(path, &after) == 0);
+  CHECK(after.st_ino == before.st_ino);
+  int c = -1;
+  CHECK(lemsg::detail::connect_to(path, c) == Result::Ok);  // still the parent's listener
+  Fd cg(c);
+  CHECK(svc->hide() == Result::Ok);  // the process that advertised removes it
+  CHECK(::lstat(path, &after) != 0);
+}
+
+TEST_CASE("transport: hide() leaves a socket file that another server put in place of its own") {
+  RuntimeDir dir;
+  Loop loop;
+  lemsg::MessagePool<64, 2> pool;
+  lemsg::Service svc(loop, kEcho, pool);
+  REQUIRE(svc.advertise("moved") == Result::Ok);
+  char path[256];
+  dir.socket("moved", path);
+  REQUIRE(::unlink(path) == 0);  // someone removed our file, and another server advertised
+  int fd = -1;
+  REQUIRE(lemsg::detail::listen_at(path, 0660, fd) == Result::Ok);
+  Fd other(fd);
+  struct stat before, after;
+  REQUIRE(::lstat(path, &before) == 0);
+  CHECK(svc.hide() == Result::Ok);
+  REQUIRE(::lstat(path, &after) == 0);
+  CHECK(after.st_ino == before.st_ino);
+  int c = -1;
+  CHECK(lemsg::detail::connect_to(path, c) == Result::Ok);
+  Fd cg(c);
+}
+
+TEST_CASE("transport: advertise never replaces a file that is not a socket") {
+  RuntimeDir dir;
+  testutil::LogCapture log;
+  Loop loop;
+  lemsg::MessagePool<64, 2> pool;
+  lemsg::Service svc(loop, kEcho, pool);
+  char path[256];
+  dir.socket("taken", path);
+  const int f = ::open(path, O_CREAT | O_WRONLY | O_CLOEXEC, 0644);
+  REQUIRE(f >= 0);
+  CHECK(::write(f, "data", 4) == 4);
+  ::close(f);
+  CHECK(svc.advertise("taken") == Result::Duplicate);
+  CHECK_FALSE(svc.is_advertised());
+  int fd = -1;
+  CHECK(lemsg::detail::listen_at(path, 0660, fd) == Result::Duplicate);
+  CHECK(fd == -1);
+  struct stat st;
+  REQUIRE(::lstat(path, &st) == 0);
+  CHECK(S_ISREG(st.st_mode));
+  CHECK(st.st_size == 4);
+  CHECK(log.count[0] > 0);  // said why, as an error
+  REQUIRE(::unlink(path) == 0);
+  // Nor a directory, nor a symbolic link (even to a stale socket).
+  REQUIRE(::mkdir(path, 0755) == 0);
+  CHECK(svc.advertise("taken") == Result::Duplicate);
+  REQUIRE(::lstat(path, &st) == 0);
+  CHECK(S_ISDIR(st.st_mode));
+  REQUIRE(::rmdir(path) == 0);
+  char stale[256];
+  dir.socket("stale", stale);
+  {
+    Fd s(::socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0));
+    sockaddr_un sa;
+    REQUIRE(address_of(stale, sa));
+    REQUIRE(::bind(s.fd, reinterpret_cast<sockaddr*>(&sa), sizeof sa) == 0);
+  }
+  REQUIRE(::symlink(stale, path) == 0);
+  CHECK(svc.advertise("taken") == Result::Duplicate);
+  REQUIRE(::lstat(path, &st) == 0);
+  CHECK(S_ISLNK(st.st_mode));
+  REQUIRE(::unlink(path) == 0);
+  // A stale socket is replaced.
+  CHECK(svc.advertise("stale") == Result::Ok);
+  REQUIRE(::lstat(stale, &st) == 0);
+  CHECK(S_ISSOCK(st.st_mode));
+  CHECK(svc.hide() == Result::Ok);
+}
+
+TEST_CASE("transport: the runtime dir a service makes is 0755 whatever the umask") {
+  RuntimeDir dir;
+  EnvGuard env;
+  char sub[128];
+  std::snprintf(sub, sizeof sub, "%s/run", dir.path);
+  setenv("LEMSG_RUNTIME_DIR", sub, 1);
+  Loop loop;
+  lemsg::MessagePool<64, 2> pool;
+  {
+    lemsg::Service svc(loop, kEcho, pool);
+    const mode_t old = ::umask(077);
+    const Result r = svc.advertise("masked");
+    ::umask(old);
+    REQUIRE(r == Result::Ok);
+    struct stat st;
+    REQUIRE(::stat(sub, &st) == 0);
+    CHECK(S_ISDIR(st.st_mode));
+    CHECK((st.st_mode & 07777) == 0755);
+    char path[256];
+    std::snprintf(path, sizeof path, "%s/masked", sub);
+    REQUIRE(::stat(path, &st) == 0);
+    CHECK((st.st_mode & 07777) == 0660);
+  }
+  CHECK(::rmdir(sub) == 0);
+}
+
+TEST_CASE("transport: the socket file gets the group from the service's options") {
+  RuntimeDir dir;
+  Loop loop;
+  lemsg::MessagePool<64, 2> pool;
+  lemsg::Service svc(loop, kEcho, pool);
+  lemsg::ServiceOptions opts;
+  opts.mode = 0660;
+  opts.group = ::getegid() == 0 ? 12345 : ::getegid();  // root may give any group; others their own
+  REQUIRE(svc.advertise("grouped", opts) == Result::Ok);
+  char path[256];
+  dir.socket("grouped", path);
+  struct stat st;
+  REQUIRE(::stat(path, &st) == 0);
+  CHECK(st.st_gid == opts.group);
+  CHECK((st.st_mode & 07777) == 0660);
+  CHECK(svc.hide() == Result::Ok);
+}
+
+// ---- the runtime dir must be safe ----
+
+TEST_CASE("transport: a service refuses a runtime dir another user owns or others may write") {
+  if (::geteuid() != 0) {
+    MESSAGE("skipped: needs root to chown a directory to another user");
+    return;
+  }
+  RuntimeDir dir;
+  testutil::LogCapture log;
+  Loop loop;
+  lemsg::MessagePool<64, 2> pool;
+  lemsg::Service svc(loop, kEcho, pool);
+  struct Case {
+    uid_t owner;
+    mode_t mode;
+    Result want;
+  } const cases[] = {
+      {12345, 0755, Result::UnsafeRuntimeDir},  // owned by another user
+      {0, 0777, Result::UnsafeRuntimeDir},      // anyone may write
+      {0, 0775, Result::UnsafeRuntimeDir},      // its group may write
+      {0, 01777, Result::UnsafeRuntimeDir},     // sticky or not: another user could squat the name
+      {0, 0755, Result::Ok},
+      {0, 0700, Result::Ok},
+  };
+  for (const Case& c : cases) {
+    CAPTURE(c.owner);
+    CAPTURE(c.mode);
+    REQUIRE(::chown(dir.path, c.owner, static_cast<gid_t>(-1)) == 0);
+    REQUIRE(::chmod(dir.path, c.mode) == 0);
+    const int errors = log.count[0];
+    CHECK(svc.advertise("safe") == c.want);
+    if (c.want != Result::Ok) {
+      CHECK(log.count[0] > errors);  // and says which directory and why
+      CHECK(std::strstr(log.last, dir.path) != nullptr);
+    }
+    if (svc.is_advertised()) CHECK(svc.hide() == Result::Ok);
+  }
+  // A directory above it that others may write lets them swap the runtime
+  // dir itself, unless it is sticky (like /tmp).
+  char sub[128];
+  std::snprintf(sub, sizeof sub, "%s/run", dir.path);
+  EnvGuard env;
+  setenv("LEMSG_RUNTIME_DIR", sub, 1);
+  REQUIRE(::chmod(dir.path, 0777) == 0);
+  CHECK(svc.advertise("safe") == Result::UnsafeRuntimeDir);
+  REQUIRE(::chmod(dir.path, 01777) == 0);
+  CHECK(svc.advertise("safe") == Result::Ok);
+  CHECK(svc.hide() == Result::Ok);
+  REQUIRE(::chown(dir.path, 12345, static_cast<gid_t>(-1)) == 0);
+  REQUIRE(::chmod(dir.path, 0755) == 0);
+  CHECK(svc.advertise("safe") == Result::UnsafeRuntimeDir);
+  REQUIRE(::chown(dir.path, 0, static_cast<gid_t>(-1)) == 0);
+  CHECK(::rmdir(sub) == 0);
+}
+
+TEST_CASE("transport: a client refuses a runtime dir another user owns or others may write") {
+  if (::geteuid() != 0) {
+    MESSAGE("skipped: needs root to chown a directory to another user");
+    return;
+  }
+  RuntimeDir dir;
+  testutil::LogCapture log;  // made before the fork: quiets the server child too
+  ServerChild server(echo_server("impostor"));
+  char path[256];
+  dir.socket("impostor", path);
+  REQUIRE(testutil::wait_for_path(path, 20000));
+  // The server is there; only the directory is wrong.
+  REQUIRE(::chown(dir.path, 12345, static_cast<gid_t>(-1)) == 0);
+  {
+    Client c;
+    CHECK(c.s.try_open("impostor") == Result::UnsafeRuntimeDir);
+    CHECK(c.s.open_sync("impostor", 10000) == Result::UnsafeRuntimeDir);
+    CHECK_FALSE(c.s.is_open());
+    struct Got {
+      int calls = 0;
+      Result r = Result::Ok;
+    } got;
+    REQUIRE(c.s.open("impostor", [&got](Result r) {
+      ++got.calls;
+      got.r = r;
+    }) == Result::Ok);
+    CHECK(testutil::run_until(c.loop, [&] { return got.calls > 0; }, 20000));
+    CHECK(got.calls == 1);
+    CHECK(got.r == Result::UnsafeRuntimeDir);
+    CHECK_FALSE(c.s.is_open());
+  }
+  REQUIRE(::chown(dir.path, 0, static_cast<gid_t>(-1)) == 0);
+  REQUIRE(::chmod(dir.path, 0777) == 0);
+  {
+    Client c;
+    CHECK(c.s.try_open("impostor") == Result::UnsafeRuntimeDir);
+  }
+  REQUIRE(::chmod(dir.path, 0755) == 0);
+  {
+    Client c;
+    CHECK(c.s.try_open("impostor") == Result::Ok);
+    CHECK(echo_once(c.s, "safe again") == Result::Ok);
+  }
+  CHECK(server.finish() == 0);
+}
+
+TEST_CASE("transport: a client that requires another server uid is refused with UntrustedServer") {
+  RuntimeDir dir;
+  testutil::LogCapture log;  // made before the fork: quiets the server child too
+  ServerChild server(echo_server("root-only"));
+  char path[256];
+  dir.socket("root-only", path);
+  REQUIRE(testutil::wait_for_path(path, 20000));
+  {
+    Client c;
+    c.s.require_server_uid(::geteuid() + 12345);
+    const int warnings = log.warnings();
+    CHECK(c.s.try_open("root-only") == Result::UntrustedServer);
+    CHECK(log.warnings() > warnings);
+    CHECK(c.s.open_sync("root-only", 10000) == Result::UntrustedServer);
+    CHECK_FALSE(c.s.is_open());
+    struct Got {
+      int calls = 0;
+      Result r = Result::Ok;
+    } got;
+    REQUIRE(c.s.open("root-only", [&got](Result r) {
+      ++got.calls;
+      got.r = r;
+    }) == Result::Ok);
+    CHECK(testutil::run_until(c.loop, [&] { return got.calls > 0; }, 20000));
+    CHECK(got.calls == 1);
+    CHECK(got.r == Result::UntrustedServer);
+    CHECK_FALSE(c.s.is_open());
+    // The server's real uid lets it in.
+    c.s.require_server_uid(::geteuid());
+    CHECK(c.s.try_open("root-only") == Result::Ok);
+    CHECK(echo_once(c.s, "trusted") == Result::Ok);
+    lemsg::Credentials creds;
+    REQUIRE(c.s.server_credentials(creds) == Result::Ok);
+    CHECK(creds.uid == ::geteuid());
+  }
+  CHECK(server.finish() == 0);
+}
+
+TEST_CASE("transport: a server that cannot create or write its runtime dir gets NoRuntimeDir, not NotPermitted") {
+  if (::geteuid() != 0) {
+    MESSAGE("skipped: needs root to drop to another uid");
+    return;
+  }
+  RuntimeDir dir;  // root's, 0755: another user may look in, not create
+  REQUIRE(::chmod(dir.path, 0755) == 0);
+  testutil::LogCapture log;  // made before the fork: quiets the child too
+  char sub[128];
+  std::snprintf(sub, sizeof sub, "%s/run", dir.path);
+  const pid_t pid = testutil::spawn([&] {
+    testutil::die_with_parent();
+    CHILD_CHECK(::setgroups(0, nullptr) == 0);
+    CHILD_CHECK(::setresgid(65534, 65534, 65534) == 0);
+    CHILD_CHECK(::setresuid(65534, 65534, 65534) == 0);
+    Loop loop;
+    lemsg::MessagePool<64, 2> pool;
+    lemsg::Service svc(loop, kEcho, pool);
+    CHILD_CHECK(svc.status() == Result::Ok);
+    setenv("LEMSG_RUNTIME_DIR", sub, 1);  // cannot be created
+    CHILD_CHECK(svc.advertise("x") == Result::NoRuntimeDir);
+    CHILD_CHECK(std::strstr(log.last, sub) != nullptr);
+    setenv("LEMSG_RUNTIME_DIR", dir.path, 1);  // exists, but is not ours to write
+    CHILD_CHECK(svc.advertise("x") == Result::NoRuntimeDir);
+    CHILD_CHECK(std::strstr(lemsg::to_string(Result::NoRuntimeDir), "LEMSG_RUNTIME_DIR") != nullptr);
+    return 0;
+  });
+  CHECK(testutil::wait_exit(pid, 20000) == 0);
+  struct stat st;
+  CHECK(::stat(sub, &st) != 0);
+  char names[512];
+  CHECK(list_dir(dir.path, names, sizeof names) == 0);
 }
 
 }  // TEST_SUITE
