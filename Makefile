@@ -380,8 +380,9 @@ demo:
 # each target of tests/fuzz/ with clang++ and libFuzzer, ASan and UBSan, and
 # runs it for FUZZ_SECONDS, one after the other, starting from its corpus in
 # tests/fuzz/corpus/<name>/. New inputs go to build/fuzz/<name>.new/ and crash
-# inputs to build/fuzz/<name>.crashes/; with FUZZ_MERGE=1 the corpus in the
-# tree is re-minimised with the new inputs (-merge=1) and crash inputs are
+# inputs to build/fuzz/<name>.crashes/; with FUZZ_MERGE=1 the new inputs that
+# add coverage are merged into the corpus in the tree (-merge=1, which keeps
+# what is there, the hand-written seeds included) and crash inputs are
 # copied to tests/fuzz/corpus/crashes/<name>/ (not replayed by make test until
 # fixed and moved into the corpus). Prints per target: executions, coverage
 # (cov and ft from libFuzzer's final stats) and crashes; fails on a crash.
@@ -409,11 +410,9 @@ fuzz: $(addprefix build/fuzz/,$(FUZZ_NAMES))
 	  if [ "$$st" != 0 ] || [ "$$found" != 0 ]; then \
 	    fail=1; grep -m 5 -e 'ERROR' -e 'invariant broken' -e 'SUMMARY' -e 'Test unit written' $$log; fi; \
 	  if [ "$(FUZZ_MERGE)" = 1 ]; then \
-	    m=build/fuzz/$$n.merged; rm -rf $$m; mkdir -p $$m; \
 	    d=$$(mktemp -d "$${TMPDIR:-/tmp}/lemsg-fuzz-$$n.XXXXXX"); \
-	    LEMSG_RUNTIME_DIR=$$d ./build/fuzz/$$n -merge=1 -max_len=$(FUZZ_MAX_LEN) $$m $(FUZZ_CORPUS)/$$n $$new \
-	      > build/fuzz/$$n.merge.log 2>&1 && \
-	      find $(FUZZ_CORPUS)/$$n -maxdepth 1 -type f -delete && cp $$m/* $(FUZZ_CORPUS)/$$n/; \
+	    LEMSG_RUNTIME_DIR=$$d ./build/fuzz/$$n -merge=1 -max_len=$(FUZZ_MAX_LEN) $(FUZZ_CORPUS)/$$n $$new \
+	      > build/fuzz/$$n.merge.log 2>&1 || fail=1; \
 	    rm -rf "$$d"; \
 	    echo "fuzz $$n: corpus merged, $$(ls $(FUZZ_CORPUS)/$$n | wc -l) inputs in $(FUZZ_CORPUS)/$$n"; \
 	    if [ -n "$$(ls $$crashes)" ]; then mkdir -p $(FUZZ_CORPUS)/crashes/$$n && cp $$crashes/* $(FUZZ_CORPUS)/crashes/$$n/; fi; \

@@ -95,8 +95,8 @@ inline const char* runtime_dir() {
     return dir;
   }
   const char* tmp = std::getenv("TMPDIR");
-  std::snprintf(dir, sizeof dir, "%s/lemsg-fuzz.XXXXXX", tmp && *tmp ? tmp : "/tmp");
-  if (!::mkdtemp(dir)) fail("mkdtemp for the runtime dir", __FILE__, __LINE__);
+  const int w = std::snprintf(dir, sizeof dir, "%s/lemsg-fuzz.XXXXXX", tmp && *tmp ? tmp : "/tmp");
+  if (w >= static_cast<int>(sizeof dir) || !::mkdtemp(dir)) fail("mkdtemp for the runtime dir", __FILE__, __LINE__);
   ::setenv("LEMSG_RUNTIME_DIR", dir, 1);
   return dir;
 }

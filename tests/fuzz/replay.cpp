@@ -48,7 +48,7 @@ bool read_input(const char* path, std::uint8_t* buf, std::size_t cap, std::size_
 // Replays every regular file of corpus/<name>/ in name order; returns how many.
 int replay(const char* name, Entry entry) {
   char dir[512];
-  std::snprintf(dir, sizeof dir, "%s/%s", LEMSG_FUZZ_CORPUS, name);
+  REQUIRE(std::snprintf(dir, sizeof dir, "%s/%s", LEMSG_FUZZ_CORPUS, name) < static_cast<int>(sizeof dir));
   static char names[1024][64];
   int count = 0;
   DIR* d = ::opendir(dir);
@@ -56,7 +56,7 @@ int replay(const char* name, Entry entry) {
   while (struct dirent* e = ::readdir(d)) {
     if (e->d_name[0] == '.' || std::strlen(e->d_name) >= sizeof names[0]) continue;
     char path[1024];
-    std::snprintf(path, sizeof path, "%s/%s", dir, e->d_name);
+    if (std::snprintf(path, sizeof path, "%s/%s", dir, e->d_name) >= static_cast<int>(sizeof path)) continue;
     struct stat st;
     if (::stat(path, &st) != 0 || !S_ISREG(st.st_mode)) continue;
     REQUIRE(count < 1024);
@@ -68,7 +68,7 @@ int replay(const char* name, Entry entry) {
   static std::uint8_t buf[1 << 16];
   for (int i = 0; i < count; ++i) {
     char path[1024];
-    std::snprintf(path, sizeof path, "%s/%s", dir, names[i]);
+    REQUIRE(std::snprintf(path, sizeof path, "%s/%s", dir, names[i]) < static_cast<int>(sizeof path));
     INFO("replaying ", path);
     fuzz::current_input = path;
     std::size_t len = 0;
