@@ -12,10 +12,13 @@
 // what the server sent; choose how the receive handler treats frames
 // (release, respond echoing the fd, hold, respond without the fd, close the
 // session, send to the session); respond to or release held requests; send
-// to or close a session from the server; hide and advertise again.
+// to or close a session from the server; hide and advertise again. The
+// handler may also hand the session a resource in a RefMap the Service tracks.
 //
 // Invariants, checked after every operation and at the end:
 //   - session_count() equals the raw clients still connected (not hung up);
+//   - a tracked resource's owner is a session that exists: a session's
+//     entries are released (once each) when it closes;
 //   - every frame the server sends decodes as a valid frame; a Response
 //     answers a Request this client sent and has not had answered (never
 //     twice), and at the end every request of a client still connected has
@@ -62,6 +65,12 @@ enum class Mode : std::uint8_t { Release, Respond, Hold, RespondNoFd, CloseSessi
 struct Harness {
   lemsg::Loop loop;
   Pool pool;
+  // Resources the handler hands to sessions, tracked so a closing session's
+  // entries are released; declared before the Service, which must go first.
+  lemsg::RefMap<int, 8> res;
+  int res_obj = 0;
+  int res_added = 0, res_released = 0, res_removed = 0;
+  bool res_on = false;
   // Owned apart, so the end of an input can check the pool after it goes.
   std::unique_ptr<lemsg::Service> svc_owner{new lemsg::Service(loop, kProtocol, pool)};
   lemsg::Service& svc = *svc_owner;
@@ -72,6 +81,12 @@ struct Harness {
   std::uint8_t send_byte = 0;
 
   void on_receive(Message& m) {
+    if (res_on) {
+      std::uint32_t ref = 0;
+      const Result r = res.add(&res_obj, ref, m.session().value);
+      FUZZ_CHECK(r == Result::Ok || r == Result::NoMemory);
+      if (r == Result::Ok) ++res_added;
+    }
     switch (mode) {
       case Mode::Release:
         break;
@@ -144,6 +159,12 @@ struct Harness {
     for (const Raw& r : raw)
       if (r.fd >= 0 && !hung_up(r)) ++live;
     const int sessions = static_cast<int>(svc.session_count());
+    // An entry outlives no session: its owner is a session that exists.
+    res.for_each([&](int*, std::uint32_t ref) {
+      lemsg::Credentials c;
+      FUZZ_CHECK(svc.credentials(SessionRef{res.owner_of(ref)}, c) == Result::Ok);
+    });
+    FUZZ_CHECK(res_added == res_released + res_removed + static_cast<int>(res.size()));
 #if LEMSG_FUZZ_KNOWN_DEFECT_18
     FUZZ_CHECK(sessions >= live && sessions <= live + zombies);
 #else
@@ -378,7 +399,12 @@ struct Harness {
         if (r) drain(*r);
         break;
       }
-      case 8: mode = static_cast<Mode>(in.u8() % static_cast<std::uint8_t>(Mode::Count)); break;
+      case 8: {
+        const std::uint8_t b = in.u8();
+        mode = static_cast<Mode>((b & 0x7f) % static_cast<std::uint8_t>(Mode::Count));
+        res_on = (b & 0x80) != 0;
+        break;
+      }
       case 9: {  // answer (or release) one held message
         const std::uint8_t i = in.u8();
         Message& m = held[i % kHeld];
@@ -401,8 +427,9 @@ struct Harness {
         if (svc.is_advertised()) FUZZ_CHECK(svc.hide() == Result::Ok);
         else advertise();
         break;
-      case 13: {  // a stale or forged session handle is refused
+      case 13: {  // a stale or forged session handle (or resource) is refused
         SessionRef s{in.u32()};
+        if (res.remove(s.value) == Result::Ok) ++res_removed;
         Message m;
         if (svc.create_message(m) == Result::Ok) {
           const Result r = svc.send(s, std::move(m));
@@ -428,6 +455,10 @@ LEMSG_FUZZ_TARGET(service) {
     FUZZ_CHECK(t.svc.status() == Result::Ok);
     FUZZ_CHECK(lemsg::detail::socket_path(kName, t.svc_path) == Result::Ok);
     t.svc.set_receive_handler([&t](Message& m) { t.on_receive(m); });
+    FUZZ_CHECK(t.svc.track(t.res, [&t](void* obj, std::uint32_t) {
+      FUZZ_CHECK(obj == &t.res_obj);
+      ++t.res_released;
+    }) == Result::Ok);
     t.advertise();
 
     fuzz::Input in{data, size};
@@ -461,6 +492,7 @@ LEMSG_FUZZ_TARGET(service) {
     t.svc_owner.reset();  // closes what defect 18 kept open
     FUZZ_CHECK(t.pool.in_use() == 0);
     FUZZ_CHECK(t.loop.watch_count() == 0 && t.loop.timer_count() == 0);
+    FUZZ_CHECK(t.res.size() == 0 && t.res_added == t.res_released + t.res_removed);
     hp.reset();
   }
   FUZZ_CHECK(fuzz::count_fds() == fds_before);
