@@ -11,7 +11,9 @@
 // a pipe, two fds, a fresh socket); send raw bytes; half-close; close; read
 // what the server sent; choose how the receive handler treats frames
 // (release, respond echoing the fd, hold, respond without the fd, close the
-// session, send to the session); respond to or release held requests; send
+// session, send to the session) and what the open handler (close or send to
+// its session) and the close handler (close or send to another session) do;
+// respond to or release held requests; send
 // to or close a session from the server; hide and advertise again. The
 // handler may also hand the session a resource in a RefMap the Service tracks.
 //
@@ -79,6 +81,31 @@ struct Harness {
   int zombies = 0;  // closed clients whose socket the server may still hold (defect 18)
   Mode mode = Mode::Release;
   std::uint8_t send_byte = 0;
+  // What the open and close handlers do: 0 nothing, 1 close (this session in
+  // the open handler, another one in the close handler), 2 send to it.
+  std::uint8_t open_mode = 0, close_mode = 0;
+
+  void on_open(SessionRef s) {
+    if (open_mode == 1) FUZZ_CHECK(svc.close(s) == Result::Ok);
+    if (open_mode == 2) send_to(s);
+  }
+
+  void on_close(SessionRef s, Result why) {
+    FUZZ_CHECK(why == Result::Ok || why == Result::Closed || why == Result::BadFrame || why == Result::TooLarge ||
+               why == Result::Overflow || lemsg::detail::known_result(static_cast<std::int32_t>(why)));
+    if (close_mode == 0) return;
+    SessionRef other{};
+    svc.for_each_session([&](SessionRef o) {
+      if (o.value != s.value && !other) other = o;
+    });
+    if (!other) return;
+    if (close_mode == 1) {
+      const Result r = svc.close(other);
+      FUZZ_CHECK(r == Result::Ok || r == Result::NotFound);
+    } else {
+      send_to(other);
+    }
+  }
 
   void on_receive(Message& m) {
     if (res_on) {
@@ -383,7 +410,7 @@ struct Harness {
 
   void step(fuzz::Input& in) {
     const std::uint8_t op = in.u8();
-    switch (op % 14) {
+    switch (op % 15) {
       case 0: op_connect(); break;
       case 1: op_hello(in); break;
       case 2: case 3: op_frame(in); break;
@@ -437,6 +464,12 @@ struct Harness {
         }
         break;
       }
+      case 14: {
+        const std::uint8_t b = in.u8();
+        open_mode = static_cast<std::uint8_t>((b & 3) % 3);
+        close_mode = static_cast<std::uint8_t>(((b >> 2) & 3) % 3);
+        break;
+      }
     }
   }
 
@@ -455,6 +488,8 @@ LEMSG_FUZZ_TARGET(service) {
     FUZZ_CHECK(t.svc.status() == Result::Ok);
     FUZZ_CHECK(lemsg::detail::socket_path(kName, t.svc_path) == Result::Ok);
     t.svc.set_receive_handler([&t](Message& m) { t.on_receive(m); });
+    t.svc.set_open_handler([&t](SessionRef s) { t.on_open(s); });
+    t.svc.set_close_handler([&t](SessionRef s, Result why) { t.on_close(s, why); });
     FUZZ_CHECK(t.svc.track(t.res, [&t](void* obj, std::uint32_t) {
       FUZZ_CHECK(obj == &t.res_obj);
       ++t.res_released;
@@ -472,6 +507,7 @@ LEMSG_FUZZ_TARGET(service) {
     // server sent is read until nothing more comes.
     for (Message& m : t.held) m.release();
     t.mode = Mode::Release;
+    t.open_mode = t.close_mode = 0;
     for (int round = 0; round < 32; ++round) {
       fuzz::settle(t.loop, 10);
       int frames = 0;

@@ -7,9 +7,10 @@
 // Welcome, Refuse, responses to real, stale or forged txns, error responses
 // with known and unknown codes, messages with and without fds, frames built
 // from the input, half-closes and closes. The client side opens, sends,
-// makes requests (no timeout, or one that cannot pass during the input),
-// makes short synchronous requests, closes and opens again, and its handlers
-// may hold messages, close the session or make a new request.
+// makes requests (no timeout, 1 ms, or one that cannot pass during the
+// input), makes short synchronous requests, lets a few ms pass, closes and
+// opens again, reconnects by itself, and its handlers may hold messages,
+// close the session, open it again or make a new request.
 //
 // Invariants, after every operation and at the end:
 //   - every request that request() accepted completes exactly once, and one
@@ -59,6 +60,23 @@ struct Harness {
   Message held[kHeld];
   Mode mode = Mode::Release;
   int sync_calls = 0;
+  int waits = 0;
+  std::uint8_t close_mode = 0;  // the close handler: 0 nothing, 1 open again, 2 close
+
+  void on_close(Result why) {
+    FUZZ_CHECK(why == Result::Closed || why == Result::BadFrame || why == Result::TooLarge ||
+               why == Result::Overflow || lemsg::detail::known_result(static_cast<std::int32_t>(why)));
+    FUZZ_CHECK(!s.is_open());
+    if (close_mode == 1) open();
+    if (close_mode == 2) s.close();
+  }
+
+  void open() {
+    const Result r = s.open(kName, [](Result res) {
+      FUZZ_CHECK(res == Result::Ok || lemsg::detail::known_result(static_cast<std::int32_t>(res)));
+    });
+    FUZZ_CHECK(r == Result::Ok || r == Result::Busy);
+  }
 
   // Requests: how many request() accepted, and how often each completed.
   bool accepted[kRequests] = {};
@@ -232,15 +250,8 @@ struct Harness {
 
   void step(fuzz::Input& in) {
     const std::uint8_t op = in.u8();
-    switch (op % 16) {
-      case 0: {
-        const Result r = s.open(kName, [](Result res) {
-          FUZZ_CHECK(res == Result::Ok || res == Result::ProtocolMismatch || res == Result::SizeMismatch ||
-                     res == Result::NotPermitted || lemsg::detail::known_result(static_cast<std::int32_t>(res)));
-        });
-        FUZZ_CHECK(r == Result::Ok || r == Result::Busy);
-        break;
-      }
+    switch (op % 18) {
+      case 0: open(); break;
       case 1: accept_one(); break;
       case 2: {  // the handshake answer
         const std::uint8_t v = in.u8();
@@ -335,6 +346,19 @@ struct Harness {
         FUZZ_CHECK(r == Result::Ok ? static_cast<bool>(resp) : !resp);
         break;
       }
+      case 16: {  // handler behaviour, reconnecting, or a request with a 1 ms timeout
+        const std::uint8_t b = in.u8();
+        if (b & 0x80) request(1);
+        else if (b & 0x40) s.set_reconnect((b & 1) != 0, 1, 4);
+        else close_mode = static_cast<std::uint8_t>(b % 3);
+        break;
+      }
+      case 17:  // let a few ms pass: request timeouts, backoff, a paused reader
+        if (waits < 4) {
+          ++waits;
+          fuzz::settle(loop, 5);
+        }
+        break;
     }
   }
 };
@@ -353,10 +377,7 @@ LEMSG_FUZZ_TARGET(session) {
     ::unlink(t.path);
     t.listen();
     t.s.set_receive_handler([&t](Message& m) { t.on_receive(m); });
-    t.s.set_close_handler([](Result why) {
-      FUZZ_CHECK(why == Result::Closed || why == Result::BadFrame || why == Result::TooLarge ||
-                 why == Result::Overflow || lemsg::detail::known_result(static_cast<std::int32_t>(why)));
-    });
+    t.s.set_close_handler([&t](Result why) { t.on_close(why); });
 
     fuzz::Input in{data, size};
     for (int steps = 0; !in.done() && steps < 256; ++steps) {
@@ -367,6 +388,7 @@ LEMSG_FUZZ_TARGET(session) {
 
     // Closing completes every accepted request, exactly once.
     t.mode = Mode::Release;
+    t.close_mode = 0;
     t.s.close();
     t.check_pending();
     FUZZ_CHECK(t.s.pending_count() == 0);
