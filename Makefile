@@ -380,9 +380,11 @@ demo:
 # each target of tests/fuzz/ with clang++ and libFuzzer, ASan and UBSan, and
 # runs it for FUZZ_SECONDS, one after the other, starting from its corpus in
 # tests/fuzz/corpus/<name>/. New inputs go to build/fuzz/<name>.new/ and crash
-# inputs to build/fuzz/<name>.crashes/; with FUZZ_MERGE=1 the new inputs that
-# add coverage are merged into the corpus in the tree (-merge=1, which keeps
-# what is there, the hand-written seeds included) and crash inputs are
+# inputs to build/fuzz/<name>.crashes/; with FUZZ_MERGE=1 the corpus in the
+# tree is rebuilt as the hand-written seeds (files not named by a SHA-1) plus
+# the smallest set of corpus and new inputs that covers every edge they cover
+# (-merge=1 -use_counters=0: a hundred or so files, quick to replay under
+# qemu), and crash inputs are
 # copied to tests/fuzz/corpus/crashes/<name>/ (not replayed by make test until
 # fixed and moved into the corpus). Prints per target: executions, coverage
 # (cov and ft from libFuzzer's final stats) and crashes; fails on a crash.
@@ -410,14 +412,24 @@ fuzz: $(addprefix build/fuzz/,$(FUZZ_NAMES))
 	  if [ "$$st" != 0 ] || [ "$$found" != 0 ]; then \
 	    fail=1; grep -m 5 -e 'ERROR' -e 'invariant broken' -e 'SUMMARY' -e 'Test unit written' $$log; fi; \
 	  if [ "$(FUZZ_MERGE)" = 1 ]; then \
-	    d=$$(mktemp -d "$${TMPDIR:-/tmp}/lemsg-fuzz-$$n.XXXXXX"); \
-	    LEMSG_RUNTIME_DIR=$$d ./build/fuzz/$$n -merge=1 -max_len=$(FUZZ_MAX_LEN) $(FUZZ_CORPUS)/$$n $$new \
-	      > build/fuzz/$$n.merge.log 2>&1 || fail=1; \
-	    rm -rf "$$d"; \
+	    $(call fuzz_merge_sh,$$n,$$new) \
 	    echo "fuzz $$n: corpus merged, $$(ls $(FUZZ_CORPUS)/$$n | wc -l) inputs in $(FUZZ_CORPUS)/$$n"; \
 	    if [ -n "$$(ls $$crashes)" ]; then mkdir -p $(FUZZ_CORPUS)/crashes/$$n && cp $$crashes/* $(FUZZ_CORPUS)/crashes/$$n/; fi; \
 	  fi; \
 	done; exit $$fail
+
+# $(call fuzz_merge_sh,<name>,<dir of new inputs>): the merge described above.
+define fuzz_merge_sh
+m=build/fuzz/$(1).min; rm -rf $$m; mkdir -p $$m; \
+	    d=$$(mktemp -d "$${TMPDIR:-/tmp}/lemsg-fuzz-$(1).XXXXXX"); \
+	    if LEMSG_RUNTIME_DIR=$$d ./build/fuzz/$(1) -merge=1 -use_counters=0 -max_len=$(FUZZ_MAX_LEN) \
+	         $$m $(FUZZ_CORPUS)/$(1) $(2) > build/fuzz/$(1).merge.log 2>&1; then \
+	      seeds=$$(cd $(FUZZ_CORPUS)/$(1) && ls | grep -v -x -E '[0-9a-f]{40}' | xargs -r sha1sum | cut -c1-40); \
+	      find $(FUZZ_CORPUS)/$(1) -maxdepth 1 -type f -regextype posix-extended -regex '.*/[0-9a-f]{40}' -delete; \
+	      for f in $$m/*; do case " $$seeds " in *" $${f##*/} "*) ;; *) cp $$f $(FUZZ_CORPUS)/$(1)/;; esac; done; \
+	    else fail=1; echo "fuzz $(1): merge failed (build/fuzz/$(1).merge.log)"; fi; \
+	    rm -rf "$$d";
+endef
 
 build/fuzz/%: tests/fuzz/%.cpp tests/fuzz/fuzz.hpp lemsg.hpp
 	$(say) CXX $@
