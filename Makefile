@@ -12,12 +12,12 @@
 #   host-clang        host with clang++, and host-clang-tiny
 #   host-asan         ASan+UBSan with $(CXX); host-clang-asan with clang++  (check)
 #   host-tsan         TSan with $(CXX), only the test cases named *thread*  (check)
+#                     (not clang++: its static TSan runtime defines operator
+#                     new, which tests/faults.cpp replaces, and the link fails)
 #
 # Every configuration's lemsg-tests also replays the fuzz corpus
 # (tests/fuzz/corpus/) through the fuzz targets; `make fuzz` runs the targets
 # themselves with libFuzzer (clang++, host only).
-#                     (not clang++: its static TSan runtime defines operator
-#                     new, which tests/faults.cpp replaces, and the link fails)
 
 TARGETS := host armhf aarch64 armel
 
@@ -384,9 +384,9 @@ demo:
 # tree is rebuilt as the hand-written seeds (files not named by a SHA-1) plus
 # the smallest set of corpus and new inputs that covers every edge they cover
 # (-merge=1 -use_counters=0: a hundred or so files, quick to replay under
-# qemu), and crash inputs are
-# copied to tests/fuzz/corpus/crashes/<name>/ (not replayed by make test until
-# fixed and moved into the corpus). Prints per target: executions, coverage
+# qemu), and crash inputs are copied to tests/fuzz/corpus/crashes/<name>/
+# (not replayed by make test until fixed and moved into the corpus).
+# Prints per target: executions, coverage
 # (cov and ft from libFuzzer's final stats) and crashes; fails on a crash.
 FUZZ_SECONDS ?= 60
 FUZZ_MERGE ?= 0
