@@ -14,6 +14,10 @@
 #   host-tsan         TSan with $(CXX), only the test cases named *thread*  (check)
 #                     (not clang++: its static TSan runtime defines operator
 #                     new, which tests/faults.cpp replaces, and the link fails)
+#
+# Every configuration's lemsg-tests also replays the fuzz corpus
+# (tests/fuzz/corpus/) through the fuzz targets; `make fuzz` runs the targets
+# themselves with libFuzzer (clang++, host only).
 
 TARGETS := host armhf aarch64 armel
 
@@ -74,6 +78,13 @@ TEST_LDFLAGS := -Wl,--wrap=malloc -Wl,--wrap=calloc -Wl,--wrap=realloc
 
 TEST_SRCS := $(sort $(filter-out tests/alone.cpp tests/bench% tests/size_%, \
                                  $(wildcard tests/*.cpp)))
+# The fuzz targets and tests/fuzz/replay.cpp, built into lemsg-tests with
+# their entry points renamed (LEMSG_FUZZ_REPLAY); the corpus is read at run
+# time from LEMSG_FUZZ_CORPUS, an absolute path (qemu-user sees the host's).
+FUZZ_NAMES := wire service session
+FUZZ_SRCS := $(sort $(wildcard tests/fuzz/*.cpp))
+FUZZ_CORPUS := tests/fuzz/corpus
+FUZZ_REPLAY_FLAGS = -DLEMSG_FUZZ_REPLAY -DLEMSG_FUZZ_CORPUS='"$(CURDIR)/$(FUZZ_CORPUS)"'
 SIZE_SRCS := $(sort $(filter-out tests/size_empty.cpp,$(wildcard tests/size_*.cpp)))
 EXAMPLE_SRCS := $(sort $(wildcard examples/*.cpp))
 
@@ -120,7 +131,7 @@ MAKEFLAGS += --no-builtin-rules
 # -- top-level targets ---------------------------------------------------------
 
 .DEFAULT_GOAL := all
-.PHONY: all build-tests examples test check size install clean help FORCE
+.PHONY: all build-tests examples test check size install clean help fuzz FORCE
 
 all: build-tests examples
 
@@ -137,12 +148,15 @@ help:
 	@echo '  check     test, plus host ASan+UBSan (g++, clang++) and TSan (*thread*)'
 	@echo '  size      code size of tests/size_*.cpp over tests/size_empty.cpp, -Os'
 	@echo '  demo      build and run examples/demo.cpp on TARGET (host by default)'
+	@echo '  fuzz      run each tests/fuzz/ target with libFuzzer for FUZZ_SECONDS (60);'
+	@echo '            FUZZ_MERGE=1 merges new inputs into tests/fuzz/corpus/'
 	@echo '  bench     raw-socket baseline and lemsg figures and ratios on TARGET'
 	@echo '  examples  examples/*.cpp for TARGET into build/$$TARGET/examples/'
 	@echo '  install   lemsg.hpp and lemsg.pc into $$DESTDIR$$PREFIX (/usr/local)'
 	@echo '  clean     remove build/'
 	@echo 'Variables: TARGET, CXX, CLANG_CXX, TINY_FLAGS, TEST_ARGS, CPPFLAGS,'
-	@echo '  CXXFLAGS, LDFLAGS, LDLIBS, PREFIX, DESTDIR, INSTALL_DEPS=: (skip), V=1'
+	@echo '  CXXFLAGS, LDFLAGS, LDLIBS, PREFIX, DESTDIR, INSTALL_DEPS=: (skip), V=1,'
+	@echo '  FUZZ_SECONDS, FUZZ_MERGE, FUZZ_NAMES, FUZZ_ARGS'
 
 clean:
 	rm -rf build
@@ -217,7 +231,13 @@ build/$(1)/%.o: tests/%.cpp build/$(1)/flags
 	@mkdir -p $$(@D)
 	$(Q)$$(cxx.$(1)) $$(BASEFLAGS) $$(TEST_CPPFLAGS) $$(flags.$(1)) -MMD -MP -c $$< -o $$@
 
-build/$(1)/lemsg-tests: $(patsubst tests/%.cpp,build/$(1)/%.o,$(TEST_SRCS)) build/$(1)/readme_example.o build/$(1)/flags
+# tests/fuzz/*.cpp: this rule's stem is shorter, so it wins over the one above.
+build/$(1)/fuzz/%.o: tests/fuzz/%.cpp build/$(1)/flags
+	$$(say) CXX $$@
+	@mkdir -p $$(@D)
+	$(Q)$$(cxx.$(1)) $$(BASEFLAGS) $$(TEST_CPPFLAGS) $$(FUZZ_REPLAY_FLAGS) $$(flags.$(1)) -MMD -MP -c $$< -o $$@
+
+build/$(1)/lemsg-tests: $(patsubst tests/%.cpp,build/$(1)/%.o,$(TEST_SRCS) $(FUZZ_SRCS)) build/$(1)/readme_example.o build/$(1)/flags
 	$$(say) LINK $$@
 	$(Q)$$(cxx.$(1)) $$(flags.$(1)) $$(BASELDFLAGS) $$(TEST_LDFLAGS) -o $$@ $$(filter %.o,$$^) $$(BASELDLIBS)
 
@@ -247,7 +267,7 @@ run-$(1): build/$(1)/lemsg-tests $(if $(wildcard tests/alone.cpp),build/$(1)/alo
 	  echo $$$$? > build/$(1)/test.status; rm -rf "$$$$d"
 .PHONY: run-$(1)
 
--include $(wildcard build/$(1)/*.d)
+-include $(wildcard build/$(1)/*.d build/$(1)/fuzz/*.d)
 endef
 $(foreach c,$(CONFIGS),$(eval $(call config_rules,$(c))))
 
@@ -353,6 +373,70 @@ demo:
 	$(Q)$(MAKE) --no-print-directory build/$(TARGET)/examples/demo
 	$(Q)timeout -k 5 60 $(EXEC) ./build/$(TARGET)/examples/demo
 .PHONY: bench demo
+
+# -- fuzz ----------------------------------------------------------------------
+
+# make fuzz [FUZZ_SECONDS=60] [FUZZ_MERGE=1] [FUZZ_NAMES='service']: builds
+# each target of tests/fuzz/ with clang++ and libFuzzer, ASan and UBSan, and
+# runs it for FUZZ_SECONDS, one after the other, starting from its corpus in
+# tests/fuzz/corpus/<name>/. New inputs go to build/fuzz/<name>.new/ and crash
+# inputs to build/fuzz/<name>.crashes/; with FUZZ_MERGE=1 the corpus in the
+# tree is rebuilt as the hand-written seeds (files not named by a SHA-1) plus
+# the smallest set of corpus and new inputs that covers every edge they cover
+# (-merge=1 -use_counters=0: a hundred or so files, quick to replay under
+# qemu), and crash inputs are copied to tests/fuzz/corpus/crashes/<name>/
+# (not replayed by make test until fixed and moved into the corpus).
+# Prints per target: executions, coverage
+# (cov and ft from libFuzzer's final stats) and crashes; fails on a crash.
+FUZZ_SECONDS ?= 60
+FUZZ_MERGE ?= 0
+FUZZ_MAX_LEN ?= 512
+FUZZ_CXX ?= $(CLANG_CXX)
+FUZZ_FLAGS ?= -O1 -g -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer
+FUZZ_ARGS ?=
+
+fuzz: $(addprefix build/fuzz/,$(FUZZ_NAMES))
+	$(Q)fail=0; for n in $(FUZZ_NAMES); do \
+	  new=build/fuzz/$$n.new; crashes=build/fuzz/$$n.crashes; log=build/fuzz/$$n.log; \
+	  rm -rf $$new; mkdir -p $$new $$crashes $(FUZZ_CORPUS)/$$n; \
+	  d=$$(mktemp -d "$${TMPDIR:-/tmp}/lemsg-fuzz-$$n.XXXXXX"); \
+	  before=$$(ls $$crashes | wc -l); \
+	  LEMSG_RUNTIME_DIR=$$d ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 \
+	    ./build/fuzz/$$n -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 -max_len=$(FUZZ_MAX_LEN) \
+	    -timeout=20 -artifact_prefix=$$crashes/ $(FUZZ_ARGS) $$new $(FUZZ_CORPUS)/$$n > $$log 2>&1; \
+	  st=$$?; rm -rf "$$d"; \
+	  execs=$$(sed -n 's/^stat::number_of_executed_units: *//p' $$log | tail -n 1); \
+	  cov=$$(grep -o 'cov: [0-9]* ft: [0-9]*' $$log | tail -n 1); \
+	  found=$$(( $$(ls $$crashes | wc -l) - before )); \
+	  echo "fuzz $$n: $${execs:-?} executions in $(FUZZ_SECONDS) s, $${cov:-cov: ? ft: ?}, $$found crashes (log $$log)"; \
+	  if [ "$$st" != 0 ] || [ "$$found" != 0 ]; then \
+	    fail=1; grep -m 5 -e 'ERROR' -e 'invariant broken' -e 'SUMMARY' -e 'Test unit written' $$log; fi; \
+	  if [ "$(FUZZ_MERGE)" = 1 ]; then \
+	    $(call fuzz_merge_sh,$$n,$$new) \
+	    echo "fuzz $$n: corpus merged, $$(ls $(FUZZ_CORPUS)/$$n | wc -l) inputs in $(FUZZ_CORPUS)/$$n"; \
+	    if [ -n "$$(ls $$crashes)" ]; then mkdir -p $(FUZZ_CORPUS)/crashes/$$n && cp $$crashes/* $(FUZZ_CORPUS)/crashes/$$n/; fi; \
+	  fi; \
+	done; exit $$fail
+
+# $(call fuzz_merge_sh,<name>,<dir of new inputs>): the merge described above.
+define fuzz_merge_sh
+m=build/fuzz/$(1).min; rm -rf $$m; mkdir -p $$m; \
+	    d=$$(mktemp -d "$${TMPDIR:-/tmp}/lemsg-fuzz-$(1).XXXXXX"); \
+	    if LEMSG_RUNTIME_DIR=$$d ./build/fuzz/$(1) -merge=1 -use_counters=0 -max_len=$(FUZZ_MAX_LEN) \
+	         $$m $(FUZZ_CORPUS)/$(1) $(2) > build/fuzz/$(1).merge.log 2>&1; then \
+	      seeds=$$(cd $(FUZZ_CORPUS)/$(1) && ls | grep -v -x -E '[0-9a-f]{40}' | xargs -r sha1sum | cut -c1-40); \
+	      find $(FUZZ_CORPUS)/$(1) -maxdepth 1 -type f -regextype posix-extended -regex '.*/[0-9a-f]{40}' -delete; \
+	      for f in $$m/*; do case " $$seeds " in *" $${f##*/} "*) ;; *) cp $$f $(FUZZ_CORPUS)/$(1)/;; esac; done; \
+	    else fail=1; echo "fuzz $(1): merge failed (build/fuzz/$(1).merge.log)"; fi; \
+	    rm -rf "$$d";
+endef
+
+build/fuzz/%: tests/fuzz/%.cpp tests/fuzz/fuzz.hpp lemsg.hpp
+	$(say) CXX $@
+	@mkdir -p $(@D)
+	$(Q)$(FUZZ_CXX) $(LANGFLAGS) $(WARNFLAGS) -I. -D_FILE_OFFSET_BITS=64 $(CPPFLAGS) $(CXXFLAGS) $(FUZZ_FLAGS) \
+	  -o $@ $< $(LDFLAGS)
+.PHONY: fuzz
 
 # -- install -------------------------------------------------------------------
 
