@@ -410,7 +410,7 @@ namespace lemsg {
   X(Unanswered, "the server released the request without responding")        \
   X(ServiceTableFull, "this process's service table is full (raise LEMSG_MAX_SERVICES)") \
   X(TrackTableFull, "tracked map table full (raise LEMSG_MAX_TRACKED)")         \
-  X(TooBigForSocket, "protocol's maximum frame is larger than a socket datagram may be here (lower max_payload or raise net.core.wmem_max)") \
+  X(TooBigForSocket, "frame too large for one socket datagram here (lower the protocol's max_payload or raise net.core.wmem_max)") \
   X(UnsafeRuntimeDir, "runtime dir unsafe: another user owns or may write it or a directory above it (see the log)") \
   X(NoRuntimeDir, "cannot create or write the runtime dir: set LEMSG_RUNTIME_DIR, or create it owned by this user") \
   X(UntrustedServer, "the server runs as another user than Session::require_server_uid() asks for")
@@ -2595,9 +2595,9 @@ class Service {
   /// so a request is answered at most once. Ok; Closed when its session is
   /// gone (harmless; the message is consumed); BadParameter when `m` is empty
   /// (already responded), shared (copies exist), or not a request received
-  /// here; TooLarge; TooBigForSocket when the socket refuses the datagram
-  /// (the client's request then completes with TooBigForSocket; `m` is
-  /// consumed); Overflow when the response cannot even be queued (the
+  /// here; TooLarge; TooBigForSocket or SystemError when the socket refuses
+  /// the datagram (the client's request then completes with that Result and
+  /// `m` is consumed); Overflow when the response cannot even be queued (the
   /// session is closed).
   Result respond(Message&& m) noexcept;
   /// Closes a session; the close handler runs with Ok. Ok or NotFound.
@@ -3449,24 +3449,22 @@ inline Result Service::respond(Message&& m) noexcept {
   b->kind = detail::MsgKind::Outgoing;
   const Result r = p->ch.send(loop_, m, wire::FrameType::Response, txn, 0);
   if (r == Result::Ok) return r;
-  if (r == Result::TooBigForSocket) {
-    // This socket cannot carry it (its buffer could not be raised): the
-    // client's request still completes, with the reason.
-    m.release();
-    LEMSG_LOG(Warning, "service %s: a response of %lu bytes is too large for the socket", protocol_.id,
-              static_cast<unsigned long>(size));
-    answer_error(ref, txn, r);
-    return r;
-  }
-  // The response cannot reach the client. A dead peer's POLLHUP closes the
-  // session from the loop; a peer that stopped reading is closed now,
-  // because a response is never dropped silently.
   m.release();
   if (r == Result::Overflow) {
+    // A peer that stopped reading is closed now: a response is never
+    // dropped silently.
     close_peer(ref, Result::Overflow);
     return r;
   }
-  return Result::Closed;
+  // A dead peer's hang-up closes the session from the loop.
+  if (r == Result::Closed) return r;
+  // The socket refused this response (too large for its buffer, too many
+  // fds in flight, no buffer space): the client's request still completes,
+  // with the reason, and the session goes on.
+  LEMSG_LOG(Warning, "service %s: a response of %lu bytes could not be sent: %s", protocol_.id,
+            static_cast<unsigned long>(size), to_string(r));
+  answer_error(ref, txn, r);
+  return r;
 }
 
 inline Result Service::close(SessionRef s) noexcept {

@@ -884,6 +884,66 @@ TEST_CASE("messaging: a payload above the socket's default send buffer travels b
   c.s.close();
 }
 
+// The socket refuses one response (here: its buffer was lowered under the
+// service after the session opened): the request still completes, with the
+// reason, and the session goes on.
+TEST_CASE("messaging: a response the socket refuses completes the client's request with the reason, and the session goes on") {
+  testutil::RuntimeDir dir;
+  constexpr std::uint32_t kBig = 300 * 1024;
+  const lemsg::Protocol big{"lemsg.test.big", kBig};
+  static lemsg::MessagePool<kBig, 4> pool;
+  Loop loop;
+  Server srv(loop, pool, big);
+  REQUIRE(srv.svc.advertise("refused") == Result::Ok);
+  srv.hook = [&](Message& req) {
+    if (body_of(req).op == OpHold) {
+      Result r = req.set_size(kBig);  // a full-size answer
+      (void)r;
+    }
+    srv.last_respond = srv.svc.respond(std::move(req));
+    return true;
+  };
+  testutil::Pipe opened, lowered;
+  const pid_t child = testutil::spawn([&] {
+    die_with_parent();
+    Loop cl;
+    static lemsg::MessagePool<kBig, 4> cp;
+    Session s(cl, big, cp);
+    CHILD_CHECK(s.open_sync("refused", kWaitMs) == Result::Ok);
+    opened.put('o');
+    CHILD_CHECK(lowered.get(kWaitMs) == 'l');
+    Message m, resp;
+    CHILD_CHECK(s.create_message(m) == Result::Ok);
+    CHILD_CHECK(set_body(m, OpHold, 1));
+    CHILD_CHECK(s.request_sync(std::move(m), resp, kWaitMs) == Result::TooBigForSocket);
+    CHILD_CHECK(!resp);
+    CHILD_CHECK(s.is_open());
+    CHILD_CHECK(s.create_message(m) == Result::Ok);
+    CHILD_CHECK(set_body(m, OpEcho, 2));
+    CHILD_CHECK(s.request_sync(std::move(m), resp, kWaitMs) == Result::Ok);
+    CHILD_CHECK(resp.size() == sizeof(Body));
+    return 0;
+  });
+  REQUIRE(child > 0);
+  CHECK(testutil::run_until(loop, [&] { return pipe_says(opened, 'o'); }, kWaitMs));
+  CHECK(testutil::run_until(loop, [&] { return srv.opens == 1; }, kWaitMs));
+  // The session's socket is the one whose buffer was raised for the protocol.
+  int raised = 0;
+  for (int fd = 0; fd < 1024; ++fd) {
+    int have = 0;
+    socklen_t len = sizeof have;
+    if (getsockopt(fd, SOL_SOCKET, SO_SNDBUF, &have, &len) != 0 || have < static_cast<int>(2 * kBig)) continue;
+    const int small = 64 * 1024;
+    CHECK(setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &small, sizeof small) == 0);
+    ++raised;
+  }
+  CHECK(raised == 1);
+  lowered.put('l');
+  CHECK(run_until_exit(loop, child, kWaitMs) == 0);
+  CHECK(srv.last_respond == Result::Ok);  // the echo; the refused one said TooBigForSocket
+  CHECK(srv.closes == 0);
+}
+
 // A protocol whose largest frame no socket on this system can carry is
 // refused when the Service or Session is built, with a Result that says why.
 TEST_CASE("messaging: a protocol whose frames cannot be one datagram here is refused at construction with TooBigForSocket") {
