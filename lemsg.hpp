@@ -1547,6 +1547,14 @@ inline Result peer_credentials(int fd, Credentials& out) noexcept;
 /// True when `fd` refers to a directory.
 inline bool is_directory(int fd) noexcept;
 
+/// True when `fd` is a Unix (AF_UNIX) socket.
+inline bool is_unix_socket(int fd) noexcept;
+
+/// True when `fd` is a Unix socket whose peer (SO_PEERCRED) is this process:
+/// received from a peer, it may be the peer's end of the very connection it
+/// came on, which would keep that connection alive after the peer dies.
+inline bool connected_to_us(int fd) noexcept;
+
 /// Puts a connected socket in blocking mode (true on success). Callers then
 /// pass MSG_DONTWAIT wherever they must not wait.
 inline bool clear_nonblock(int fd) noexcept;
@@ -1559,7 +1567,8 @@ inline Result send_datagram(int fd, const void* buf, std::size_t len, int pass_f
 /// `fd_out` (-1 when none) set; WouldBlock; Closed (orderly end or reset,
 /// once the datagrams the peer sent before it are read); TooLarge (datagram
 /// longer than `cap`); BadFrame (an empty datagram, control data truncated,
-/// more than one fd, or a directory fd). On every result but Ok, each fd that
+/// more than one fd, a directory fd, or a Unix socket connected to this
+/// process, see connected_to_us). On every result but Ok, each fd that
 /// arrived has been closed already. With `wait` on a blocking socket it waits
 /// for a datagram up to the socket's SO_RCVTIMEO (then WouldBlock).
 inline Result recv_datagram(int fd, void* buf, std::size_t cap, std::size_t& len, int& fd_out,
@@ -1716,6 +1725,22 @@ inline bool is_directory(int fd) noexcept {
   return ::fstat(fd, &st) == 0 && S_ISDIR(st.st_mode);
 }
 
+inline bool is_unix_socket(int fd) noexcept {
+  struct stat st;
+  if (::fstat(fd, &st) != 0 || !S_ISSOCK(st.st_mode)) return false;
+  // getsockname rather than SO_DOMAIN: older kernels and qemu-user know it.
+  struct sockaddr_storage sa;
+  socklen_t len = sizeof sa;
+  std::memset(&sa, 0, sizeof sa);
+  return ::getsockname(fd, reinterpret_cast<sockaddr*>(&sa), &len) == 0 && sa.ss_family == AF_UNIX;
+}
+
+inline bool connected_to_us(int fd) noexcept {
+  if (!is_unix_socket(fd)) return false;
+  Credentials c;
+  return peer_credentials(fd, c) == Result::Ok && c.pid == ::getpid();
+}
+
 inline Result send_datagram(int fd, const void* buf, std::size_t len, int pass_fd) noexcept {
   struct iovec iov;
   iov.iov_base = const_cast<void*>(buf);
@@ -1819,6 +1844,12 @@ inline Result check_datagram(int fd, struct msghdr& mh, ssize_t n, std::size_t& 
   }
   if (r == Result::Ok && (bad_control || nfds > 1)) r = Result::BadFrame;
   if (r == Result::Ok && nfds == 1 && is_directory(fds[0])) r = Result::BadFrame;  // a directory fd escapes a sandbox
+  // A socket connected to us (the peer's own end of this connection, say)
+  // keeps the connection alive after the peer dies: its hang-up never comes.
+  if (r == Result::Ok && nfds == 1 && connected_to_us(fds[0])) {
+    LEMSG_LOG(Debug, "transport: refusing a Unix socket fd connected to this process");
+    r = Result::BadFrame;
+  }
   if (r != Result::Ok) {
     for (std::size_t i = 0; i < nfds; ++i) ::close(fds[i]);
     return r;
@@ -2049,6 +2080,12 @@ struct ServiceOptions {
   std::size_t uid_count = 0;
   const gid_t* gids = nullptr;
   std::size_t gid_count = 0;
+  /// Whether a client may send a Unix socket as a message's fd. Off by
+  /// default: a server that keeps such an fd may be keeping the client's own
+  /// end of its connection (or another session's), and then never sees the
+  /// client die. Even when on, a socket connected to this process is refused:
+  /// the session is closed with BadFrame.
+  bool accept_socket_fds = false;
 };
 
 using OpenHandler = Callable<void(SessionRef)>;
@@ -2078,6 +2115,8 @@ struct Channel {
   // so request_sync can wait inside recvmsg, as a plain blocking client does.
   bool blocking = false;
   int rcvtimeo_ms = 0;  // SO_RCVTIMEO last set (0 = never)
+  // A Unix socket arriving as an fd is a bad frame (ServiceOptions::accept_socket_fds).
+  bool refuse_unix_fds = false;
   Message out[LEMSG_MAX_OUTGOING];
   std::size_t out_head = 0;
   std::size_t out_count = 0;
@@ -2583,6 +2622,7 @@ inline Result Channel::next(MessagePoolBase& pool, std::uint32_t max_payload, Me
       if (ri == Result::Ok) ri = wire::decode(held[i].blk_->header, d[i].len, max_payload, held_h[i]);
       // The fd flag must match what arrived: an fd nobody announced is refused.
       if (ri == Result::Ok && ((held_h[i].flags & wire::FlagFd) != 0) != (d[i].fd >= 0)) ri = Result::BadFrame;
+      if (ri == Result::Ok && d[i].fd >= 0 && refuse_unix_fds && is_unix_socket(d[i].fd)) ri = Result::BadFrame;
       if (ri != Result::Ok || held_err != Result::Ok) {
         // Nothing after a bad frame is delivered: the session is closing.
         if (d[i].fd >= 0 && d[i].result == Result::Ok) ::close(d[i].fd);
@@ -2642,6 +2682,7 @@ inline Result Channel::receive(MessagePoolBase& pool, std::uint32_t max_payload,
   r = wire::decode(m.blk_->header, len, max_payload, h);
   // The fd flag must match what arrived: an fd nobody announced is refused.
   if (r == Result::Ok && ((h.flags & wire::FlagFd) != 0) != (rfd >= 0)) r = Result::BadFrame;
+  if (r == Result::Ok && rfd >= 0 && refuse_unix_fds && is_unix_socket(rfd)) r = Result::BadFrame;
   if (r != Result::Ok) {
     if (rfd >= 0) ::close(rfd);
     return r;
@@ -2842,6 +2883,7 @@ inline void Service::on_listen(short revents) noexcept {
     slot->context = nullptr;
     slot->creds = c;
     slot->ch.fd = fd;
+    slot->ch.refuse_unix_fds = !options_.accept_socket_fds;
     slot->hello_deadline = detail::now_ns() + static_cast<std::int64_t>(LEMSG_OPEN_TIMEOUT_MS) * 1000000;
     reschedule();
   }

@@ -1033,4 +1033,114 @@ TEST_CASE("transport: a response to no pending request is discarded, with its fd
   CHECK(f.finish() == 0);
 }
 
+
+// ---- denial of service: a peer that keeps its own connection alive ----
+
+TEST_CASE("transport: a client that sends its own connection socket as an fd is closed as bad input, so its death is seen") {
+  // The D-Bus CVE-2014-3637 class: a server that keeps a received fd which
+  // is the client's end of the very same connection never sees a hang-up
+  // after the client dies. The fd must be refused and the session closed.
+  Bench b;
+  REQUIRE(b.start());
+  int kept[8];
+  int kept_count = 0;
+  b.server.svc.set_receive_handler([&](Message& m) {
+    if (m.has_fd() && kept_count < 8) kept[kept_count++] = m.take_fd();  // the application keeps it
+    if (!m.needs_response()) return;
+    unsigned char* p = static_cast<unsigned char*>(m.payload());
+    for (std::uint32_t i = 0; i < m.size(); ++i) p[i] = static_cast<unsigned char>(p[i] + 1);
+    Result rr = b.server.svc.respond(std::move(m));
+    (void)rr;
+  });
+  Peer rogue;
+  std::uint32_t ref = 0;
+  REQUIRE(b.connect_rogue(rogue, true, ref));
+  Raw r;
+  frame(r, t(FrameType::Message), wire::FlagFd, 0, 4, 4);
+  REQUIRE(testutil::send_fds(rogue.fd, r.b, r.len, &rogue.fd, 1));
+  ::close(rogue.fd);  // the rogue "dies"; only the fd in flight keeps its end alive
+  rogue.fd = -1;
+  CHECK(testutil::run_until(b.server.loop, [&] { return b.server.close_count == 1; }, 5000));
+  CHECK(b.server.closes[0].ref == ref);
+  CHECK(b.server.closes[0].reason == Result::BadFrame);
+  CHECK(kept_count == 0);
+  for (int i = 0; i < kept_count; ++i) ::close(kept[i]);
+  CHECK(b.server.svc.session_count() == 1);
+  CHECK(testutil::run_until(b.server.loop, [&] { return b.server.pool.in_use() == 0; }, 30000));
+  CHECK(testutil::count_open_fds() == b.base_fds);
+  CHECK(b.served());
+  CHECK(b.finish() == 0);
+}
+
+TEST_CASE("transport: a Unix socket fd is refused unless the service opts in, and one connected to the server always") {
+  // A child sends, on one session, first one end of a socketpair of its own,
+  // then a second connection of its to the server (connected to us).
+  for (int opt_in = 0; opt_in < 2; ++opt_in) {
+    CAPTURE(opt_in);
+    testutil::TidyRuntimeDir dir;
+    testutil::LogCapture log;
+    Server server;
+    int kept[4];
+    int kept_count = 0;
+    bool kept_unix = false;
+    server.svc.set_receive_handler([&](Message& m) {
+      if (!m.has_fd() || kept_count >= 4) return;
+      kept[kept_count] = m.take_fd();
+      kept_unix = lemsg::detail::is_unix_socket(kept[kept_count]);
+      ++kept_count;
+    });
+    lemsg::ServiceOptions opts;
+    opts.accept_socket_fds = opt_in != 0;
+    REQUIRE(server.svc.advertise(kName, opts) == Result::Ok);
+    char path[256];
+    dir.socket(kName, path);
+    testutil::Pipe go;
+    const pid_t child = testutil::spawn([&] {
+      testutil::die_with_parent();
+      go.close_write();
+      const int s = connect_raw(path);
+      CHILD_CHECK(s >= 0);
+      Raw h;
+      hello(h, kProto.id, kProto.max_payload);
+      CHILD_CHECK(send_raw(s, h, Fds::None));
+      int sv[2];
+      CHILD_CHECK(::socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv) == 0);
+      Raw m;
+      frame(m, t(FrameType::Message), wire::FlagFd, 0, 4, 4);
+      CHILD_CHECK(testutil::send_fds(s, m.b, m.len, &sv[0], 1));
+      const int c = go.get(30000);  // 'n': the parent saw the first frame; 'q': done
+      if (c != 'n') return c == 'q' ? 0 : 2;
+      const int other = connect_raw(path);
+      CHILD_CHECK(other >= 0);
+      CHILD_CHECK(testutil::send_fds(s, m.b, m.len, &other, 1));
+      go.get(30000);  // until the parent is done
+      return 0;
+    });
+    go.close_read();
+    if (opt_in) {
+      // Connected elsewhere (to the child): delivered.
+      CHECK(testutil::run_until(server.loop, [&] { return kept_count == 1; }, 30000));
+      CHECK(kept_unix);
+      CHECK(server.close_count == 0);
+      go.put('n');
+    } else {
+      // Refused by default: the session closes as bad input.
+      CHECK(testutil::run_until(server.loop, [&] { return server.close_count == 1; }, 30000));
+      CHECK(kept_count == 0);
+    }
+    if (opt_in) {
+      // Connected to this server: refused even so.
+      CHECK(testutil::run_until(server.loop, [&] { return server.close_count == 1; }, 30000));
+      CHECK(kept_count == 1);
+    }
+    CHECK(server.close_count == 1);
+    CHECK(server.closes[0].reason == Result::BadFrame);
+    for (int i = 0; i < kept_count; ++i) ::close(kept[i]);
+    go.put('q');
+    go.close_write();
+    CHECK(testutil::wait_exit(child, 30000) == 0);
+    CHECK(testutil::run_until(server.loop, [&] { return server.pool.in_use() == 0; }, 30000));
+  }
+}
+
 }  // TEST_SUITE
