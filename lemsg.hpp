@@ -128,6 +128,10 @@
 //   - NotPermitted: the socket file's mode/owner, or the allow-list.
 //   - ProtocolMismatch / SizeMismatch: client and server were built against
 //     different protocol declarations.
+//   - "accept failed: Too many open files; pausing accepts": the process ran
+//     out of fds. The Service stops watching its socket, retries on its timer
+//     (50 ms doubling to 1 s) and logs "accepting again" (info) when it can;
+//     waiting clients stay in the backlog meanwhile.
 //   - A watch whose fd was closed before remove_watch() gets POLLNVAL once; if
 //     the handler leaves it in place, the Loop removes it and logs a warning.
 //
@@ -2278,6 +2282,7 @@ class Service {
   };
 
   void on_listen(short revents) noexcept;
+  void pause_accepting(int error) noexcept;
   void on_peer(std::uint32_t ref, short revents) noexcept;
   bool on_hello(std::uint32_t ref, Peer& p) noexcept;
   void on_timer() noexcept;
@@ -2299,6 +2304,10 @@ class Service {
   ServiceOptions options_;
   int listen_fd_ = -1;
   WatchId listen_watch_;
+  // Out of fds (EMFILE...): the listening socket stays readable, so its
+  // watch is paused and a timer retries, backing off up to a second.
+  std::int64_t accept_retry_ = 0;       // when to listen again; 0 = not paused
+  std::uint32_t accept_backoff_ms_ = 0;  // 0 = accepting normally
   TimerId timer_;
   char path_[sizeof(sockaddr_un::sun_path)] = {};
   Peer peers_[LEMSG_MAX_SESSIONS];
@@ -2789,6 +2798,8 @@ inline Result Service::hide() noexcept {
   listen_watch_ = WatchId{};
   ::close(listen_fd_);
   listen_fd_ = -1;
+  accept_retry_ = 0;
+  accept_backoff_ms_ = 0;
   ::unlink(path_);
   detail::registry_remove(path_);
   return Result::Ok;
@@ -2843,9 +2854,15 @@ inline void Service::on_listen(short revents) noexcept {
   for (int i = 0; i < 16 && listen_fd_ >= 0; ++i) {
     const int fd = ::accept4(listen_fd_, nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC);
     if (fd < 0) {
-      if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR && errno != ECONNABORTED)
-        LEMSG_LOG(Warning, "service %s: accept failed: %s", protocol_.id, std::strerror(errno));
+      const int e = errno;
+      if (e == EMFILE || e == ENFILE || e == ENOBUFS || e == ENOMEM) pause_accepting(e);
+      else if (e != EAGAIN && e != EWOULDBLOCK && e != EINTR && e != ECONNABORTED)
+        LEMSG_LOG(Warning, "service %s: accept failed: %s", protocol_.id, std::strerror(e));
       return;
+    }
+    if (accept_backoff_ms_) {
+      LEMSG_LOG(Info, "service %s: accepting again", protocol_.id);
+      accept_backoff_ms_ = 0;
     }
     Credentials c;
     std::int32_t refuse = 0;
@@ -2887,6 +2904,23 @@ inline void Service::on_listen(short revents) noexcept {
     slot->hello_deadline = detail::now_ns() + static_cast<std::int64_t>(LEMSG_OPEN_TIMEOUT_MS) * 1000000;
     reschedule();
   }
+}
+
+inline void Service::pause_accepting(int error) noexcept {
+  // The connection stays in the backlog, so the listening socket stays
+  // readable: without a pause every poll would return at once. One warning
+  // per episode; the retries back off from 50 ms to a second.
+  if (accept_backoff_ms_ == 0) {
+    LEMSG_LOG(Warning, "service %s: accept failed: %s; pausing accepts until it succeeds", protocol_.id,
+              std::strerror(error));
+    accept_backoff_ms_ = 50;
+  } else {
+    accept_backoff_ms_ = accept_backoff_ms_ * 2 > 1000 ? 1000 : accept_backoff_ms_ * 2;
+  }
+  Result r = loop_.set_events(listen_watch_, 0);
+  (void)r;
+  accept_retry_ = detail::now_ns() + static_cast<std::int64_t>(accept_backoff_ms_) * 1000000;
+  reschedule();
 }
 
 inline bool Service::on_hello(std::uint32_t ref, Peer& p) noexcept {
@@ -3096,6 +3130,7 @@ inline void Service::reschedule() noexcept {
     else if (p->ch.starved) t = now + 5 * 1000000;
     if (t && (!next || t < next)) next = t;
   });
+  if (accept_retry_ && (!next || accept_retry_ < next)) next = accept_retry_;
   Result r = next ? loop_.arm_timer(timer_, static_cast<std::uint32_t>(detail::ms_until(next)))
                   : loop_.disarm_timer(timer_);
   (void)r;
@@ -3103,6 +3138,12 @@ inline void Service::reschedule() noexcept {
 
 inline void Service::on_timer() noexcept {
   const std::int64_t now = detail::now_ns();
+  if (accept_retry_ && accept_retry_ <= now && listen_fd_ >= 0) {
+    // Listen again: the next poll tries accept(), which pauses again if fds are still short.
+    accept_retry_ = 0;
+    Result r = loop_.set_events(listen_watch_, Readable);
+    (void)r;
+  }
   std::uint32_t late[LEMSG_MAX_SESSIONS];
   std::size_t n = 0;
   peer_refs_.for_each([&](Peer* p, std::uint32_t ref) {

@@ -22,6 +22,7 @@
 
 #include <fcntl.h>
 #include <poll.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/un.h>
 #include <unistd.h>
@@ -1141,6 +1142,80 @@ TEST_CASE("transport: a Unix socket fd is refused unless the service opts in, an
     CHECK(testutil::wait_exit(child, 30000) == 0);
     CHECK(testutil::run_until(server.loop, [&] { return server.pool.in_use() == 0; }, 30000));
   }
+}
+
+TEST_CASE("transport: a service out of file descriptors pauses accepting, logs once, and lets the client in when fds are free") {
+  // accept() failing with EMFILE leaves the listening socket readable: a
+  // service that only logs and returns makes every run_once return at once.
+  testutil::TidyRuntimeDir dir;
+  char path[256];
+  dir.socket(kName, path);
+  testutil::Pipe full, go;
+  const pid_t server = testutil::spawn([&] {
+    testutil::die_with_parent();
+    full.close_read();
+    go.close_write();
+    testutil::LogCapture log;
+    Loop loop;
+    lemsg::MessagePool<kBlock, 8> pool;
+    lemsg::Service svc(loop, kProto, pool);
+    CHILD_CHECK(svc.advertise(kName) == Result::Ok);
+    // Leave no fd free.
+    struct rlimit rl;
+    CHILD_CHECK(::getrlimit(RLIMIT_NOFILE, &rl) == 0);
+    rl.rlim_cur = static_cast<rlim_t>(testutil::count_open_fds() + 8);
+    CHILD_CHECK(::setrlimit(RLIMIT_NOFILE, &rl) == 0);
+    int spare[64];
+    int n = 0;
+    while (n < 64) {
+      const int fd = ::open("/dev/null", O_RDONLY | O_CLOEXEC);
+      if (fd < 0) break;
+      spare[n++] = fd;
+    }
+    CHILD_CHECK(n < 64 && errno == EMFILE);
+    full.put('f');
+    CHILD_CHECK(go.get(30000) == 'c');  // a client waits in the backlog
+    const int warnings = log.warnings();
+    int busy = 0;
+    for (int i = 0; i < 200; ++i)
+      if (loop.run_once(10) == Result::Ok) ++busy;
+    const int episode_warnings = log.warnings() - warnings;
+    for (int i = 0; i < n; ++i) ::close(spare[i]);
+    if (episode_warnings != 1 || busy >= 100)
+      std::fprintf(stderr, "EMFILE: %d of 200 run_once calls dispatched, %d warnings\n", busy, episode_warnings);
+    CHILD_CHECK(episode_warnings == 1);
+    CHILD_CHECK(busy < 100);  // a spinning listener dispatches on every call
+    // fds are free again: the waiting client gets in, and others after it.
+    CHILD_CHECK(testutil::run_until(loop, [&] { return svc.session_count() == 1; }, 30000));
+    struct pollfd p = {go.fd[0], POLLIN, 0};
+    const long long end = testutil::now_ms() + 30000;
+    while (::poll(&p, 1, 0) == 0 && testutil::now_ms() < end) {
+      Result r = loop.run_once(20);
+      (void)r;
+    }
+    return 0;
+  });
+  full.close_write();
+  go.close_read();
+  REQUIRE(full.get(30000) == 'f');
+  Peer waiting;
+  waiting.fd = connect_raw(path);
+  REQUIRE(waiting.fd >= 0);
+  Raw h;
+  hello(h, kProto.id, kProto.max_payload);
+  REQUIRE(send_raw(waiting.fd, h, Fds::None));
+  go.put('c');
+  const long long end = testutil::now_ms() + 30000;
+  while (!waiting.welcome && !waiting.poll_closed() && testutil::now_ms() < end) usleep(2000);
+  CHECK(waiting.welcome);
+  {
+    Loop loop;
+    lemsg::MessagePool<kBlock, 4> pool;
+    lemsg::Session s(loop, kProto, pool);
+    CHECK(s.open_sync(kName, 30000) == Result::Ok);
+  }
+  go.put('q');
+  CHECK(testutil::wait_exit(server, 30000) == 0);
 }
 
 }  // TEST_SUITE
