@@ -61,6 +61,10 @@
 //   LEMSG_MAX_PROTOCOL_ID 64  characters in a protocol id.
 //   LEMSG_OPEN_TIMEOUT_MS 5000  how long either side waits for the other's half
 //                             of the open handshake.
+//   LEMSG_STALL_TIMEOUT_MS 30000  a client that reads nothing this long while
+//                             frames wait for it is closed with Stalled, whatever
+//                             its socket's other holders do (ServiceOptions::
+//                             stall_timeout_ms overrides it per Service).
 //   LEMSG_CALLABLE_SIZE   4 pointers  bytes a handler may capture in place;
 //                             a larger capture is a compile-time error.
 //   LEMSG_LOG_LEVEL       1   default run-time log threshold
@@ -229,6 +233,9 @@
 #ifndef LEMSG_OPEN_TIMEOUT_MS
 #define LEMSG_OPEN_TIMEOUT_MS 5000
 #endif
+#ifndef LEMSG_STALL_TIMEOUT_MS
+#define LEMSG_STALL_TIMEOUT_MS 30000
+#endif
 
 static_assert(LEMSG_MAX_WATCHES >= 1 && LEMSG_MAX_WATCHES <= 4096, "LEMSG_MAX_WATCHES must be 1..4096");
 static_assert(LEMSG_MAX_TIMERS >= 1 && LEMSG_MAX_TIMERS <= 4096, "LEMSG_MAX_TIMERS must be 1..4096");
@@ -244,6 +251,8 @@ static_assert(LEMSG_MAX_TRACKED >= 1 && LEMSG_MAX_TRACKED <= 64, "LEMSG_MAX_TRAC
 static_assert(LEMSG_MAX_NAME >= 1 && LEMSG_MAX_NAME <= 64, "LEMSG_MAX_NAME must be 1..64");
 static_assert(LEMSG_MAX_PROTOCOL_ID >= 1 && LEMSG_MAX_PROTOCOL_ID <= 256, "LEMSG_MAX_PROTOCOL_ID must be 1..256");
 static_assert(LEMSG_OPEN_TIMEOUT_MS >= 1, "LEMSG_OPEN_TIMEOUT_MS must be positive");
+static_assert(LEMSG_STALL_TIMEOUT_MS >= 1 && LEMSG_STALL_TIMEOUT_MS <= 86400000,
+              "LEMSG_STALL_TIMEOUT_MS must be 1..86400000");
 
 namespace lemsg {
 
@@ -357,7 +366,8 @@ namespace lemsg {
   X(WouldBlock, "operation would block")                                       \
   X(Unanswered, "the server released the request without responding")        \
   X(ServiceTableFull, "this process's service table is full (raise LEMSG_MAX_SERVICES)") \
-  X(TrackTableFull, "tracked map table full (raise LEMSG_MAX_TRACKED)")
+  X(TrackTableFull, "tracked map table full (raise LEMSG_MAX_TRACKED)")                \
+  X(Stalled, "peer read nothing for the stall timeout while frames waited (LEMSG_STALL_TIMEOUT_MS)")
 
 /// Outcome of every call that can fail. Ok is 0. Ignoring one is a warning.
 enum class [[nodiscard]] Result : int {
@@ -1932,6 +1942,9 @@ inline Result recv_datagrams(int fd, Datagram* d, std::size_t count, std::size_t
 //     not read: send() then returns Overflow (the message stays the caller's);
 //     a response that cannot be queued closes the session with Overflow,
 //     because a response is never dropped silently.
+//   - A client that reads nothing for LEMSG_STALL_TIMEOUT_MS while frames
+//     wait for it is closed with Stalled, with the fds and blocks the queue
+//     held, even when its socket lives on elsewhere (no hang-up comes).
 //   - A synchronous call that only this thread's own loop could answer
 //     returns WouldDeadlock at once.
 
@@ -2090,12 +2103,16 @@ struct ServiceOptions {
   /// client die. Even when on, a socket connected to this process is refused:
   /// the session is closed with BadFrame.
   bool accept_socket_fds = false;
+  /// A session whose client read nothing for this long while frames waited
+  /// for it is closed with Stalled. 0 = LEMSG_STALL_TIMEOUT_MS.
+  std::uint32_t stall_timeout_ms = 0;
 };
 
 using OpenHandler = Callable<void(SessionRef)>;
 /// Server side: the session, and why it closed: Closed (client closed or
 /// died), Ok (this side closed it), BadFrame or TooLarge (bad input),
-/// Overflow (client stopped reading).
+/// Overflow (client stopped reading and a response could not be queued),
+/// Stalled (client read nothing for the stall timeout while frames waited).
 using CloseHandler = Callable<void(SessionRef, Result reason)>;
 using ReceiveHandler = Callable<void(Message&)>;
 /// Client side: why the server end went away (Closed, BadFrame, TooLarge, Overflow).
@@ -2121,6 +2138,10 @@ struct Channel {
   int rcvtimeo_ms = 0;  // SO_RCVTIMEO last set (0 = never)
   // A Unix socket arriving as an fd is a bad frame (ServiceOptions::accept_socket_fds).
   bool refuse_unix_fds = false;
+  // While frames wait: when the peer will have read nothing for stall_ms.
+  // Set when the queue starts, pushed back whenever it moves; 0 = empty.
+  std::int64_t stall_deadline = 0;
+  std::uint32_t stall_ms = LEMSG_STALL_TIMEOUT_MS;
   Message out[LEMSG_MAX_OUTGOING];
   std::size_t out_head = 0;
   std::size_t out_count = 0;
@@ -2287,6 +2308,11 @@ class Service {
   bool on_hello(std::uint32_t ref, Peer& p) noexcept;
   void on_timer() noexcept;
   void reschedule() noexcept;
+  // A frame was sent or queued: when it started a queue, the timer must
+  // see the queue's stall deadline.
+  void watch_stall(const Peer& p) noexcept {
+    if (p.ch.out_count == 1) reschedule();
+  }
   void close_peer(std::uint32_t ref, Result reason) noexcept;
   bool allowed(const Credentials& c) const noexcept;
   void answer_error(std::uint32_t session, std::uint32_t txn, Result code) noexcept;
@@ -2593,6 +2619,7 @@ inline Result Channel::send(Loop& loop, Message& m, wire::FrameType type, std::u
     if (r != Result::WouldBlock) return r;
   }
   if (out_count == LEMSG_MAX_OUTGOING) return Result::Overflow;
+  if (out_count == 0) stall_deadline = now_ns() + static_cast<std::int64_t>(stall_ms) * 1000000;
   out[(out_head + out_count) % LEMSG_MAX_OUTGOING] = std::move(m);
   ++out_count;
   update_events(loop);
@@ -2600,6 +2627,7 @@ inline Result Channel::send(Loop& loop, Message& m, wire::FrameType type, std::u
 }
 
 inline Result Channel::flush(Loop& loop) noexcept {
+  bool moved = false;
   while (out_count) {
     Message& m = out[out_head];
     const Result r = send_datagram(fd, m.blk_->header, wire::header_size + m.blk_->size, m.blk_->fd);
@@ -2608,7 +2636,11 @@ inline Result Channel::flush(Loop& loop) noexcept {
     m.release();
     out_head = (out_head + 1) % LEMSG_MAX_OUTGOING;
     --out_count;
+    moved = true;
   }
+  // The peer read something: it has a new stall timeout for what is left.
+  if (out_count == 0) stall_deadline = 0;
+  else if (moved) stall_deadline = now_ns() + static_cast<std::int64_t>(stall_ms) * 1000000;
   update_events(loop);
   return Result::Ok;
 }
@@ -2719,6 +2751,7 @@ inline void Channel::reset(Loop& loop) noexcept {
   fd = -1;
   for (std::size_t i = 0; i < out_count; ++i) out[(out_head + i) % LEMSG_MAX_OUTGOING].release();
   out_head = out_count = 0;
+  stall_deadline = 0;
   for (std::size_t i = held_i; i < held_n; ++i) held[i].release();
   held_i = held_n = 0;
   held_err = Result::Ok;
@@ -2901,6 +2934,7 @@ inline void Service::on_listen(short revents) noexcept {
     slot->creds = c;
     slot->ch.fd = fd;
     slot->ch.refuse_unix_fds = !options_.accept_socket_fds;
+    slot->ch.stall_ms = options_.stall_timeout_ms ? options_.stall_timeout_ms : LEMSG_STALL_TIMEOUT_MS;
     slot->hello_deadline = detail::now_ns() + static_cast<std::int64_t>(LEMSG_OPEN_TIMEOUT_MS) * 1000000;
     reschedule();
   }
@@ -3041,6 +3075,7 @@ inline void Service::answer_error(std::uint32_t session, std::uint32_t txn, Resu
   if (r == Result::Ok) {
     r = m.assign(&c, 4);
     if (r == Result::Ok) r = p->ch.send(loop_, m, wire::FrameType::Response, txn, wire::FlagError);
+    if (r == Result::Ok) watch_stall(*p);
   } else if (p->ch.out_count == 0) {
     r = detail::send_control(p->ch.fd, wire::FrameType::Response, txn, wire::FlagError, &c, 4);
   } else {
@@ -3057,7 +3092,9 @@ inline Result Service::send(SessionRef s, Message&& m) noexcept {
   if (m.size() > protocol_.max_payload) return Result::TooLarge;
   Peer* p = peer_refs_.lookup(s.value);
   if (!p || !p->open || p->closing) return Result::NotFound;
-  return p->ch.send(loop_, m, wire::FrameType::Message, 0, 0);
+  const Result r = p->ch.send(loop_, m, wire::FrameType::Message, 0, 0);
+  if (r == Result::Ok) watch_stall(*p);
+  return r;
 }
 
 inline Result Service::respond(Message&& m) noexcept {
@@ -3079,7 +3116,10 @@ inline Result Service::respond(Message&& m) noexcept {
   const std::uint32_t ref = b->session;
   b->kind = detail::MsgKind::Outgoing;
   const Result r = p->ch.send(loop_, m, wire::FrameType::Response, b->txn, 0);
-  if (r == Result::Ok) return r;
+  if (r == Result::Ok) {
+    watch_stall(*p);
+    return r;
+  }
   // The response cannot reach the client. A dead peer's POLLHUP closes the
   // session from the loop; a peer that stopped reading is closed now,
   // because a response is never dropped silently.
@@ -3129,6 +3169,7 @@ inline void Service::reschedule() noexcept {
     if (!p->open) t = p->hello_deadline;
     else if (p->ch.starved) t = now + 5 * 1000000;
     if (t && (!next || t < next)) next = t;
+    if (p->ch.stall_deadline && (!next || p->ch.stall_deadline < next)) next = p->ch.stall_deadline;
   });
   if (accept_retry_ && (!next || accept_retry_ < next)) next = accept_retry_;
   Result r = next ? loop_.arm_timer(timer_, static_cast<std::uint32_t>(detail::ms_until(next)))
@@ -3146,8 +3187,13 @@ inline void Service::on_timer() noexcept {
   }
   std::uint32_t late[LEMSG_MAX_SESSIONS];
   std::size_t n = 0;
+  std::uint32_t stalled[LEMSG_MAX_SESSIONS];
+  std::size_t n_stalled = 0;
   peer_refs_.for_each([&](Peer* p, std::uint32_t ref) {
     if (!p->open && p->hello_deadline <= now) late[n++] = ref;
+    // Whatever keeps its socket alive (a copy in another process, an fd in
+    // flight), a client that reads nothing while frames wait is gone.
+    if (p->open && p->ch.out_count && p->ch.stall_deadline && p->ch.stall_deadline <= now) stalled[n_stalled++] = ref;
     if (p->ch.starved && pool_.available()) {
       p->ch.starved = false;
       p->ch.update_events(loop_);
@@ -3156,6 +3202,13 @@ inline void Service::on_timer() noexcept {
   for (std::size_t i = 0; i < n; ++i) {
     LEMSG_LOG(Warning, "service %s: client sent no hello in time; closing", protocol_.id);
     close_peer(late[i], Result::Timeout);
+  }
+  for (std::size_t i = 0; i < n_stalled; ++i) {
+    const Peer* p = peer_refs_.lookup(stalled[i]);
+    if (!p) continue;  // a close handler above closed it already
+    LEMSG_LOG(Warning, "service %s: pid %ld read nothing for %lu ms while frames waited; closing", protocol_.id,
+              static_cast<long>(p->creds.pid), static_cast<unsigned long>(p->ch.stall_ms));
+    close_peer(stalled[i], Result::Stalled);
   }
   reschedule();
 }

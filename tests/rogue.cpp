@@ -1218,4 +1218,57 @@ TEST_CASE("transport: a service out of file descriptors pauses accepting, logs o
   CHECK(testutil::wait_exit(server, 30000) == 0);
 }
 
+TEST_CASE("transport: a client that reads nothing while frames wait for it is closed with Stalled after the stall timeout") {
+  // The client's socket stays open in another process after the client
+  // dies (a received copy, a forked child...), so no hang-up ever comes. A
+  // session whose peer read nothing for the stall timeout while frames
+  // waited must be closed anyway, with what the queue held.
+  testutil::TidyRuntimeDir dir;
+  testutil::LogCapture log;
+  Server server;
+  lemsg::ServiceOptions opts;
+  opts.stall_timeout_ms = 300;
+  REQUIRE(server.svc.advertise(kName, opts) == Result::Ok);
+  char path[256];
+  dir.socket(kName, path);
+  testutil::Pipe hold;
+  const pid_t client = testutil::spawn([&] {
+    testutil::die_with_parent();
+    hold.close_write();
+    const int s = connect_raw(path);
+    CHILD_CHECK(s >= 0);
+    Raw h;
+    hello(h, kProto.id, kProto.max_payload);
+    CHILD_CHECK(send_raw(s, h, Fds::None));
+    // A grandchild keeps the socket, reads nothing, and outlives the client.
+    const pid_t keeper = testutil::spawn([&] {
+      hold.get(30000);
+      return 0;
+    });
+    CHILD_CHECK(keeper > 0);
+    return 0;
+  });
+  hold.close_read();
+  const int base_fds = testutil::count_open_fds();
+  CHECK(testutil::wait_exit(client, 30000) == 0);
+  CHECK(testutil::run_until(server.loop, [&] { return server.opens == 1; }, 30000));
+  // Frames for it pile up until its queue (or the pool) is full.
+  Result r = Result::Ok;
+  for (int sent = 0; sent < 100000 && r == Result::Ok; ++sent) {
+    Message m;
+    r = server.svc.create_message(m);
+    if (r == Result::Ok) r = m.assign("stuck", 5);
+    if (r == Result::Ok) r = server.svc.send(server.last_open, std::move(m));
+  }
+  CHECK((r == Result::Overflow || r == Result::PoolEmpty));
+  CHECK(server.pool.in_use() > 0);
+  CHECK(testutil::run_until(server.loop, [&] { return server.close_count == 1; }, 5000));
+  CHECK(server.closes[0].ref == server.last_open.value);
+  CHECK(server.closes[0].reason == Result::Stalled);
+  CHECK(server.svc.session_count() == 0);
+  CHECK(server.pool.in_use() == 0);
+  CHECK(testutil::count_open_fds() == base_fds);
+  hold.put('q');  // the keeper goes (it is the parent's grandchild: init reaps it)
+}
+
 }  // TEST_SUITE
