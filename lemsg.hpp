@@ -50,6 +50,16 @@
 //   LEMSG_MAX_TIMERS      32  timers one Loop holds (each Service and Session: one).
 //   LEMSG_MAX_POSTED      64  functions queued by Loop::post() and not yet run.
 //   LEMSG_MAX_SESSIONS    64  sessions one Service holds; more: SessionTableFull.
+//   LEMSG_MAX_SESSIONS_PER_UID  3/4 of LEMSG_MAX_SESSIONS (48)  sessions one
+//                             client uid holds on one Service; more: UidShareFull.
+//                             Not applied to uid 0 or the service's own uid,
+//                             which could stop the service anyway.
+//   LEMSG_MAX_HANDSHAKES  16  connections one Service holds whose hello has not
+//                             arrived; they take no session slot. When full,
+//                             the oldest is closed to make room.
+//   LEMSG_MAX_HANDSHAKES_PER_UID  half of LEMSG_MAX_HANDSHAKES (8)  of those,
+//                             from one client uid (not 0 or the service's
+//                             own); beyond, that uid's oldest is closed.
 //   LEMSG_MAX_PENDING     32  requests one Session waits on; more: PendingTableFull.
 //   LEMSG_MAX_OUTGOING    16  frames queued per session when the peer does not
 //                             read; more: Overflow.
@@ -209,6 +219,15 @@
 #ifndef LEMSG_MAX_SESSIONS
 #define LEMSG_MAX_SESSIONS 64
 #endif
+#ifndef LEMSG_MAX_SESSIONS_PER_UID
+#define LEMSG_MAX_SESSIONS_PER_UID ((LEMSG_MAX_SESSIONS * 3 + 3) / 4)
+#endif
+#ifndef LEMSG_MAX_HANDSHAKES
+#define LEMSG_MAX_HANDSHAKES 16
+#endif
+#ifndef LEMSG_MAX_HANDSHAKES_PER_UID
+#define LEMSG_MAX_HANDSHAKES_PER_UID ((LEMSG_MAX_HANDSHAKES + 1) / 2)
+#endif
 #ifndef LEMSG_MAX_PENDING
 #define LEMSG_MAX_PENDING 32
 #endif
@@ -243,6 +262,11 @@ static_assert(LEMSG_MAX_POSTED >= 1 && LEMSG_MAX_POSTED <= 65536, "LEMSG_MAX_POS
 static_assert(LEMSG_CALLABLE_SIZE >= sizeof(void*), "LEMSG_CALLABLE_SIZE must hold at least one pointer");
 static_assert(LEMSG_LOG_LEVEL >= 0 && LEMSG_LOG_LEVEL <= 3, "LEMSG_LOG_LEVEL must be 0..3");
 static_assert(LEMSG_MAX_SESSIONS >= 1 && LEMSG_MAX_SESSIONS <= 4096, "LEMSG_MAX_SESSIONS must be 1..4096");
+static_assert(LEMSG_MAX_SESSIONS_PER_UID >= 1 && LEMSG_MAX_SESSIONS_PER_UID <= LEMSG_MAX_SESSIONS,
+              "LEMSG_MAX_SESSIONS_PER_UID must be 1..LEMSG_MAX_SESSIONS");
+static_assert(LEMSG_MAX_HANDSHAKES >= 1 && LEMSG_MAX_HANDSHAKES <= 4096, "LEMSG_MAX_HANDSHAKES must be 1..4096");
+static_assert(LEMSG_MAX_HANDSHAKES_PER_UID >= 1 && LEMSG_MAX_HANDSHAKES_PER_UID <= LEMSG_MAX_HANDSHAKES,
+              "LEMSG_MAX_HANDSHAKES_PER_UID must be 1..LEMSG_MAX_HANDSHAKES");
 static_assert(LEMSG_MAX_PENDING >= 1 && LEMSG_MAX_PENDING <= 65536, "LEMSG_MAX_PENDING must be 1..65536");
 static_assert(LEMSG_MAX_OUTGOING >= 1 && LEMSG_MAX_OUTGOING <= 4096, "LEMSG_MAX_OUTGOING must be 1..4096");
 static_assert(LEMSG_MAX_DEFERRED >= 1 && LEMSG_MAX_DEFERRED <= 4096, "LEMSG_MAX_DEFERRED must be 1..4096");
@@ -367,7 +391,8 @@ namespace lemsg {
   X(Unanswered, "the server released the request without responding")        \
   X(ServiceTableFull, "this process's service table is full (raise LEMSG_MAX_SERVICES)") \
   X(TrackTableFull, "tracked map table full (raise LEMSG_MAX_TRACKED)")                \
-  X(Stalled, "peer read nothing for the stall timeout while frames waited (LEMSG_STALL_TIMEOUT_MS)")
+  X(Stalled, "peer read nothing for the stall timeout while frames waited (LEMSG_STALL_TIMEOUT_MS)") \
+  X(UidShareFull, "this uid holds its share of the service's sessions (raise LEMSG_MAX_SESSIONS_PER_UID)")
 
 /// Outcome of every call that can fail. Ok is 0. Ignoring one is a warning.
 enum class [[nodiscard]] Result : int {
@@ -2113,6 +2138,8 @@ using OpenHandler = Callable<void(SessionRef)>;
 /// died), Ok (this side closed it), BadFrame or TooLarge (bad input),
 /// Overflow (client stopped reading and a response could not be queued),
 /// Stalled (client read nothing for the stall timeout while frames waited).
+/// It runs only for sessions that opened: a connection that never sent a
+/// good hello is closed without it.
 using CloseHandler = Callable<void(SessionRef, Result reason)>;
 using ReceiveHandler = Callable<void(Message&)>;
 /// Client side: why the server end went away (Closed, BadFrame, TooLarge, Overflow).
@@ -2220,7 +2247,16 @@ inline Result send_control(int fd, wire::FrameType type, std::uint32_t txn, std:
 
 /// The server end of an interface. Owned by the caller, used on its Loop's
 /// thread; must outlive the messages it received. At most LEMSG_MAX_SESSIONS
-/// sessions at once; a client beyond that is refused with SessionTableFull.
+/// sessions at once; a client beyond that is refused with SessionTableFull,
+/// and one whose uid already holds LEMSG_MAX_SESSIONS_PER_UID of them with
+/// UidShareFull (uid 0 and the service's own uid are not limited: they could
+/// stop the service anyway). A connection takes a session slot only once its
+/// hello arrived: until then it waits in a table of LEMSG_MAX_HANDSHAKES
+/// (LEMSG_MAX_HANDSHAKES_PER_UID per uid) for at most LEMSG_OPEN_TIMEOUT_MS,
+/// and when that table (or the loop's watch table) is full the oldest waiting
+/// connection is closed to make room, so silent connections cannot lock
+/// other clients out. Each session, like each waiting connection, takes one
+/// of the loop's watches.
 class Service {
  public:
   Service(Loop& loop, const Protocol& protocol, MessagePoolBase& pool) noexcept;
@@ -2292,10 +2328,18 @@ class Service {
     detail::Channel ch;
     Credentials creds;
     void* context = nullptr;
-    std::int64_t hello_deadline = 0;
     bool used = false;
     bool open = false;
     bool closing = false;
+  };
+  // A connection whose hello has not arrived: no session slot, no Peer.
+  struct Handshake {
+    int fd = -1;
+    WatchId watch;
+    Credentials creds;
+    std::int64_t deadline = 0;  // closed when the hello is not here by then
+    std::uint64_t seq = 0;      // accept order: the smallest is the oldest
+    bool used = false;
   };
   struct Tracked {
     RefMapBase* map = nullptr;
@@ -2305,7 +2349,15 @@ class Service {
   void on_listen(short revents) noexcept;
   void pause_accepting(int error) noexcept;
   void on_peer(std::uint32_t ref, short revents) noexcept;
-  bool on_hello(std::uint32_t ref, Peer& p) noexcept;
+  bool share_applies(uid_t uid) const noexcept { return uid != 0 && uid != own_uid_; }
+  Result session_room(const Credentials& c) const noexcept;
+  void refuse(int fd, const Credentials& c, Result why) noexcept;
+  void add_handshake(int fd, const Credentials& c) noexcept;
+  int drop_handshake(std::uint32_t ref) noexcept;
+  void evict_handshake(std::uint32_t ref, const char* why) noexcept;
+  void on_handshake(std::uint32_t ref) noexcept;
+  Result read_hello(int fd, const Credentials& c) noexcept;
+  bool on_hello(int fd, const Credentials& c, Result hello) noexcept;
   void on_timer() noexcept;
   void reschedule() noexcept;
   // A frame was sent or queued: when it started a queue, the timer must
@@ -2338,6 +2390,11 @@ class Service {
   char path_[sizeof(sockaddr_un::sun_path)] = {};
   Peer peers_[LEMSG_MAX_SESSIONS];
   RefMap<Peer, LEMSG_MAX_SESSIONS> peer_refs_;
+  Handshake handshakes_[LEMSG_MAX_HANDSHAKES];
+  RefMap<Handshake, LEMSG_MAX_HANDSHAKES> handshake_refs_;
+  std::uint64_t accept_seq_ = 0;
+  bool evict_logged_ = false;  // one warning per flood; reset when the table empties
+  uid_t own_uid_ = ::geteuid();
   Tracked tracked_[LEMSG_MAX_TRACKED];
 };
 
@@ -2785,6 +2842,13 @@ inline Service::~Service() {
   std::size_t n = 0;
   peer_refs_.for_each([&](Peer*, std::uint32_t ref) { refs[n++] = ref; });
   for (std::size_t i = 0; i < n; ++i) close_peer(refs[i], Result::Ok);
+  std::uint32_t shakes[LEMSG_MAX_HANDSHAKES];
+  n = 0;
+  handshake_refs_.for_each([&](Handshake*, std::uint32_t ref) { shakes[n++] = ref; });
+  for (std::size_t i = 0; i < n; ++i) {
+    const int fd = drop_handshake(shakes[i]);
+    if (fd >= 0) ::close(fd);
+  }
   Result r = hide();
   (void)r;
   if (timer_) r = loop_.remove_timer(timer_);
@@ -2898,45 +2962,25 @@ inline void Service::on_listen(short revents) noexcept {
       accept_backoff_ms_ = 0;
     }
     Credentials c;
-    std::int32_t refuse = 0;
-    if (detail::peer_credentials(fd, c) != Result::Ok) refuse = static_cast<std::int32_t>(Result::SystemError);
-    else if (!allowed(c)) refuse = static_cast<std::int32_t>(Result::NotPermitted);
-    Peer* slot = nullptr;
-    std::uint32_t ref = 0;
-    if (!refuse) {
-      for (Peer& p : peers_)
-        if (!p.used) {
-          slot = &p;
-          break;
-        }
-      if (!slot || peer_refs_.add(slot, ref) != Result::Ok) refuse = static_cast<std::int32_t>(Result::SessionTableFull);
-    }
-    if (!refuse) {
-      Result r = loop_.add_watch(fd, Readable, [this, ref](int, short ev) { on_peer(ref, ev); }, slot->ch.watch);
-      if (r != Result::Ok) {
-        Result rr = peer_refs_.remove(ref);
-        (void)rr;
-        refuse = static_cast<std::int32_t>(r);
-      }
-    }
-    if (refuse) {
-      LEMSG_LOG(Warning, "service %s: refusing pid %ld uid %ld: %s", protocol_.id, static_cast<long>(c.pid),
-                static_cast<long>(c.uid), to_string(static_cast<Result>(refuse)));
-      Result r = detail::send_control(fd, wire::FrameType::Refuse, 0, wire::FlagError, &refuse, 4);
-      (void)r;
-      ::close(fd);
+    Result r = detail::peer_credentials(fd, c);
+    if (r != Result::Ok) r = Result::SystemError;
+    else if (!allowed(c)) r = Result::NotPermitted;
+    else r = session_room(c);
+    if (r != Result::Ok) {
+      refuse(fd, c, r);
       continue;
     }
-    slot->used = true;
-    slot->open = false;
-    slot->closing = false;
-    slot->context = nullptr;
-    slot->creds = c;
-    slot->ch.fd = fd;
-    slot->ch.refuse_unix_fds = !options_.accept_socket_fds;
-    slot->ch.stall_ms = options_.stall_timeout_ms ? options_.stall_timeout_ms : LEMSG_STALL_TIMEOUT_MS;
-    slot->hello_deadline = detail::now_ns() + static_cast<std::int64_t>(LEMSG_OPEN_TIMEOUT_MS) * 1000000;
-    reschedule();
+    // A client sends its hello right after connecting, so it is usually
+    // here already; only a client that is slow (or silent) waits in the
+    // handshake table.
+    r = read_hello(fd, c);
+    if (r == Result::WouldBlock) {
+      add_handshake(fd, c);
+      continue;
+    }
+    // An open handler may have run: the rest of the backlog waits for the
+    // next dispatch (the socket stays readable).
+    if (on_hello(fd, c, r)) return;
   }
 }
 
@@ -2957,12 +3001,137 @@ inline void Service::pause_accepting(int error) noexcept {
   reschedule();
 }
 
-inline bool Service::on_hello(std::uint32_t ref, Peer& p) noexcept {
+inline Result Service::session_room(const Credentials& c) const noexcept {
+  if (peer_refs_.size() >= LEMSG_MAX_SESSIONS) return Result::SessionTableFull;
+  if (!share_applies(c.uid)) return Result::Ok;
+  std::size_t mine = 0;
+  peer_refs_.for_each([&](const Peer* p, std::uint32_t) {
+    if (p->creds.uid == c.uid) ++mine;
+  });
+  return mine >= LEMSG_MAX_SESSIONS_PER_UID ? Result::UidShareFull : Result::Ok;
+}
+
+inline void Service::refuse(int fd, const Credentials& c, Result why) noexcept {
+  LEMSG_LOG(Warning, "service %s: refusing pid %ld uid %ld: %s", protocol_.id, static_cast<long>(c.pid),
+            static_cast<long>(c.uid), to_string(why));
+  const std::int32_t code = static_cast<std::int32_t>(why);
+  Result r = detail::send_control(fd, wire::FrameType::Refuse, 0, wire::FlagError, &code, 4);
+  (void)r;
+  ::close(fd);
+}
+
+inline void Service::add_handshake(int fd, const Credentials& c) noexcept {
+  // Silent connections must not lock others out: a uid beyond its share
+  // loses its own oldest handshake, and a full table loses the oldest of all.
+  auto oldest = [&](bool same_uid, std::size_t& count) {
+    std::uint32_t ref = 0;
+    std::uint64_t seq = 0;
+    count = 0;
+    handshake_refs_.for_each([&](const Handshake* h, std::uint32_t r) {
+      if (same_uid && h->creds.uid != c.uid) return;
+      ++count;
+      if (!ref || h->seq < seq) {
+        ref = r;
+        seq = h->seq;
+      }
+    });
+    return ref;
+  };
+  std::size_t count = 0;
+  if (share_applies(c.uid)) {
+    const std::uint32_t ref = oldest(true, count);
+    if (count >= LEMSG_MAX_HANDSHAKES_PER_UID) evict_handshake(ref, "its uid's share of handshakes is full");
+  }
+  if (handshake_refs_.size() >= LEMSG_MAX_HANDSHAKES) evict_handshake(oldest(false, count), "the handshake table is full");
+  Handshake* slot = nullptr;
+  for (Handshake& h : handshakes_)
+    if (!h.used) {
+      slot = &h;
+      break;
+    }
+  std::uint32_t ref = 0;
+  if (!slot || handshake_refs_.add(slot, ref) != Result::Ok) {
+    refuse(fd, c, Result::Busy);  // only when the map's generations ran out
+    return;
+  }
+  Result r = loop_.add_watch(fd, Readable, [this, ref](int, short) { on_handshake(ref); }, slot->watch);
+  if (r == Result::WatchTableFull && handshake_refs_.size() > 1) {
+    // The loop's watches are the limit: a silent connection's watch is worth less.
+    std::uint32_t victim = 0;
+    std::uint64_t seq = 0;
+    handshake_refs_.for_each([&](const Handshake* h, std::uint32_t hr) {
+      if (hr != ref && h->used && (!victim || h->seq < seq)) {
+        victim = hr;
+        seq = h->seq;
+      }
+    });
+    if (victim) {
+      evict_handshake(victim, "the loop's watch table is full");
+      r = loop_.add_watch(fd, Readable, [this, ref](int, short) { on_handshake(ref); }, slot->watch);
+    }
+  }
+  if (r != Result::Ok) {
+    Result rr = handshake_refs_.remove(ref);
+    (void)rr;
+    refuse(fd, c, r);
+    return;
+  }
+  slot->used = true;
+  slot->fd = fd;
+  slot->creds = c;
+  slot->seq = ++accept_seq_;
+  slot->deadline = detail::now_ns() + static_cast<std::int64_t>(LEMSG_OPEN_TIMEOUT_MS) * 1000000;
+  reschedule();
+}
+
+inline int Service::drop_handshake(std::uint32_t ref) noexcept {
+  Handshake* h = handshake_refs_.lookup(ref);
+  if (!h) return -1;
+  Result r = loop_.remove_watch(h->watch);
+  (void)r;
+  r = handshake_refs_.remove(ref);
+  const int fd = h->fd;
+  h->watch = WatchId{};
+  h->fd = -1;
+  h->used = false;
+  if (handshake_refs_.size() == 0) evict_logged_ = false;
+  return fd;
+}
+
+inline void Service::evict_handshake(std::uint32_t ref, const char* why) noexcept {
+  Handshake* h = handshake_refs_.lookup(ref);
+  if (!h) return;
+  // One warning per flood, not one per connection.
+  if (!evict_logged_) {
+    LEMSG_LOG(Warning, "service %s: closing the oldest connection still without a hello (pid %ld uid %ld): %s",
+              protocol_.id, static_cast<long>(h->creds.pid), static_cast<long>(h->creds.uid), why);
+  } else {
+    LEMSG_LOG(Debug, "service %s: closing the oldest connection still without a hello (pid %ld uid %ld): %s",
+              protocol_.id, static_cast<long>(h->creds.pid), static_cast<long>(h->creds.uid), why);
+  }
+  const int fd = drop_handshake(ref);
+  evict_logged_ = true;  // until the table empties by other means
+  if (fd >= 0) ::close(fd);
+}
+
+inline void Service::on_handshake(std::uint32_t ref) noexcept {
+  Handshake* h = handshake_refs_.lookup(ref);
+  if (!h) return;
+  const Credentials c = h->creds;
+  const Result r = read_hello(h->fd, c);
+  if (r == Result::WouldBlock) return;
+  const int fd = drop_handshake(ref);
+  reschedule();  // its deadline no longer counts
+  bool opened = on_hello(fd, c, r);
+  (void)opened;
+}
+
+inline Result Service::read_hello(int fd, const Credentials& c) noexcept {
   unsigned char buf[wire::header_size + 8 + LEMSG_MAX_PROTOCOL_ID];
   std::size_t len = 0;
   int rfd = -1;
-  Result r = detail::recv_datagram(p.ch.fd, buf, sizeof buf, len, rfd);
-  if (r == Result::WouldBlock) return false;
+  Result r = detail::recv_datagram(fd, buf, sizeof buf, len, rfd);
+  if (r == Result::WouldBlock) return r;
   if (rfd >= 0) {
     ::close(rfd);
     r = Result::BadFrame;
@@ -2977,29 +3146,65 @@ inline bool Service::on_hello(std::uint32_t ref, Peer& p) noexcept {
     if (idlen != h.length - 8) r = Result::BadFrame;
   }
   if (r != Result::Ok) {
-    if (r != Result::Closed) LEMSG_LOG(Warning, "service %s: bad hello: %s", protocol_.id, to_string(r));
-    close_peer(ref, r == Result::TooLarge ? Result::BadFrame : r);
-    return false;
+    if (r != Result::Closed)
+      LEMSG_LOG(Warning, "service %s: bad hello from pid %ld: %s", protocol_.id, static_cast<long>(c.pid),
+                to_string(r));
+    return r == Result::TooLarge ? Result::BadFrame : r;
   }
-  std::int32_t refuse = 0;
   if (idlen != std::strlen(protocol_.id) || std::memcmp(buf + wire::header_size + 8, protocol_.id, idlen) != 0)
-    refuse = static_cast<std::int32_t>(Result::ProtocolMismatch);
-  else if (max != protocol_.max_payload)
-    refuse = static_cast<std::int32_t>(Result::SizeMismatch);
-  if (refuse) {
-    LEMSG_LOG(Warning, "service %s: refusing pid %ld: %s", protocol_.id, static_cast<long>(p.creds.pid),
-              to_string(static_cast<Result>(refuse)));
-    r = detail::send_control(p.ch.fd, wire::FrameType::Refuse, 0, wire::FlagError, &refuse, 4);
-    close_peer(ref, static_cast<Result>(refuse));
+    return Result::ProtocolMismatch;
+  if (max != protocol_.max_payload) return Result::SizeMismatch;
+  return Result::Ok;
+}
+
+// Completes a handshake whose hello read as `hello`: a good one opens a
+// session (true: the open handler ran), anything else closes `fd`.
+inline bool Service::on_hello(int fd, const Credentials& c, Result hello) noexcept {
+  if (hello == Result::ProtocolMismatch || hello == Result::SizeMismatch) {
+    refuse(fd, c, hello);
     return false;
   }
-  r = detail::send_control(p.ch.fd, wire::FrameType::Welcome, 0, 0, nullptr, 0);
+  if (hello != Result::Ok) {
+    ::close(fd);  // gone, or a bad hello (logged)
+    return false;
+  }
+  // The tables may have filled while this client was slow.
+  Result r = session_room(c);
+  Peer* slot = nullptr;
+  std::uint32_t ref = 0;
+  if (r == Result::Ok) {
+    for (Peer& p : peers_)
+      if (!p.used) {
+        slot = &p;
+        break;
+      }
+    if (!slot || peer_refs_.add(slot, ref) != Result::Ok) r = Result::SessionTableFull;
+  }
+  if (r == Result::Ok) {
+    r = loop_.add_watch(fd, Readable, [this, ref](int, short ev) { on_peer(ref, ev); }, slot->ch.watch);
+    if (r != Result::Ok) {
+      Result rr = peer_refs_.remove(ref);
+      (void)rr;
+    }
+  }
+  if (r != Result::Ok) {
+    refuse(fd, c, r);
+    return false;
+  }
+  slot->used = true;
+  slot->open = false;
+  slot->closing = false;
+  slot->context = nullptr;
+  slot->creds = c;
+  slot->ch.fd = fd;
+  slot->ch.refuse_unix_fds = !options_.accept_socket_fds;
+  slot->ch.stall_ms = options_.stall_timeout_ms ? options_.stall_timeout_ms : LEMSG_STALL_TIMEOUT_MS;
+  r = detail::send_control(fd, wire::FrameType::Welcome, 0, 0, nullptr, 0);
   if (r != Result::Ok) {
     close_peer(ref, r);
     return false;
   }
-  p.open = true;
-  reschedule();  // its hello deadline no longer counts
+  slot->open = true;
   if (open_handler_) {
     OpenHandler h = open_handler_;
     h(SessionRef{ref});
@@ -3024,10 +3229,6 @@ inline void Service::on_peer(std::uint32_t ref, short revents) noexcept {
   for (int i = 0; i < 16 || p->ch.has_held(); ++i) {
     p = peer_refs_.lookup(ref);
     if (!p || p->closing) return;
-    if (!p->open) {
-      if (!on_hello(ref, *p)) return;
-      continue;
-    }
     Message m;
     wire::Header h;
     Result r = p->ch.next(pool_, protocol_.max_payload, m, h);
@@ -3164,13 +3365,14 @@ inline void Service::close_peer(std::uint32_t ref, Result reason) noexcept {
 inline void Service::reschedule() noexcept {
   std::int64_t next = 0;
   const std::int64_t now = detail::now_ns();
-  peer_refs_.for_each([&](Peer* p, std::uint32_t) {
-    std::int64_t t = 0;
-    if (!p->open) t = p->hello_deadline;
-    else if (p->ch.starved) t = now + 5 * 1000000;
+  auto consider = [&](std::int64_t t) {
     if (t && (!next || t < next)) next = t;
-    if (p->ch.stall_deadline && (!next || p->ch.stall_deadline < next)) next = p->ch.stall_deadline;
+  };
+  peer_refs_.for_each([&](Peer* p, std::uint32_t) {
+    if (p->ch.starved) consider(now + 5 * 1000000);
+    consider(p->ch.stall_deadline);
   });
+  handshake_refs_.for_each([&](Handshake* h, std::uint32_t) { consider(h->deadline); });
   if (accept_retry_ && (!next || accept_retry_ < next)) next = accept_retry_;
   Result r = next ? loop_.arm_timer(timer_, static_cast<std::uint32_t>(detail::ms_until(next)))
                   : loop_.disarm_timer(timer_);
@@ -3185,12 +3387,19 @@ inline void Service::on_timer() noexcept {
     Result r = loop_.set_events(listen_watch_, Readable);
     (void)r;
   }
-  std::uint32_t late[LEMSG_MAX_SESSIONS];
+  std::uint32_t late[LEMSG_MAX_HANDSHAKES];
   std::size_t n = 0;
+  handshake_refs_.for_each([&](Handshake* h, std::uint32_t ref) {
+    if (h->deadline <= now) late[n++] = ref;
+  });
+  for (std::size_t i = 0; i < n; ++i) {
+    LEMSG_LOG(Warning, "service %s: client sent no hello in time; closing", protocol_.id);
+    const int fd = drop_handshake(late[i]);
+    if (fd >= 0) ::close(fd);
+  }
   std::uint32_t stalled[LEMSG_MAX_SESSIONS];
   std::size_t n_stalled = 0;
   peer_refs_.for_each([&](Peer* p, std::uint32_t ref) {
-    if (!p->open && p->hello_deadline <= now) late[n++] = ref;
     // Whatever keeps its socket alive (a copy in another process, an fd in
     // flight), a client that reads nothing while frames wait is gone.
     if (p->open && p->ch.out_count && p->ch.stall_deadline && p->ch.stall_deadline <= now) stalled[n_stalled++] = ref;
@@ -3199,10 +3408,6 @@ inline void Service::on_timer() noexcept {
       p->ch.update_events(loop_);
     }
   });
-  for (std::size_t i = 0; i < n; ++i) {
-    LEMSG_LOG(Warning, "service %s: client sent no hello in time; closing", protocol_.id);
-    close_peer(late[i], Result::Timeout);
-  }
   for (std::size_t i = 0; i < n_stalled; ++i) {
     const Peer* p = peer_refs_.lookup(stalled[i]);
     if (!p) continue;  // a close handler above closed it already
