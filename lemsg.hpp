@@ -2418,13 +2418,16 @@ class Session {
   /// attempt. Returns Ok (started), BadParameter, Busy (not closed).
   Result open(const char* name, OpenCallback cb) noexcept;
   /// Opens, waiting at most `timeout_ms` (> 0) for the server to appear and
-  /// answer; blocks the thread (the loop does not run meanwhile). Ok, Timeout,
-  /// ProtocolMismatch, SizeMismatch, NotPermitted, SessionTableFull,
-  /// WouldDeadlock (the server is served by this thread's loop), Busy,
-  /// BadParameter.
+  /// answer; blocks the thread (the loop does not run meanwhile). A server
+  /// whose table is full is asked again (after 10 ms, doubling to 250 ms)
+  /// until the timeout. Ok, Timeout, ProtocolMismatch, SizeMismatch,
+  /// NotPermitted, SessionTableFull or UidShareFull (still full at the
+  /// timeout), WouldDeadlock (the server is served by this thread's loop),
+  /// Busy, BadParameter.
   Result open_sync(const char* name, int timeout_ms) noexcept;
   /// One attempt: NotFound when no server listens; otherwise as open_sync
-  /// with LEMSG_OPEN_TIMEOUT_MS for the server's answer.
+  /// with LEMSG_OPEN_TIMEOUT_MS for the server's answer (and for a full
+  /// server to make room).
   Result try_open(const char* name) noexcept;
   /// Closes (or stops opening). Pending requests complete with Closed before
   /// this returns; the close handler is not called (it is for the server's
@@ -2479,6 +2482,7 @@ class Session {
   Result send_hello(int fd) const noexcept;
   Result start_handshake(int fd) noexcept;
   Result handshake_blocking(int fd, std::int64_t deadline) noexcept;
+  static bool wait_for_room(Result refused, std::int64_t deadline, std::uint32_t& pause_ms) noexcept;
   Result finish_open(int fd) noexcept;
   void on_socket(short revents) noexcept;
   void on_handshake_frame() noexcept;
@@ -3632,7 +3636,7 @@ inline void Session::on_handshake_frame() noexcept {
     std::memcpy(&code, buf + wire::header_size, 4);
     if (detail::known_result(code)) why = static_cast<Result>(code);
   }
-  if (why == Result::SessionTableFull && reconnect_) {
+  if ((why == Result::SessionTableFull || why == Result::UidShareFull) && reconnect_) {
     ch_.reset(loop_);
     backoff();
     return;
@@ -3671,6 +3675,21 @@ inline Result Session::handshake_blocking(int fd, std::int64_t deadline) noexcep
   }
 }
 
+// A server whose table is full now may have room soon (a session closes):
+// true, after a pause of `pause_ms` (10 ms doubling to 250 ms, never past
+// `deadline`), when the caller should connect again.
+inline bool Session::wait_for_room(Result refused, std::int64_t deadline, std::uint32_t& pause_ms) noexcept {
+  if (refused != Result::SessionTableFull && refused != Result::UidShareFull) return false;
+  const int left = detail::ms_until(deadline);
+  if (left <= 0) return false;
+  const int wait = static_cast<int>(pause_ms) < left ? static_cast<int>(pause_ms) : left;
+  const std::int64_t until = detail::now_ns() + static_cast<std::int64_t>(wait) * 1000000;
+  while (::poll(nullptr, 0, detail::ms_until(until)) < 0 && errno == EINTR) {
+  }
+  pause_ms = pause_ms * 2 > 250 ? 250 : pause_ms * 2;
+  return true;
+}
+
 inline Result Session::finish_open(int fd) noexcept {
   Result r = detail::peer_credentials(fd, server_);
   server_here_ = r == Result::Ok && server_.pid == ::getpid();
@@ -3694,6 +3713,8 @@ inline Result Session::open_sync(const char* name, int timeout_ms) noexcept {
   const std::int64_t deadline = detail::now_ns() + static_cast<std::int64_t>(timeout_ms) * 1000000;
   int ino = -1;
   bool watched = false;
+  std::uint32_t pause_ms = 10;
+  Result refused = Result::Ok;  // the last full-table refusal, if any
   for (;;) {
     int fd = -1;
     r = detail::connect_to(path_, fd);
@@ -3704,6 +3725,10 @@ inline Result Session::open_sync(const char* name, int timeout_ms) noexcept {
         break;
       }
       ::close(fd);
+      if (wait_for_room(r, deadline, pause_ms)) {  // full: try again until the deadline
+        refused = r;
+        continue;
+      }
       if (r != Result::Closed) break;  // Closed: the server went away meanwhile; wait for it again
     } else if (r != Result::NotFound && r != Result::Busy) {
       break;
@@ -3740,22 +3765,31 @@ inline Result Session::open_sync(const char* name, int timeout_ms) noexcept {
     }
   }
   if (ino >= 0) ::close(ino);
-  return r;
+  // Out of time while asking a full server again: say why it was refused.
+  return r == Result::Timeout && refused != Result::Ok ? refused : r;
 }
 
 inline Result Session::try_open(const char* name) noexcept {
   Result r = prepare(name);
   if (r != Result::Ok) return r;
   if (detail::served_by_this_thread(path_)) return Result::WouldDeadlock;
-  int fd = -1;
-  r = detail::connect_to(path_, fd);
-  if (r != Result::Ok) return r;
-  r = handshake_blocking(fd, detail::now_ns() + static_cast<std::int64_t>(LEMSG_OPEN_TIMEOUT_MS) * 1000000);
-  if (r != Result::Ok) {
+  const std::int64_t deadline = detail::now_ns() + static_cast<std::int64_t>(LEMSG_OPEN_TIMEOUT_MS) * 1000000;
+  std::uint32_t pause_ms = 10;
+  Result refused = Result::Ok;
+  for (;;) {
+    int fd = -1;
+    r = detail::connect_to(path_, fd);
+    if (r != Result::Ok) return r;
+    r = handshake_blocking(fd, deadline);
+    if (r == Result::Ok) return finish_open(fd);
     ::close(fd);
+    if (wait_for_room(r, deadline, pause_ms)) {
+      refused = r;
+      continue;
+    }
+    if (r == Result::Timeout && refused != Result::Ok) return refused;
     return r == Result::Closed ? Result::NotFound : r;
   }
-  return finish_open(fd);
 }
 
 inline void Session::complete_all(Result why) noexcept {
