@@ -46,7 +46,8 @@
 // =============================================================================
 //
 //   LEMSG_MAX_WATCHES     96  fd watches one Loop holds (a Service uses one per
-//                             session plus one; a Session one, two while waiting).
+//                             session and per connection awaiting its hello,
+//                             plus one; a Session one, two while waiting).
 //   LEMSG_MAX_TIMERS      32  timers one Loop holds (each Service and Session: one).
 //   LEMSG_MAX_POSTED      64  functions queued by Loop::post() and not yet run.
 //   LEMSG_MAX_SESSIONS    64  sessions one Service holds; more: SessionTableFull.
@@ -2400,6 +2401,11 @@ class Service {
 
 /// The client end of an interface. Owned by the caller, used on its Loop's
 /// thread. At most LEMSG_MAX_PENDING requests wait at once.
+/// A Unix socket from the server that is connected to this process (it
+/// could keep the connection alive after the server dies) closes the session
+/// with BadFrame; other Unix sockets are delivered, so keep only those from
+/// a server you trust. A server that stops reading is not timed out here
+/// (unlike on the Service side): give requests a timeout.
 class Session {
  public:
   Session(Loop& loop, const Protocol& protocol, MessagePoolBase& pool) noexcept;
