@@ -52,8 +52,6 @@ const char* const kName = "rogue-target";
 // Sessions the server here can hold: its loop watches the listening socket
 // and one socket per session, so a small watch table may be the limit.
 constexpr int kTable = LEMSG_MAX_SESSIONS < LEMSG_MAX_WATCHES - 1 ? LEMSG_MAX_SESSIONS : LEMSG_MAX_WATCHES - 1;
-const Result kTableFull =
-    LEMSG_MAX_SESSIONS <= LEMSG_MAX_WATCHES - 1 ? Result::SessionTableFull : Result::WatchTableFull;
 
 // -- frames by hand --
 
