@@ -46,10 +46,21 @@
 // =============================================================================
 //
 //   LEMSG_MAX_WATCHES     96  fd watches one Loop holds (a Service uses one per
-//                             session plus one; a Session one, two while waiting).
+//                             session and per connection awaiting its hello,
+//                             plus one; a Session one, two while waiting).
 //   LEMSG_MAX_TIMERS      32  timers one Loop holds (each Service and Session: one).
 //   LEMSG_MAX_POSTED      64  functions queued by Loop::post() and not yet run.
 //   LEMSG_MAX_SESSIONS    64  sessions one Service holds; more: SessionTableFull.
+//   LEMSG_MAX_SESSIONS_PER_UID  3/4 of LEMSG_MAX_SESSIONS (48)  sessions one
+//                             client uid holds on one Service; more: UidShareFull.
+//                             Not applied to uid 0 or the service's own uid,
+//                             which could stop the service anyway.
+//   LEMSG_MAX_HANDSHAKES  16  connections one Service holds whose hello has not
+//                             arrived; they take no session slot. When full,
+//                             the oldest is closed to make room.
+//   LEMSG_MAX_HANDSHAKES_PER_UID  half of LEMSG_MAX_HANDSHAKES (8)  of those,
+//                             from one client uid (not 0 or the service's
+//                             own); beyond, that uid's oldest is closed.
 //   LEMSG_MAX_PENDING     32  requests one Session waits on; more: PendingTableFull.
 //   LEMSG_MAX_OUTGOING    16  frames queued per session when the peer does not
 //                             read; more: Overflow.
@@ -65,6 +76,10 @@
 //                             they wrap (never onto a pending one) after
 //                             2^bits / LEMSG_MAX_PENDING requests per slot.
 //                             Lower it only to test the wrap.
+//   LEMSG_STALL_TIMEOUT_MS 30000  a client that reads nothing this long while
+//                             frames wait for it is closed with Stalled, whatever
+//                             its socket's other holders do (ServiceOptions::
+//                             stall_timeout_ms overrides it per Service).
 //   LEMSG_CALLABLE_SIZE   4 pointers  bytes a handler may capture in place;
 //                             a larger capture is a compile-time error.
 //   LEMSG_LOG_LEVEL       1   default run-time log threshold
@@ -148,6 +163,10 @@
 //     than the one the server runs as (the log says both).
 //   - ProtocolMismatch / SizeMismatch: client and server were built against
 //     different protocol declarations.
+//   - "accept failed: Too many open files; pausing accepts": the process ran
+//     out of fds. The Service stops watching its socket, retries on its timer
+//     (50 ms doubling to 1 s) and logs "accepting again" (info) when it can;
+//     waiting clients stay in the backlog meanwhile.
 //   - A watch whose fd was closed before remove_watch() gets POLLNVAL once; if
 //     the handler leaves it in place, the Loop removes it and logs a warning.
 //
@@ -222,6 +241,15 @@
 #ifndef LEMSG_MAX_SESSIONS
 #define LEMSG_MAX_SESSIONS 64
 #endif
+#ifndef LEMSG_MAX_SESSIONS_PER_UID
+#define LEMSG_MAX_SESSIONS_PER_UID ((LEMSG_MAX_SESSIONS * 3 + 3) / 4)
+#endif
+#ifndef LEMSG_MAX_HANDSHAKES
+#define LEMSG_MAX_HANDSHAKES 16
+#endif
+#ifndef LEMSG_MAX_HANDSHAKES_PER_UID
+#define LEMSG_MAX_HANDSHAKES_PER_UID ((LEMSG_MAX_HANDSHAKES + 1) / 2)
+#endif
 #ifndef LEMSG_MAX_PENDING
 #define LEMSG_MAX_PENDING 32
 #endif
@@ -249,6 +277,9 @@
 #ifndef LEMSG_TXN_BITS
 #define LEMSG_TXN_BITS 32
 #endif
+#ifndef LEMSG_STALL_TIMEOUT_MS
+#define LEMSG_STALL_TIMEOUT_MS 30000
+#endif
 
 static_assert(LEMSG_MAX_WATCHES >= 1 && LEMSG_MAX_WATCHES <= 4096, "LEMSG_MAX_WATCHES must be 1..4096");
 static_assert(LEMSG_MAX_TIMERS >= 1 && LEMSG_MAX_TIMERS <= 4096, "LEMSG_MAX_TIMERS must be 1..4096");
@@ -256,6 +287,11 @@ static_assert(LEMSG_MAX_POSTED >= 1 && LEMSG_MAX_POSTED <= 65536, "LEMSG_MAX_POS
 static_assert(LEMSG_CALLABLE_SIZE >= sizeof(void*), "LEMSG_CALLABLE_SIZE must hold at least one pointer");
 static_assert(LEMSG_LOG_LEVEL >= 0 && LEMSG_LOG_LEVEL <= 3, "LEMSG_LOG_LEVEL must be 0..3");
 static_assert(LEMSG_MAX_SESSIONS >= 1 && LEMSG_MAX_SESSIONS <= 4096, "LEMSG_MAX_SESSIONS must be 1..4096");
+static_assert(LEMSG_MAX_SESSIONS_PER_UID >= 1 && LEMSG_MAX_SESSIONS_PER_UID <= LEMSG_MAX_SESSIONS,
+              "LEMSG_MAX_SESSIONS_PER_UID must be 1..LEMSG_MAX_SESSIONS");
+static_assert(LEMSG_MAX_HANDSHAKES >= 1 && LEMSG_MAX_HANDSHAKES <= 4096, "LEMSG_MAX_HANDSHAKES must be 1..4096");
+static_assert(LEMSG_MAX_HANDSHAKES_PER_UID >= 1 && LEMSG_MAX_HANDSHAKES_PER_UID <= LEMSG_MAX_HANDSHAKES,
+              "LEMSG_MAX_HANDSHAKES_PER_UID must be 1..LEMSG_MAX_HANDSHAKES");
 static_assert(LEMSG_MAX_PENDING >= 1 && LEMSG_MAX_PENDING <= 65536, "LEMSG_MAX_PENDING must be 1..65536");
 static_assert(LEMSG_MAX_OUTGOING >= 1 && LEMSG_MAX_OUTGOING <= 4096, "LEMSG_MAX_OUTGOING must be 1..4096");
 static_assert(LEMSG_MAX_DEFERRED >= 1 && LEMSG_MAX_DEFERRED <= 4096, "LEMSG_MAX_DEFERRED must be 1..4096");
@@ -265,6 +301,8 @@ static_assert(LEMSG_MAX_NAME >= 1 && LEMSG_MAX_NAME <= 64, "LEMSG_MAX_NAME must 
 static_assert(LEMSG_MAX_PROTOCOL_ID >= 1 && LEMSG_MAX_PROTOCOL_ID <= 256, "LEMSG_MAX_PROTOCOL_ID must be 1..256");
 static_assert(LEMSG_OPEN_TIMEOUT_MS >= 1, "LEMSG_OPEN_TIMEOUT_MS must be positive");
 static_assert(LEMSG_TXN_BITS >= 2 && LEMSG_TXN_BITS <= 32, "LEMSG_TXN_BITS must be 2..32");
+static_assert(LEMSG_STALL_TIMEOUT_MS >= 1 && LEMSG_STALL_TIMEOUT_MS <= 86400000,
+              "LEMSG_STALL_TIMEOUT_MS must be 1..86400000");
 
 namespace lemsg {
 
@@ -413,7 +451,9 @@ namespace lemsg {
   X(TooBigForSocket, "frame too large for one socket datagram here (lower the protocol's max_payload or raise net.core.wmem_max)") \
   X(UnsafeRuntimeDir, "runtime dir unsafe: another user owns or may write it or a directory above it (see the log)") \
   X(NoRuntimeDir, "cannot create or write the runtime dir: set LEMSG_RUNTIME_DIR, or create it owned by this user") \
-  X(UntrustedServer, "the server runs as another user than Session::require_server_uid() asks for")
+  X(UntrustedServer, "the server runs as another user than Session::require_server_uid() asks for") \
+  X(Stalled, "peer read nothing for the stall timeout while frames waited (LEMSG_STALL_TIMEOUT_MS)") \
+  X(UidShareFull, "this uid holds its share of the service's sessions (raise LEMSG_MAX_SESSIONS_PER_UID)")
 
 /// Outcome of every call that can fail. Ok is 0. Ignoring one is a warning.
 enum class [[nodiscard]] Result : int {
@@ -1676,6 +1716,14 @@ inline Result peer_credentials(int fd, Credentials& out) noexcept;
 /// True when `fd` refers to a directory.
 inline bool is_directory(int fd) noexcept;
 
+/// True when `fd` is a Unix (AF_UNIX) socket.
+inline bool is_unix_socket(int fd) noexcept;
+
+/// True when `fd` is a Unix socket whose peer (SO_PEERCRED) is this process:
+/// received from a peer, it may be the peer's end of the very connection it
+/// came on, which would keep that connection alive after the peer dies.
+inline bool connected_to_us(int fd) noexcept;
+
 /// Puts a connected socket in blocking mode (true on success). Callers then
 /// pass MSG_DONTWAIT wherever they must not wait.
 inline bool clear_nonblock(int fd) noexcept;
@@ -1702,7 +1750,8 @@ inline Result send_datagram(int fd, const void* buf, std::size_t len, int pass_f
 /// `fd_out` (-1 when none) set; WouldBlock; Closed (orderly end or reset,
 /// once the datagrams the peer sent before it are read); TooLarge (datagram
 /// longer than `cap`); BadFrame (an empty datagram, control data truncated,
-/// more than one fd, or a directory fd). On every result but Ok, each fd that
+/// more than one fd, a directory fd, or a Unix socket connected to this
+/// process, see connected_to_us). On every result but Ok, each fd that
 /// arrived has been closed already. With `wait` on a blocking socket it waits
 /// for a datagram up to the socket's SO_RCVTIMEO (then WouldBlock).
 inline Result recv_datagram(int fd, void* buf, std::size_t cap, std::size_t& len, int& fd_out,
@@ -2034,6 +2083,22 @@ inline void set_send_buffer(int fd, int sndbuf) noexcept {
     LEMSG_LOG(Warning, "transport: SO_SNDBUF %d failed: %s", sndbuf, std::strerror(errno));
 }
 
+inline bool is_unix_socket(int fd) noexcept {
+  struct stat st;
+  if (::fstat(fd, &st) != 0 || !S_ISSOCK(st.st_mode)) return false;
+  // getsockname rather than SO_DOMAIN: older kernels and qemu-user know it.
+  struct sockaddr_storage sa;
+  socklen_t len = sizeof sa;
+  std::memset(&sa, 0, sizeof sa);
+  return ::getsockname(fd, reinterpret_cast<sockaddr*>(&sa), &len) == 0 && sa.ss_family == AF_UNIX;
+}
+
+inline bool connected_to_us(int fd) noexcept {
+  if (!is_unix_socket(fd)) return false;
+  Credentials c;
+  return peer_credentials(fd, c) == Result::Ok && c.pid == ::getpid();
+}
+
 inline Result send_datagram(int fd, const void* buf, std::size_t len, int pass_fd) noexcept {
   struct iovec iov;
   iov.iov_base = const_cast<void*>(buf);
@@ -2137,6 +2202,12 @@ inline Result check_datagram(int fd, struct msghdr& mh, ssize_t n, std::size_t& 
   }
   if (r == Result::Ok && (bad_control || nfds > 1)) r = Result::BadFrame;
   if (r == Result::Ok && nfds == 1 && is_directory(fds[0])) r = Result::BadFrame;  // a directory fd escapes a sandbox
+  // A socket connected to us (the peer's own end of this connection, say)
+  // keeps the connection alive after the peer dies: its hang-up never comes.
+  if (r == Result::Ok && nfds == 1 && connected_to_us(fds[0])) {
+    LEMSG_LOG(Debug, "transport: refusing a Unix socket fd connected to this process");
+    r = Result::BadFrame;
+  }
   if (r != Result::Ok) {
     for (std::size_t i = 0; i < nfds; ++i) ::close(fds[i]);
     return r;
@@ -2215,6 +2286,9 @@ inline Result recv_datagrams(int fd, Datagram* d, std::size_t count, std::size_t
 //     not read: send() then returns Overflow (the message stays the caller's);
 //     a response that cannot be queued closes the session with Overflow,
 //     because a response is never dropped silently.
+//   - A client that reads nothing for LEMSG_STALL_TIMEOUT_MS while frames
+//     wait for it is closed with Stalled, with the fds and blocks the queue
+//     held, even when its socket lives on elsewhere (no hang-up comes).
 //   - A synchronous call that only this thread's own loop could answer
 //     returns WouldDeadlock at once.
 
@@ -2374,12 +2448,24 @@ struct ServiceOptions {
   /// gid_t(-1), the default, leaves the process's group. Unless it runs as
   /// root, the process must be a member of the group (else NotPermitted).
   gid_t group = static_cast<gid_t>(-1);
+  /// Whether a client may send a Unix socket as a message's fd. Off by
+  /// default: a server that keeps such an fd may be keeping the client's own
+  /// end of its connection (or another session's), and then never sees the
+  /// client die. Even when on, a socket connected to this process is refused:
+  /// the session is closed with BadFrame.
+  bool accept_socket_fds = false;
+  /// A session whose client read nothing for this long while frames waited
+  /// for it is closed with Stalled. 0 = LEMSG_STALL_TIMEOUT_MS.
+  std::uint32_t stall_timeout_ms = 0;
 };
 
 using OpenHandler = Callable<void(SessionRef)>;
 /// Server side: the session, and why it closed: Closed (client closed or
 /// died), Ok (this side closed it), BadFrame or TooLarge (bad input),
-/// Overflow (client stopped reading).
+/// Overflow (client stopped reading and a response could not be queued),
+/// Stalled (client read nothing for the stall timeout while frames waited).
+/// It runs only for sessions that opened: a connection that never sent a
+/// good hello is closed without it.
 using CloseHandler = Callable<void(SessionRef, Result reason)>;
 using ReceiveHandler = Callable<void(Message&)>;
 /// Client side: why the server end went away (Closed, BadFrame, TooLarge, Overflow).
@@ -2403,6 +2489,12 @@ struct Channel {
   // so request_sync can wait inside recvmsg, as a plain blocking client does.
   bool blocking = false;
   int rcvtimeo_ms = 0;  // SO_RCVTIMEO last set (0 = never)
+  // A Unix socket arriving as an fd is a bad frame (ServiceOptions::accept_socket_fds).
+  bool refuse_unix_fds = false;
+  // While frames wait: when the peer will have read nothing for stall_ms.
+  // Set when the queue starts, pushed back whenever it moves; 0 = empty.
+  std::int64_t stall_deadline = 0;
+  std::uint32_t stall_ms = LEMSG_STALL_TIMEOUT_MS;
   Message out[LEMSG_MAX_OUTGOING];
   std::size_t out_head = 0;
   std::size_t out_count = 0;
@@ -2533,7 +2625,16 @@ inline Result send_control(int fd, wire::FrameType type, std::uint32_t txn, std:
 
 /// The server end of an interface. Owned by the caller, used on its Loop's
 /// thread; must outlive the messages it received. At most LEMSG_MAX_SESSIONS
-/// sessions at once; a client beyond that is refused with SessionTableFull.
+/// sessions at once; a client beyond that is refused with SessionTableFull,
+/// and one whose uid already holds LEMSG_MAX_SESSIONS_PER_UID of them with
+/// UidShareFull (uid 0 and the service's own uid are not limited: they could
+/// stop the service anyway). A connection takes a session slot only once its
+/// hello arrived: until then it waits in a table of LEMSG_MAX_HANDSHAKES
+/// (LEMSG_MAX_HANDSHAKES_PER_UID per uid) for at most LEMSG_OPEN_TIMEOUT_MS,
+/// and when that table (or the loop's watch table) is full the oldest waiting
+/// connection is closed to make room, so silent connections cannot lock
+/// other clients out. Each session, like each waiting connection, takes one
+/// of the loop's watches.
 class Service {
  public:
   Service(Loop& loop, const Protocol& protocol, MessagePoolBase& pool) noexcept;
@@ -2620,10 +2721,18 @@ class Service {
     detail::Channel ch;
     Credentials creds;
     void* context = nullptr;
-    std::int64_t hello_deadline = 0;
     bool used = false;
     bool open = false;
     bool closing = false;
+  };
+  // A connection whose hello has not arrived: no session slot, no Peer.
+  struct Handshake {
+    int fd = -1;
+    WatchId watch;
+    Credentials creds;
+    std::int64_t deadline = 0;  // closed when the hello is not here by then
+    std::uint64_t seq = 0;      // accept order: the smallest is the oldest
+    bool used = false;
   };
   struct Tracked {
     RefMapBase* map = nullptr;
@@ -2631,10 +2740,24 @@ class Service {
   };
 
   void on_listen(short revents) noexcept;
+  void pause_accepting(int error) noexcept;
   void on_peer(std::uint32_t ref, short revents) noexcept;
-  bool on_hello(std::uint32_t ref, Peer& p) noexcept;
+  bool share_applies(uid_t uid) const noexcept { return uid != 0 && uid != own_uid_; }
+  Result session_room(const Credentials& c) const noexcept;
+  void refuse(int fd, const Credentials& c, Result why) noexcept;
+  void add_handshake(int fd, const Credentials& c) noexcept;
+  int drop_handshake(std::uint32_t ref) noexcept;
+  void evict_handshake(std::uint32_t ref, const char* why) noexcept;
+  void on_handshake(std::uint32_t ref) noexcept;
+  Result read_hello(int fd, const Credentials& c) noexcept;
+  bool on_hello(int fd, const Credentials& c, Result hello) noexcept;
   void on_timer() noexcept;
   void reschedule() noexcept;
+  // A frame was sent or queued: when it started a queue, the timer must
+  // see the queue's stall deadline.
+  void watch_stall(const Peer& p) noexcept {
+    if (p.ch.out_count == 1) reschedule();
+  }
   void close_peer(std::uint32_t ref, Result reason) noexcept;
   bool allowed(const Credentials& c) const noexcept;
   void answer_error(std::uint32_t session, std::uint32_t txn, Result code) noexcept;
@@ -2652,6 +2775,10 @@ class Service {
   ServiceOptions options_;
   int listen_fd_ = -1;
   WatchId listen_watch_;
+  // Out of fds (EMFILE...): the listening socket stays readable, so its
+  // watch is paused and a timer retries, backing off up to a second.
+  std::int64_t accept_retry_ = 0;       // when to listen again; 0 = not paused
+  std::uint32_t accept_backoff_ms_ = 0;  // 0 = accepting normally
   TimerId timer_;
   char path_[sizeof(sockaddr_un::sun_path)] = {};
   int registry_slot_ = -1;  // this process's service table (WouldDeadlock checks)
@@ -2660,11 +2787,21 @@ class Service {
   pid_t owner_pid_ = 0;      // the process that made it
   Peer peers_[LEMSG_MAX_SESSIONS];
   RefMap<Peer, LEMSG_MAX_SESSIONS> peer_refs_;
+  Handshake handshakes_[LEMSG_MAX_HANDSHAKES];
+  RefMap<Handshake, LEMSG_MAX_HANDSHAKES> handshake_refs_;
+  std::uint64_t accept_seq_ = 0;
+  bool evict_logged_ = false;  // one warning per flood; reset when the table empties
+  uid_t own_uid_ = ::geteuid();
   Tracked tracked_[LEMSG_MAX_TRACKED];
 };
 
 /// The client end of an interface. Owned by the caller, used on its Loop's
 /// thread. At most LEMSG_MAX_PENDING requests wait at once.
+/// A Unix socket from the server that is connected to this process (it
+/// could keep the connection alive after the server dies) closes the session
+/// with BadFrame; other Unix sockets are delivered, so keep only those from
+/// a server you trust. A server that stops reading is not timed out here
+/// (unlike on the Service side): give requests a timeout.
 class Session {
  public:
   Session(Loop& loop, const Protocol& protocol, MessagePoolBase& pool) noexcept;
@@ -2688,13 +2825,16 @@ class Session {
   /// BadParameter, Busy (not closed).
   Result open(const char* name, OpenCallback cb) noexcept;
   /// Opens, waiting at most `timeout_ms` (> 0) for the server to appear and
-  /// answer; blocks the thread (the loop does not run meanwhile). Ok, Timeout,
-  /// ProtocolMismatch, SizeMismatch, NotPermitted, UnsafeRuntimeDir,
-  /// UntrustedServer, SessionTableFull, WouldDeadlock (the server is served
-  /// by this thread's loop), Busy, BadParameter.
+  /// answer; blocks the thread (the loop does not run meanwhile). A server
+  /// whose table is full is asked again (after 10 ms, doubling to 250 ms)
+  /// until the timeout. Ok, Timeout, ProtocolMismatch, SizeMismatch,
+  /// NotPermitted, UnsafeRuntimeDir, UntrustedServer, SessionTableFull or
+  /// UidShareFull (still full at the timeout), WouldDeadlock (the server is
+  /// served by this thread's loop), Busy, BadParameter.
   Result open_sync(const char* name, int timeout_ms) noexcept;
   /// One attempt: NotFound when no server listens; otherwise as open_sync
-  /// with LEMSG_OPEN_TIMEOUT_MS for the server's answer.
+  /// with LEMSG_OPEN_TIMEOUT_MS for the server's answer (and for a full
+  /// server to make room).
   Result try_open(const char* name) noexcept;
   /// Opens only to a server running as `uid` (from SO_PEERCRED, checked
   /// before anything is sent to it): a server of another user, for instance
@@ -2756,6 +2896,7 @@ class Session {
   Result send_hello(int fd) const noexcept;
   Result start_handshake(int fd) noexcept;
   Result handshake_blocking(int fd, std::int64_t deadline) noexcept;
+  static bool wait_for_room(Result refused, std::int64_t deadline, std::uint32_t& pause_ms) noexcept;
   Result finish_open(int fd) noexcept;
   void on_socket(short revents) noexcept;
   void on_handshake_frame() noexcept;
@@ -2960,6 +3101,7 @@ inline Result Channel::send(Loop& loop, Message& m, wire::FrameType type, std::u
     if (r != Result::WouldBlock) return r;
   }
   if (out_count == LEMSG_MAX_OUTGOING) return Result::Overflow;
+  if (out_count == 0) stall_deadline = now_ns() + static_cast<std::int64_t>(stall_ms) * 1000000;
   out[(out_head + out_count) % LEMSG_MAX_OUTGOING] = std::move(m);
   ++out_count;
   update_events(loop);
@@ -2967,6 +3109,7 @@ inline Result Channel::send(Loop& loop, Message& m, wire::FrameType type, std::u
 }
 
 inline Result Channel::flush(Loop& loop) noexcept {
+  bool moved = false;
   while (out_count) {
     Message& m = out[out_head];
     const Result r = send_datagram(fd, m.blk_->header, wire::header_size + m.blk_->size, m.blk_->fd);
@@ -2975,7 +3118,11 @@ inline Result Channel::flush(Loop& loop) noexcept {
     m.release();
     out_head = (out_head + 1) % LEMSG_MAX_OUTGOING;
     --out_count;
+    moved = true;
   }
+  // The peer read something: it has a new stall timeout for what is left.
+  if (out_count == 0) stall_deadline = 0;
+  else if (moved) stall_deadline = now_ns() + static_cast<std::int64_t>(stall_ms) * 1000000;
   update_events(loop);
   return Result::Ok;
 }
@@ -2998,6 +3145,7 @@ inline Result Channel::next(MessagePoolBase& pool, std::uint32_t max_payload, Me
       if (ri == Result::Ok) ri = wire::decode(held[i].blk_->header, d[i].len, max_payload, held_h[i]);
       // The fd flag must match what arrived: an fd nobody announced is refused.
       if (ri == Result::Ok && ((held_h[i].flags & wire::FlagFd) != 0) != (d[i].fd >= 0)) ri = Result::BadFrame;
+      if (ri == Result::Ok && d[i].fd >= 0 && refuse_unix_fds && is_unix_socket(d[i].fd)) ri = Result::BadFrame;
       if (ri != Result::Ok || held_err != Result::Ok) {
         // Nothing after a bad frame is delivered: the session is closing.
         if (d[i].fd >= 0 && d[i].result == Result::Ok) ::close(d[i].fd);
@@ -3057,6 +3205,7 @@ inline Result Channel::receive(MessagePoolBase& pool, std::uint32_t max_payload,
   r = wire::decode(m.blk_->header, len, max_payload, h);
   // The fd flag must match what arrived: an fd nobody announced is refused.
   if (r == Result::Ok && ((h.flags & wire::FlagFd) != 0) != (rfd >= 0)) r = Result::BadFrame;
+  if (r == Result::Ok && rfd >= 0 && refuse_unix_fds && is_unix_socket(rfd)) r = Result::BadFrame;
   if (r != Result::Ok) {
     if (rfd >= 0) ::close(rfd);
     return r;
@@ -3084,6 +3233,7 @@ inline void Channel::reset(Loop& loop) noexcept {
   fd = -1;
   for (std::size_t i = 0; i < out_count; ++i) out[(out_head + i) % LEMSG_MAX_OUTGOING].release();
   out_head = out_count = 0;
+  stall_deadline = 0;
   for (std::size_t i = held_i; i < held_n; ++i) held[i].release();
   held_i = held_n = 0;
   held_err = Result::Ok;
@@ -3123,6 +3273,13 @@ inline Service::~Service() {
   std::size_t n = 0;
   peer_refs_.for_each([&](Peer*, std::uint32_t ref) { refs[n++] = ref; });
   for (std::size_t i = 0; i < n; ++i) close_peer(refs[i], Result::Ok);
+  std::uint32_t shakes[LEMSG_MAX_HANDSHAKES];
+  n = 0;
+  handshake_refs_.for_each([&](Handshake*, std::uint32_t ref) { shakes[n++] = ref; });
+  for (std::size_t i = 0; i < n; ++i) {
+    const int fd = drop_handshake(shakes[i]);
+    if (fd >= 0) ::close(fd);
+  }
   Result r = hide();
   (void)r;
   if (timer_) r = loop_.remove_timer(timer_);
@@ -3190,6 +3347,8 @@ inline Result Service::hide() noexcept {
     LEMSG_LOG(Info, "service %s: %s is no longer ours; left in place", protocol_.id, path_);
   ::close(listen_fd_);
   listen_fd_ = -1;
+  accept_retry_ = 0;
+  accept_backoff_ms_ = 0;
   detail::registry_remove(registry_slot_);
   registry_slot_ = -1;
   return Result::Ok;
@@ -3244,58 +3403,187 @@ inline void Service::on_listen(short revents) noexcept {
   for (int i = 0; i < 16 && listen_fd_ >= 0; ++i) {
     const int fd = ::accept4(listen_fd_, nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC);
     if (fd < 0) {
-      if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR && errno != ECONNABORTED)
-        LEMSG_LOG(Warning, "service %s: accept failed: %s", protocol_.id, std::strerror(errno));
+      const int e = errno;
+      if (e == EMFILE || e == ENFILE || e == ENOBUFS || e == ENOMEM) pause_accepting(e);
+      else if (e != EAGAIN && e != EWOULDBLOCK && e != EINTR && e != ECONNABORTED)
+        LEMSG_LOG(Warning, "service %s: accept failed: %s", protocol_.id, std::strerror(e));
       return;
     }
+    if (accept_backoff_ms_) {
+      LEMSG_LOG(Info, "service %s: accepting again", protocol_.id);
+      accept_backoff_ms_ = 0;
+    }
     Credentials c;
-    std::int32_t refuse = 0;
-    if (detail::peer_credentials(fd, c) != Result::Ok) refuse = static_cast<std::int32_t>(Result::SystemError);
-    else if (!allowed(c)) refuse = static_cast<std::int32_t>(Result::NotPermitted);
-    Peer* slot = nullptr;
-    std::uint32_t ref = 0;
-    if (!refuse) {
-      for (Peer& p : peers_)
-        if (!p.used) {
-          slot = &p;
-          break;
-        }
-      if (!slot || peer_refs_.add(slot, ref) != Result::Ok) refuse = static_cast<std::int32_t>(Result::SessionTableFull);
-    }
-    if (!refuse) {
-      Result r = loop_.add_watch(fd, Readable, [this, ref](int, short ev) { on_peer(ref, ev); }, slot->ch.watch);
-      if (r != Result::Ok) {
-        Result rr = peer_refs_.remove(ref);
-        (void)rr;
-        refuse = static_cast<std::int32_t>(r);
-      }
-    }
-    if (refuse) {
-      LEMSG_LOG(Warning, "service %s: refusing pid %ld uid %ld: %s", protocol_.id, static_cast<long>(c.pid),
-                static_cast<long>(c.uid), to_string(static_cast<Result>(refuse)));
-      Result r = detail::send_control(fd, wire::FrameType::Refuse, 0, wire::FlagError, &refuse, 4);
-      (void)r;
-      ::close(fd);
+    Result r = detail::peer_credentials(fd, c);
+    if (r != Result::Ok) r = Result::SystemError;
+    else if (!allowed(c)) r = Result::NotPermitted;
+    else r = session_room(c);
+    if (r != Result::Ok) {
+      refuse(fd, c, r);
       continue;
     }
-    slot->used = true;
-    slot->open = false;
-    slot->closing = false;
-    slot->context = nullptr;
-    slot->creds = c;
-    slot->ch.fd = fd;
-    detail::set_send_buffer(fd, sndbuf_);
-    slot->hello_deadline = detail::now_ns() + static_cast<std::int64_t>(LEMSG_OPEN_TIMEOUT_MS) * 1000000;
-    reschedule();
+    // A client sends its hello right after connecting, so it is usually
+    // here already; only a client that is slow (or silent) waits in the
+    // handshake table.
+    r = read_hello(fd, c);
+    if (r == Result::WouldBlock) {
+      add_handshake(fd, c);
+      continue;
+    }
+    // An open handler may have run: the rest of the backlog waits for the
+    // next dispatch (the socket stays readable).
+    if (on_hello(fd, c, r)) return;
   }
 }
 
-inline bool Service::on_hello(std::uint32_t ref, Peer& p) noexcept {
+inline void Service::pause_accepting(int error) noexcept {
+  // The connection stays in the backlog, so the listening socket stays
+  // readable: without a pause every poll would return at once. One warning
+  // per episode; the retries back off from 50 ms to a second.
+  if (accept_backoff_ms_ == 0) {
+    LEMSG_LOG(Warning, "service %s: accept failed: %s; pausing accepts until it succeeds", protocol_.id,
+              std::strerror(error));
+    accept_backoff_ms_ = 50;
+  } else {
+    accept_backoff_ms_ = accept_backoff_ms_ * 2 > 1000 ? 1000 : accept_backoff_ms_ * 2;
+  }
+  Result r = loop_.set_events(listen_watch_, 0);
+  (void)r;
+  accept_retry_ = detail::now_ns() + static_cast<std::int64_t>(accept_backoff_ms_) * 1000000;
+  reschedule();
+}
+
+inline Result Service::session_room(const Credentials& c) const noexcept {
+  if (peer_refs_.size() >= LEMSG_MAX_SESSIONS) return Result::SessionTableFull;
+  if (!share_applies(c.uid)) return Result::Ok;
+  std::size_t mine = 0;
+  peer_refs_.for_each([&](const Peer* p, std::uint32_t) {
+    if (p->creds.uid == c.uid) ++mine;
+  });
+  return mine >= LEMSG_MAX_SESSIONS_PER_UID ? Result::UidShareFull : Result::Ok;
+}
+
+inline void Service::refuse(int fd, const Credentials& c, Result why) noexcept {
+  LEMSG_LOG(Warning, "service %s: refusing pid %ld uid %ld: %s", protocol_.id, static_cast<long>(c.pid),
+            static_cast<long>(c.uid), to_string(why));
+  const std::int32_t code = static_cast<std::int32_t>(why);
+  Result r = detail::send_control(fd, wire::FrameType::Refuse, 0, wire::FlagError, &code, 4);
+  (void)r;
+  ::close(fd);
+}
+
+inline void Service::add_handshake(int fd, const Credentials& c) noexcept {
+  // Silent connections must not lock others out: a uid beyond its share
+  // loses its own oldest handshake, and a full table loses the oldest of all.
+  auto oldest = [&](bool same_uid, std::size_t& count) {
+    std::uint32_t ref = 0;
+    std::uint64_t seq = 0;
+    count = 0;
+    handshake_refs_.for_each([&](const Handshake* h, std::uint32_t r) {
+      if (same_uid && h->creds.uid != c.uid) return;
+      ++count;
+      if (!ref || h->seq < seq) {
+        ref = r;
+        seq = h->seq;
+      }
+    });
+    return ref;
+  };
+  std::size_t count = 0;
+  if (share_applies(c.uid)) {
+    const std::uint32_t ref = oldest(true, count);
+    if (count >= LEMSG_MAX_HANDSHAKES_PER_UID) evict_handshake(ref, "its uid's share of handshakes is full");
+  }
+  if (handshake_refs_.size() >= LEMSG_MAX_HANDSHAKES) evict_handshake(oldest(false, count), "the handshake table is full");
+  Handshake* slot = nullptr;
+  for (Handshake& h : handshakes_)
+    if (!h.used) {
+      slot = &h;
+      break;
+    }
+  std::uint32_t ref = 0;
+  if (!slot || handshake_refs_.add(slot, ref) != Result::Ok) {
+    refuse(fd, c, Result::Busy);  // only when the map's generations ran out
+    return;
+  }
+  Result r = loop_.add_watch(fd, Readable, [this, ref](int, short) { on_handshake(ref); }, slot->watch);
+  if (r == Result::WatchTableFull && handshake_refs_.size() > 1) {
+    // The loop's watches are the limit: a silent connection's watch is worth less.
+    std::uint32_t victim = 0;
+    std::uint64_t seq = 0;
+    handshake_refs_.for_each([&](const Handshake* h, std::uint32_t hr) {
+      if (hr != ref && h->used && (!victim || h->seq < seq)) {
+        victim = hr;
+        seq = h->seq;
+      }
+    });
+    if (victim) {
+      evict_handshake(victim, "the loop's watch table is full");
+      r = loop_.add_watch(fd, Readable, [this, ref](int, short) { on_handshake(ref); }, slot->watch);
+    }
+  }
+  if (r != Result::Ok) {
+    Result rr = handshake_refs_.remove(ref);
+    (void)rr;
+    refuse(fd, c, r);
+    return;
+  }
+  slot->used = true;
+  slot->fd = fd;
+  slot->creds = c;
+  slot->seq = ++accept_seq_;
+  slot->deadline = detail::now_ns() + static_cast<std::int64_t>(LEMSG_OPEN_TIMEOUT_MS) * 1000000;
+  reschedule();
+}
+
+inline int Service::drop_handshake(std::uint32_t ref) noexcept {
+  Handshake* h = handshake_refs_.lookup(ref);
+  if (!h) return -1;
+  Result r = loop_.remove_watch(h->watch);
+  (void)r;
+  r = handshake_refs_.remove(ref);
+  const int fd = h->fd;
+  h->watch = WatchId{};
+  h->fd = -1;
+  h->used = false;
+  if (handshake_refs_.size() == 0) evict_logged_ = false;
+  return fd;
+}
+
+inline void Service::evict_handshake(std::uint32_t ref, const char* why) noexcept {
+  Handshake* h = handshake_refs_.lookup(ref);
+  if (!h) return;
+  // One warning per flood, not one per connection.
+  if (!evict_logged_) {
+    LEMSG_LOG(Warning, "service %s: closing the oldest connection still without a hello (pid %ld uid %ld): %s",
+              protocol_.id, static_cast<long>(h->creds.pid), static_cast<long>(h->creds.uid), why);
+  } else {
+    LEMSG_LOG(Debug, "service %s: closing the oldest connection still without a hello (pid %ld uid %ld): %s",
+              protocol_.id, static_cast<long>(h->creds.pid), static_cast<long>(h->creds.uid), why);
+  }
+  const int fd = drop_handshake(ref);
+  evict_logged_ = true;  // until the table empties by other means
+  if (fd >= 0) ::close(fd);
+}
+
+inline void Service::on_handshake(std::uint32_t ref) noexcept {
+  Handshake* h = handshake_refs_.lookup(ref);
+  if (!h) return;
+  const Credentials c = h->creds;
+  const Result r = read_hello(h->fd, c);
+  if (r == Result::WouldBlock) return;
+  const int fd = drop_handshake(ref);
+  reschedule();  // its deadline no longer counts
+  bool opened = on_hello(fd, c, r);
+  (void)opened;
+}
+
+inline Result Service::read_hello(int fd, const Credentials& c) noexcept {
   unsigned char buf[wire::header_size + 8 + LEMSG_MAX_PROTOCOL_ID];
   std::size_t len = 0;
   int rfd = -1;
-  Result r = detail::recv_datagram(p.ch.fd, buf, sizeof buf, len, rfd);
-  if (r == Result::WouldBlock) return false;
+  Result r = detail::recv_datagram(fd, buf, sizeof buf, len, rfd);
+  if (r == Result::WouldBlock) return r;
   if (rfd >= 0) {
     ::close(rfd);
     r = Result::BadFrame;
@@ -3310,29 +3598,66 @@ inline bool Service::on_hello(std::uint32_t ref, Peer& p) noexcept {
     if (idlen != h.length - 8) r = Result::BadFrame;
   }
   if (r != Result::Ok) {
-    if (r != Result::Closed) LEMSG_LOG(Warning, "service %s: bad hello: %s", protocol_.id, to_string(r));
-    close_peer(ref, r == Result::TooLarge ? Result::BadFrame : r);
-    return false;
+    if (r != Result::Closed)
+      LEMSG_LOG(Warning, "service %s: bad hello from pid %ld: %s", protocol_.id, static_cast<long>(c.pid),
+                to_string(r));
+    return r == Result::TooLarge ? Result::BadFrame : r;
   }
-  std::int32_t refuse = 0;
   if (idlen != std::strlen(protocol_.id) || std::memcmp(buf + wire::header_size + 8, protocol_.id, idlen) != 0)
-    refuse = static_cast<std::int32_t>(Result::ProtocolMismatch);
-  else if (max != protocol_.max_payload)
-    refuse = static_cast<std::int32_t>(Result::SizeMismatch);
-  if (refuse) {
-    LEMSG_LOG(Warning, "service %s: refusing pid %ld: %s", protocol_.id, static_cast<long>(p.creds.pid),
-              to_string(static_cast<Result>(refuse)));
-    r = detail::send_control(p.ch.fd, wire::FrameType::Refuse, 0, wire::FlagError, &refuse, 4);
-    close_peer(ref, static_cast<Result>(refuse));
+    return Result::ProtocolMismatch;
+  if (max != protocol_.max_payload) return Result::SizeMismatch;
+  return Result::Ok;
+}
+
+// Completes a handshake whose hello read as `hello`: a good one opens a
+// session (true: the open handler ran), anything else closes `fd`.
+inline bool Service::on_hello(int fd, const Credentials& c, Result hello) noexcept {
+  if (hello == Result::ProtocolMismatch || hello == Result::SizeMismatch) {
+    refuse(fd, c, hello);
     return false;
   }
-  r = detail::send_control(p.ch.fd, wire::FrameType::Welcome, 0, 0, nullptr, 0);
+  if (hello != Result::Ok) {
+    ::close(fd);  // gone, or a bad hello (logged)
+    return false;
+  }
+  // The tables may have filled while this client was slow.
+  Result r = session_room(c);
+  Peer* slot = nullptr;
+  std::uint32_t ref = 0;
+  if (r == Result::Ok) {
+    for (Peer& p : peers_)
+      if (!p.used) {
+        slot = &p;
+        break;
+      }
+    if (!slot || peer_refs_.add(slot, ref) != Result::Ok) r = Result::SessionTableFull;
+  }
+  if (r == Result::Ok) {
+    r = loop_.add_watch(fd, Readable, [this, ref](int, short ev) { on_peer(ref, ev); }, slot->ch.watch);
+    if (r != Result::Ok) {
+      Result rr = peer_refs_.remove(ref);
+      (void)rr;
+    }
+  }
+  if (r != Result::Ok) {
+    refuse(fd, c, r);
+    return false;
+  }
+  slot->used = true;
+  slot->open = false;
+  slot->closing = false;
+  slot->context = nullptr;
+  slot->creds = c;
+  slot->ch.fd = fd;
+  detail::set_send_buffer(fd, sndbuf_);
+  slot->ch.refuse_unix_fds = !options_.accept_socket_fds;
+  slot->ch.stall_ms = options_.stall_timeout_ms ? options_.stall_timeout_ms : LEMSG_STALL_TIMEOUT_MS;
+  r = detail::send_control(fd, wire::FrameType::Welcome, 0, 0, nullptr, 0);
   if (r != Result::Ok) {
     close_peer(ref, r);
     return false;
   }
-  p.open = true;
-  reschedule();  // its hello deadline no longer counts
+  slot->open = true;
   if (open_handler_) {
     OpenHandler h = open_handler_;
     h(SessionRef{ref});
@@ -3357,10 +3682,6 @@ inline void Service::on_peer(std::uint32_t ref, short revents) noexcept {
   for (int i = 0; i < 16 || p->ch.has_held(); ++i) {
     p = peer_refs_.lookup(ref);
     if (!p || p->closing) return;
-    if (!p->open) {
-      if (!on_hello(ref, *p)) return;
-      continue;
-    }
     Message m;
     wire::Header h;
     Result r = p->ch.next(pool_, protocol_.max_payload, m, h);
@@ -3408,6 +3729,7 @@ inline void Service::answer_error(std::uint32_t session, std::uint32_t txn, Resu
   if (r == Result::Ok) {
     r = m.assign(&c, 4);
     if (r == Result::Ok) r = p->ch.send(loop_, m, wire::FrameType::Response, txn, wire::FlagError);
+    if (r == Result::Ok) watch_stall(*p);
   } else if (p->ch.out_count == 0) {
     r = detail::send_control(p->ch.fd, wire::FrameType::Response, txn, wire::FlagError, &c, 4);
   } else {
@@ -3424,7 +3746,9 @@ inline Result Service::send(SessionRef s, Message&& m) noexcept {
   if (m.size() > protocol_.max_payload) return Result::TooLarge;
   Peer* p = peer_refs_.lookup(s.value);
   if (!p || !p->open || p->closing) return Result::NotFound;
-  return p->ch.send(loop_, m, wire::FrameType::Message, 0, 0);
+  const Result r = p->ch.send(loop_, m, wire::FrameType::Message, 0, 0);
+  if (r == Result::Ok) watch_stall(*p);
+  return r;
 }
 
 inline Result Service::respond(Message&& m) noexcept {
@@ -3448,7 +3772,10 @@ inline Result Service::respond(Message&& m) noexcept {
   const std::uint32_t size = b->size;
   b->kind = detail::MsgKind::Outgoing;
   const Result r = p->ch.send(loop_, m, wire::FrameType::Response, txn, 0);
-  if (r == Result::Ok) return r;
+  if (r == Result::Ok) {
+    watch_stall(*p);
+    return r;
+  }
   m.release();
   if (r == Result::Overflow) {
     // A peer that stopped reading is closed now: a response is never
@@ -3500,12 +3827,15 @@ inline void Service::close_peer(std::uint32_t ref, Result reason) noexcept {
 inline void Service::reschedule() noexcept {
   std::int64_t next = 0;
   const std::int64_t now = detail::now_ns();
-  peer_refs_.for_each([&](Peer* p, std::uint32_t) {
-    std::int64_t t = 0;
-    if (!p->open) t = p->hello_deadline;
-    else if (p->ch.starved) t = now + 5 * 1000000;
+  auto consider = [&](std::int64_t t) {
     if (t && (!next || t < next)) next = t;
+  };
+  peer_refs_.for_each([&](Peer* p, std::uint32_t) {
+    if (p->ch.starved) consider(now + 5 * 1000000);
+    consider(p->ch.stall_deadline);
   });
+  handshake_refs_.for_each([&](Handshake* h, std::uint32_t) { consider(h->deadline); });
+  if (accept_retry_ && (!next || accept_retry_ < next)) next = accept_retry_;
   Result r = next ? loop_.arm_timer(timer_, static_cast<std::uint32_t>(detail::ms_until(next)))
                   : loop_.disarm_timer(timer_);
   (void)r;
@@ -3513,18 +3843,39 @@ inline void Service::reschedule() noexcept {
 
 inline void Service::on_timer() noexcept {
   const std::int64_t now = detail::now_ns();
-  std::uint32_t late[LEMSG_MAX_SESSIONS];
+  if (accept_retry_ && accept_retry_ <= now && listen_fd_ >= 0) {
+    // Listen again: the next poll tries accept(), which pauses again if fds are still short.
+    accept_retry_ = 0;
+    Result r = loop_.set_events(listen_watch_, Readable);
+    (void)r;
+  }
+  std::uint32_t late[LEMSG_MAX_HANDSHAKES];
   std::size_t n = 0;
+  handshake_refs_.for_each([&](Handshake* h, std::uint32_t ref) {
+    if (h->deadline <= now) late[n++] = ref;
+  });
+  for (std::size_t i = 0; i < n; ++i) {
+    LEMSG_LOG(Warning, "service %s: client sent no hello in time; closing", protocol_.id);
+    const int fd = drop_handshake(late[i]);
+    if (fd >= 0) ::close(fd);
+  }
+  std::uint32_t stalled[LEMSG_MAX_SESSIONS];
+  std::size_t n_stalled = 0;
   peer_refs_.for_each([&](Peer* p, std::uint32_t ref) {
-    if (!p->open && p->hello_deadline <= now) late[n++] = ref;
+    // Whatever keeps its socket alive (a copy in another process, an fd in
+    // flight), a client that reads nothing while frames wait is gone.
+    if (p->open && p->ch.out_count && p->ch.stall_deadline && p->ch.stall_deadline <= now) stalled[n_stalled++] = ref;
     if (p->ch.starved && pool_.available()) {
       p->ch.starved = false;
       p->ch.update_events(loop_);
     }
   });
-  for (std::size_t i = 0; i < n; ++i) {
-    LEMSG_LOG(Warning, "service %s: client sent no hello in time; closing", protocol_.id);
-    close_peer(late[i], Result::Timeout);
+  for (std::size_t i = 0; i < n_stalled; ++i) {
+    const Peer* p = peer_refs_.lookup(stalled[i]);
+    if (!p) continue;  // a close handler above closed it already
+    LEMSG_LOG(Warning, "service %s: pid %ld read nothing for %lu ms while frames waited; closing", protocol_.id,
+              static_cast<long>(p->creds.pid), static_cast<unsigned long>(p->ch.stall_ms));
+    close_peer(stalled[i], Result::Stalled);
   }
   reschedule();
 }
@@ -3773,7 +4124,7 @@ inline void Session::on_handshake_frame() noexcept {
     std::memcpy(&code, buf + wire::header_size, 4);
     if (detail::known_result(code)) why = static_cast<Result>(code);
   }
-  if (why == Result::SessionTableFull && reconnect_) {
+  if ((why == Result::SessionTableFull || why == Result::UidShareFull) && reconnect_) {
     ch_.reset(loop_);
     backoff();
     return;
@@ -3812,6 +4163,21 @@ inline Result Session::handshake_blocking(int fd, std::int64_t deadline) noexcep
   }
 }
 
+// A server whose table is full now may have room soon (a session closes):
+// true, after a pause of `pause_ms` (10 ms doubling to 250 ms, never past
+// `deadline`), when the caller should connect again.
+inline bool Session::wait_for_room(Result refused, std::int64_t deadline, std::uint32_t& pause_ms) noexcept {
+  if (refused != Result::SessionTableFull && refused != Result::UidShareFull) return false;
+  const int left = detail::ms_until(deadline);
+  if (left <= 0) return false;
+  const int wait = static_cast<int>(pause_ms) < left ? static_cast<int>(pause_ms) : left;
+  const std::int64_t until = detail::now_ns() + static_cast<std::int64_t>(wait) * 1000000;
+  while (::poll(nullptr, 0, detail::ms_until(until)) < 0 && errno == EINTR) {
+  }
+  pause_ms = pause_ms * 2 > 250 ? 250 : pause_ms * 2;
+  return true;
+}
+
 inline Result Session::finish_open(int fd) noexcept {
   Result r = detail::peer_credentials(fd, server_);
   server_here_ = r == Result::Ok && server_.pid == ::getpid();
@@ -3837,6 +4203,8 @@ inline Result Session::open_sync(const char* name, int timeout_ms) noexcept {
   int ino = -1;
   int parent_wd = -1;
   bool watched = false, armed = false;
+  std::uint32_t pause_ms = 10;
+  Result refused = Result::Ok;  // the last full-table refusal, if any
   for (;;) {
     int fd = -1;
     r = connect_checked(fd);
@@ -3847,6 +4215,10 @@ inline Result Session::open_sync(const char* name, int timeout_ms) noexcept {
         break;
       }
       ::close(fd);
+      if (wait_for_room(r, deadline, pause_ms)) {  // full: try again until the deadline
+        refused = r;
+        continue;
+      }
       if (r != Result::Closed) break;  // Closed: the server went away meanwhile; wait for it again
     } else if (r != Result::NotFound && r != Result::Busy) {
       break;
@@ -3878,22 +4250,31 @@ inline Result Session::open_sync(const char* name, int timeout_ms) noexcept {
     if (ino >= 0) armed = detail::watch_socket_dir(ino, path_, parent_wd);
   }
   if (ino >= 0) ::close(ino);
-  return r;
+  // Out of time while asking a full server again: say why it was refused.
+  return r == Result::Timeout && refused != Result::Ok ? refused : r;
 }
 
 inline Result Session::try_open(const char* name) noexcept {
   Result r = prepare(name);
   if (r != Result::Ok) return r;
   if (detail::served_by_this_thread(path_)) return Result::WouldDeadlock;
-  int fd = -1;
-  r = connect_checked(fd);
-  if (r != Result::Ok) return r;
-  r = handshake_blocking(fd, detail::now_ns() + static_cast<std::int64_t>(LEMSG_OPEN_TIMEOUT_MS) * 1000000);
-  if (r != Result::Ok) {
+  const std::int64_t deadline = detail::now_ns() + static_cast<std::int64_t>(LEMSG_OPEN_TIMEOUT_MS) * 1000000;
+  std::uint32_t pause_ms = 10;
+  Result refused = Result::Ok;
+  for (;;) {
+    int fd = -1;
+    r = connect_checked(fd);
+    if (r != Result::Ok) return r;
+    r = handshake_blocking(fd, deadline);
+    if (r == Result::Ok) return finish_open(fd);
     ::close(fd);
+    if (wait_for_room(r, deadline, pause_ms)) {
+      refused = r;
+      continue;
+    }
+    if (r == Result::Timeout && refused != Result::Ok) return refused;
     return r == Result::Closed ? Result::NotFound : r;
   }
-  return finish_open(fd);
 }
 
 inline void Session::complete_all(Result why) noexcept {

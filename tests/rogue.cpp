@@ -22,6 +22,8 @@
 
 #include <fcntl.h>
 #include <poll.h>
+#include <grp.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/un.h>
 #include <unistd.h>
@@ -50,8 +52,6 @@ const char* const kName = "rogue-target";
 // Sessions the server here can hold: its loop watches the listening socket
 // and one socket per session, so a small watch table may be the limit.
 constexpr int kTable = LEMSG_MAX_SESSIONS < LEMSG_MAX_WATCHES - 1 ? LEMSG_MAX_SESSIONS : LEMSG_MAX_WATCHES - 1;
-const Result kTableFull =
-    LEMSG_MAX_SESSIONS <= LEMSG_MAX_WATCHES - 1 ? Result::SessionTableFull : Result::WatchTableFull;
 
 // -- frames by hand --
 
@@ -150,6 +150,7 @@ struct Peer {
   bool refuse = false;
   std::int32_t refuse_code = 0;
   bool hung_up = false;
+  bool reset = false;
   ~Peer() {
     if (fd >= 0) ::close(fd);
   }
@@ -172,6 +173,12 @@ struct Peer {
       }
       if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) return false;
       if (n < 0 && errno == EINTR) continue;
+      // A server that closed with our frames unread leaves ECONNRESET, before
+      // what it sent first (a Refuse): read on once.
+      if (n < 0 && errno == ECONNRESET && !reset) {
+        reset = true;
+        continue;
+      }
       hung_up = true;  // 0: the orderly end; an error: reset
       return true;
     }
@@ -657,39 +664,44 @@ TEST_CASE("transport: a rogue whose Hello names another protocol or size is refu
   CHECK(b.finish() == 0);
 }
 
-TEST_CASE("transport: silent clients that never send a Hello take at most the session table") {
-  // The server closes a silent client after LEMSG_OPEN_TIMEOUT_MS (5 s by
-  // default), too long to wait for here; what matters is that silent
-  // clients cannot take more than the table, and that the others are served.
+TEST_CASE("transport: silent clients take no session slot; beyond the handshake table the oldest are closed") {
+  // A connection that sends no Hello waits in the handshake table, not in the
+  // session table (it is closed after LEMSG_OPEN_TIMEOUT_MS, too long to wait
+  // for here). When that table is full, the oldest one makes room.
   Bench b;
   REQUIRE(b.start());
-  const int free_slots = kTable - 1;  // the good client has one
-  Peer silent[LEMSG_MAX_SESSIONS];
-  for (int i = 0; i < free_slots; ++i) {
+  constexpr int kExtra = 2;
+  Peer silent[LEMSG_MAX_HANDSHAKES + kExtra];
+  for (Peer& p : silent) {
     std::uint32_t ref = 0;
-    REQUIRE(b.connect_rogue(silent[i], false, ref));
+    REQUIRE(b.connect_rogue(p, false, ref));
   }
+  const int warnings = b.log.warnings();
   CHECK(testutil::run_until(
-      b.server.loop, [&] { return b.server.svc.session_count() == static_cast<std::size_t>(kTable); },
-      30000));
-  // One more is refused at once with SessionTableFull (or WatchTableFull).
-  Peer extra;
-  std::uint32_t ref = 0;
-  REQUIRE(b.connect_rogue(extra, false, ref));
-  CHECK(testutil::run_until(b.server.loop, [&] { return extra.poll_closed(); }, 30000));
-  CHECK(extra.refuse);
-  CHECK(extra.refuse_code == static_cast<std::int32_t>(kTableFull));
-  CHECK(b.served());
-  for (int i = 0; i < free_slots; ++i) {
-    ::close(silent[i].fd);
-    silent[i].fd = -1;
+      b.server.loop, [&] { return silent[0].poll_closed() && silent[1].poll_closed(); }, 30000));
+  for (int i = kExtra; i < LEMSG_MAX_HANDSHAKES + kExtra; ++i) {
+    CAPTURE(i);
+    CHECK_FALSE(silent[i].poll_closed());
+    CHECK_FALSE(silent[i].refuse);
   }
-  ::close(extra.fd);
-  extra.fd = -1;
+  CHECK(b.log.warnings() == warnings + 1);  // one warning per flood
+  CHECK(b.server.svc.session_count() == 1);
+  // A client that says Hello gets in while the table is full of silent ones.
+  Peer late;
+  std::uint32_t ref = 0;
+  REQUIRE(b.connect_rogue(late, true, ref));
+  CHECK(b.server.svc.session_count() == 2);
+  CHECK(b.served());
+  for (Peer& p : silent) {
+    ::close(p.fd);
+    p.fd = -1;
+  }
+  ::close(late.fd);
+  late.fd = -1;
   CHECK(testutil::run_until(b.server.loop, [&] { return b.server.svc.session_count() == 1; }, 30000));
-  CHECK(testutil::count_open_fds() == b.base_fds);
-  CHECK(b.server.opens == 1);
-  CHECK(b.server.close_count == 0);
+  CHECK(testutil::run_until(b.server.loop, [&] { return testutil::count_open_fds() == b.base_fds; }, 30000));
+  CHECK(b.server.opens == 2);
+  CHECK(b.server.close_count == 1);
   CHECK(b.served());
   CHECK(b.finish() == 0);
 }
@@ -721,7 +733,8 @@ TEST_CASE("transport: a rogue that completed its Hello and then vanishes is clos
 TEST_CASE("transport: several rogues sending garbage at once are each closed, and only they") {
   Bench b;
   REQUIRE(b.start());
-  const int n = kTable - 1;
+  // Every other rogue is silent, and silent ones wait in the handshake table.
+  const int n = kTable - 1 < 2 * LEMSG_MAX_HANDSHAKES + 1 ? kTable - 1 : 2 * LEMSG_MAX_HANDSHAKES + 1;
   Peer rogues[LEMSG_MAX_SESSIONS];
   std::uint32_t refs[LEMSG_MAX_SESSIONS] = {};
   int hellod = 0;
@@ -1031,6 +1044,433 @@ TEST_CASE("transport: a response to no pending request is discarded, with its fd
   CHECK(f.st.closes == 0);  // closing our own side does not call the close handler
   CHECK(testutil::count_open_fds() == f.base_fds);
   CHECK(f.finish() == 0);
+}
+
+
+// ---- denial of service: a peer that keeps its own connection alive ----
+
+TEST_CASE("transport: a client that sends its own connection socket as an fd is closed as bad input, so its death is seen") {
+  // The D-Bus CVE-2014-3637 class: a server that keeps a received fd which
+  // is the client's end of the very same connection never sees a hang-up
+  // after the client dies. The fd must be refused and the session closed.
+  Bench b;
+  REQUIRE(b.start());
+  int kept[8];
+  int kept_count = 0;
+  b.server.svc.set_receive_handler([&](Message& m) {
+    if (m.has_fd() && kept_count < 8) kept[kept_count++] = m.take_fd();  // the application keeps it
+    if (!m.needs_response()) return;
+    unsigned char* p = static_cast<unsigned char*>(m.payload());
+    for (std::uint32_t i = 0; i < m.size(); ++i) p[i] = static_cast<unsigned char>(p[i] + 1);
+    Result rr = b.server.svc.respond(std::move(m));
+    (void)rr;
+  });
+  Peer rogue;
+  std::uint32_t ref = 0;
+  REQUIRE(b.connect_rogue(rogue, true, ref));
+  Raw r;
+  frame(r, t(FrameType::Message), wire::FlagFd, 0, 4, 4);
+  REQUIRE(testutil::send_fds(rogue.fd, r.b, r.len, &rogue.fd, 1));
+  ::close(rogue.fd);  // the rogue "dies"; only the fd in flight keeps its end alive
+  rogue.fd = -1;
+  CHECK(testutil::run_until(b.server.loop, [&] { return b.server.close_count == 1; }, 5000));
+  CHECK(b.server.closes[0].ref == ref);
+  CHECK(b.server.closes[0].reason == Result::BadFrame);
+  CHECK(kept_count == 0);
+  for (int i = 0; i < kept_count; ++i) ::close(kept[i]);
+  CHECK(b.server.svc.session_count() == 1);
+  CHECK(testutil::run_until(b.server.loop, [&] { return b.server.pool.in_use() == 0; }, 30000));
+  CHECK(testutil::count_open_fds() == b.base_fds);
+  CHECK(b.served());
+  CHECK(b.finish() == 0);
+}
+
+TEST_CASE("transport: a Unix socket fd is refused unless the service opts in, and one connected to the server always") {
+  // A child sends, on one session, first one end of a socketpair of its own,
+  // then a second connection of its to the server (connected to us).
+  for (int opt_in = 0; opt_in < 2; ++opt_in) {
+    CAPTURE(opt_in);
+    testutil::TidyRuntimeDir dir;
+    testutil::LogCapture log;
+    Server server;
+    int kept[4];
+    int kept_count = 0;
+    bool kept_unix = false;
+    server.svc.set_receive_handler([&](Message& m) {
+      if (!m.has_fd() || kept_count >= 4) return;
+      kept[kept_count] = m.take_fd();
+      kept_unix = lemsg::detail::is_unix_socket(kept[kept_count]);
+      ++kept_count;
+    });
+    lemsg::ServiceOptions opts;
+    opts.accept_socket_fds = opt_in != 0;
+    REQUIRE(server.svc.advertise(kName, opts) == Result::Ok);
+    char path[256];
+    dir.socket(kName, path);
+    testutil::Pipe go;
+    const pid_t child = testutil::spawn([&] {
+      testutil::die_with_parent();
+      go.close_write();
+      const int s = connect_raw(path);
+      CHILD_CHECK(s >= 0);
+      Raw h;
+      hello(h, kProto.id, kProto.max_payload);
+      CHILD_CHECK(send_raw(s, h, Fds::None));
+      int sv[2];
+      CHILD_CHECK(::socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv) == 0);
+      Raw m;
+      frame(m, t(FrameType::Message), wire::FlagFd, 0, 4, 4);
+      CHILD_CHECK(testutil::send_fds(s, m.b, m.len, &sv[0], 1));
+      const int c = go.get(30000);  // 'n': the parent saw the first frame; 'q': done
+      if (c != 'n') return c == 'q' ? 0 : 2;
+      const int other = connect_raw(path);
+      CHILD_CHECK(other >= 0);
+      CHILD_CHECK(testutil::send_fds(s, m.b, m.len, &other, 1));
+      go.get(30000);  // until the parent is done
+      return 0;
+    });
+    go.close_read();
+    if (opt_in) {
+      // Connected elsewhere (to the child): delivered.
+      CHECK(testutil::run_until(server.loop, [&] { return kept_count == 1; }, 30000));
+      CHECK(kept_unix);
+      CHECK(server.close_count == 0);
+      go.put('n');
+    } else {
+      // Refused by default: the session closes as bad input.
+      CHECK(testutil::run_until(server.loop, [&] { return server.close_count == 1; }, 30000));
+      CHECK(kept_count == 0);
+    }
+    if (opt_in) {
+      // Connected to this server: refused even so.
+      CHECK(testutil::run_until(server.loop, [&] { return server.close_count == 1; }, 30000));
+      CHECK(kept_count == 1);
+    }
+    CHECK(server.close_count == 1);
+    CHECK(server.closes[0].reason == Result::BadFrame);
+    for (int i = 0; i < kept_count; ++i) ::close(kept[i]);
+    go.put('q');
+    go.close_write();
+    CHECK(testutil::wait_exit(child, 30000) == 0);
+    CHECK(testutil::run_until(server.loop, [&] { return server.pool.in_use() == 0; }, 30000));
+  }
+}
+
+TEST_CASE("transport: a service out of file descriptors pauses accepting, logs once, and lets the client in when fds are free") {
+  // accept() failing with EMFILE leaves the listening socket readable: a
+  // service that only logs and returns makes every run_once return at once.
+  testutil::TidyRuntimeDir dir;
+  char path[256];
+  dir.socket(kName, path);
+  testutil::Pipe full, go;
+  const pid_t server = testutil::spawn([&] {
+    testutil::die_with_parent();
+    full.close_read();
+    go.close_write();
+    testutil::LogCapture log;
+    Loop loop;
+    lemsg::MessagePool<kBlock, 8> pool;
+    lemsg::Service svc(loop, kProto, pool);
+    CHILD_CHECK(svc.advertise(kName) == Result::Ok);
+    // Leave no fd free.
+    struct rlimit rl;
+    CHILD_CHECK(::getrlimit(RLIMIT_NOFILE, &rl) == 0);
+    rl.rlim_cur = static_cast<rlim_t>(testutil::count_open_fds() + 8);
+    CHILD_CHECK(::setrlimit(RLIMIT_NOFILE, &rl) == 0);
+    int spare[64];
+    int n = 0;
+    while (n < 64) {
+      const int fd = ::open("/dev/null", O_RDONLY | O_CLOEXEC);
+      if (fd < 0) break;
+      spare[n++] = fd;
+    }
+    CHILD_CHECK(n < 64 && errno == EMFILE);
+    full.put('f');
+    CHILD_CHECK(go.get(30000) == 'c');  // a client waits in the backlog
+    const int warnings = log.warnings();
+    int busy = 0;
+    for (int i = 0; i < 200; ++i)
+      if (loop.run_once(10) == Result::Ok) ++busy;
+    const int episode_warnings = log.warnings() - warnings;
+    for (int i = 0; i < n; ++i) ::close(spare[i]);
+    if (episode_warnings != 1 || busy >= 100)
+      std::fprintf(stderr, "EMFILE: %d of 200 run_once calls dispatched, %d warnings\n", busy, episode_warnings);
+    CHILD_CHECK(episode_warnings == 1);
+    CHILD_CHECK(busy < 100);  // a spinning listener dispatches on every call
+    // fds are free again: the waiting client gets in, and others after it.
+    CHILD_CHECK(testutil::run_until(loop, [&] { return svc.session_count() == 1; }, 30000));
+    struct pollfd p = {go.fd[0], POLLIN, 0};
+    const long long end = testutil::now_ms() + 30000;
+    while (::poll(&p, 1, 0) == 0 && testutil::now_ms() < end) {
+      Result r = loop.run_once(20);
+      (void)r;
+    }
+    return 0;
+  });
+  full.close_write();
+  go.close_read();
+  REQUIRE(full.get(30000) == 'f');
+  Peer waiting;
+  waiting.fd = connect_raw(path);
+  REQUIRE(waiting.fd >= 0);
+  Raw h;
+  hello(h, kProto.id, kProto.max_payload);
+  REQUIRE(send_raw(waiting.fd, h, Fds::None));
+  go.put('c');
+  const long long end = testutil::now_ms() + 30000;
+  while (!waiting.welcome && !waiting.poll_closed() && testutil::now_ms() < end) usleep(2000);
+  CHECK(waiting.welcome);
+  {
+    Loop loop;
+    lemsg::MessagePool<kBlock, 4> pool;
+    lemsg::Session s(loop, kProto, pool);
+    CHECK(s.open_sync(kName, 30000) == Result::Ok);
+  }
+  go.put('q');
+  CHECK(testutil::wait_exit(server, 30000) == 0);
+}
+
+TEST_CASE("transport: a client that reads nothing while frames wait for it is closed with Stalled after the stall timeout") {
+  // The client's socket stays open in another process after the client
+  // dies (a received copy, a forked child...), so no hang-up ever comes. A
+  // session whose peer read nothing for the stall timeout while frames
+  // waited must be closed anyway, with what the queue held.
+  testutil::TidyRuntimeDir dir;
+  testutil::LogCapture log;
+  Server server;
+  lemsg::ServiceOptions opts;
+  opts.stall_timeout_ms = 300;
+  REQUIRE(server.svc.advertise(kName, opts) == Result::Ok);
+  char path[256];
+  dir.socket(kName, path);
+  testutil::Pipe hold;
+  const pid_t client = testutil::spawn([&] {
+    testutil::die_with_parent();
+    hold.close_write();
+    const int s = connect_raw(path);
+    CHILD_CHECK(s >= 0);
+    Raw h;
+    hello(h, kProto.id, kProto.max_payload);
+    CHILD_CHECK(send_raw(s, h, Fds::None));
+    // A grandchild keeps the socket, reads nothing, and outlives the client.
+    const pid_t keeper = testutil::spawn([&] {
+      hold.get(30000);
+      return 0;
+    });
+    CHILD_CHECK(keeper > 0);
+    return 0;
+  });
+  hold.close_read();
+  const int base_fds = testutil::count_open_fds();
+  CHECK(testutil::wait_exit(client, 30000) == 0);
+  CHECK(testutil::run_until(server.loop, [&] { return server.opens == 1; }, 30000));
+  // Frames for it pile up until its queue (or the pool) is full.
+  Result r = Result::Ok;
+  for (int sent = 0; sent < 100000 && r == Result::Ok; ++sent) {
+    Message m;
+    r = server.svc.create_message(m);
+    if (r == Result::Ok) r = m.assign("stuck", 5);
+    if (r == Result::Ok) r = server.svc.send(server.last_open, std::move(m));
+  }
+  CHECK((r == Result::Overflow || r == Result::PoolEmpty));
+  CHECK(server.pool.in_use() > 0);
+  CHECK(testutil::run_until(server.loop, [&] { return server.close_count == 1; }, 5000));
+  CHECK(server.closes[0].ref == server.last_open.value);
+  CHECK(server.closes[0].reason == Result::Stalled);
+  CHECK(server.svc.session_count() == 0);
+  CHECK(server.pool.in_use() == 0);
+  CHECK(testutil::count_open_fds() == base_fds);
+  hold.put('q');  // the keeper goes (it is the parent's grandchild: init reaps it)
+}
+
+// ---- denial of service: another uid floods the service ----
+
+namespace {
+
+constexpr uid_t kFloodUid = 12345;
+constexpr int kFlood = 200;
+
+// Becomes uid/gid kFloodUid, as another local user would be.
+bool become_flooder() {
+  return ::setgroups(0, nullptr) == 0 && ::setresgid(kFloodUid, kFloodUid, kFloodUid) == 0 &&
+         ::setresuid(kFloodUid, kFloodUid, kFloodUid) == 0;
+}
+
+// A service (run by root) in a child that serves until told 'q'; it
+// reports its largest session count and then exits 0.
+struct FloodedServer {
+  testutil::Pipe quit;
+  pid_t pid = -1;
+  ~FloodedServer() {
+    if (pid > 0) testutil::kill9(pid);
+  }
+  bool start(const char* path) {
+    pid = testutil::spawn([this] {
+      testutil::die_with_parent();
+      quit.close_write();
+      testutil::LogCapture quiet;
+      Loop loop;
+      lemsg::MessagePool<kBlock, 8> pool;
+      lemsg::Service svc(loop, kProto, pool);
+      svc.set_receive_handler([&](Message& m) {
+        if (m.needs_response()) {
+          Result r = svc.respond(std::move(m));
+          (void)r;
+        }
+      });
+      lemsg::ServiceOptions opts;
+      opts.mode = 0666;  // the flooding uid may connect
+      CHILD_CHECK(svc.advertise(kName, opts) == Result::Ok);
+      struct pollfd p = {quit.fd[0], POLLIN, 0};
+      const long long end = testutil::now_ms() + 120000;
+      while (::poll(&p, 1, 0) == 0 && testutil::now_ms() < end) {
+        Result r = loop.run_once(20);
+        (void)r;
+      }
+      return 0;
+    });
+    quit.close_read();
+    return pid > 0 && testutil::wait_for_path(path, 30000);
+  }
+  int finish() {
+    quit.put('q');
+    const int rc = testutil::wait_exit(pid, 30000);
+    pid = -1;
+    return rc;
+  }
+};
+
+// Opens a client of the flooded service; Ok within a second is the promise.
+Result legit_open() {
+  Loop loop;
+  lemsg::MessagePool<kBlock, 4> pool;
+  lemsg::Session s(loop, kProto, pool);
+  Result r = s.open_sync(kName, 1000);
+  if (r != Result::Ok) return r;
+  Message req, resp;
+  r = s.create_message(req);
+  if (r == Result::Ok) r = req.assign("hi", 2);
+  if (r == Result::Ok) r = s.request_sync(std::move(req), resp, 30000);
+  return r;
+}
+
+}  // namespace
+
+TEST_CASE("transport: 200 silent connections from another uid take no session slot, and a client still opens within 1 s") {
+  if (::geteuid() != 0) {
+    MESSAGE("skipped: needs root to run the flooder as another uid");
+    return;
+  }
+  testutil::TidyRuntimeDir dir;
+  REQUIRE(::chmod(dir.path, 0755) == 0);
+  char path[256];
+  dir.socket(kName, path);
+  FloodedServer server;
+  REQUIRE(server.start(path));
+  testutil::Pipe up, stop;
+  const pid_t flooder = testutil::spawn([&] {
+    testutil::die_with_parent();
+    up.close_read();
+    stop.close_write();
+    CHILD_CHECK(become_flooder());
+    // kFlood silent connections, each replaced as soon as the server drops it.
+    int fds[kFlood];
+    int made = 0;
+    const long long end = testutil::now_ms() + 60000;
+    for (int i = 0; i < kFlood && testutil::now_ms() < end;) {
+      fds[i] = connect_raw(path);
+      if (fds[i] >= 0) {
+        ++i;
+        ++made;
+      } else {
+        CHILD_CHECK(errno == EAGAIN);  // the backlog is full for a moment
+        usleep(1000);
+      }
+    }
+    CHILD_CHECK(made == kFlood);
+    up.put('f');
+    struct pollfd q = {stop.fd[0], POLLIN, 0};
+    while (::poll(&q, 1, 0) == 0 && testutil::now_ms() < end) {
+      for (int i = 0; i < kFlood; ++i) {
+        struct pollfd p = {fds[i], 0, 0};
+        if (fds[i] >= 0 && ::poll(&p, 1, 0) == 1) {
+          ::close(fds[i]);
+          fds[i] = connect_raw(path);
+        } else if (fds[i] < 0) {
+          fds[i] = connect_raw(path);
+        }
+      }
+      usleep(5000);
+    }
+    return 0;
+  });
+  up.close_write();
+  stop.close_read();
+  REQUIRE(up.get(60000) == 'f');
+  // While the flood goes on, clients of other uids get in, each within 1 s.
+  for (int i = 0; i < 3; ++i) {
+    CAPTURE(i);
+    CHECK(legit_open() == Result::Ok);
+  }
+  stop.put('q');
+  CHECK(testutil::wait_exit(flooder, 30000) == 0);
+  CHECK(server.finish() == 0);
+}
+
+TEST_CASE("transport: one uid holds at most its share of the sessions, and a client of another uid still opens within 1 s") {
+  if (::geteuid() != 0) {
+    MESSAGE("skipped: needs root to run the flooder as another uid");
+    return;
+  }
+  testutil::TidyRuntimeDir dir;
+  REQUIRE(::chmod(dir.path, 0755) == 0);
+  char path[256];
+  dir.socket(kName, path);
+  FloodedServer server;
+  REQUIRE(server.start(path));
+  testutil::Pipe up, stop;
+  const pid_t flooder = testutil::spawn([&] {
+    testutil::die_with_parent();
+    up.close_read();
+    stop.close_write();
+    CHILD_CHECK(become_flooder());
+    // Opens as many sessions as it can, keeping them all.
+    int fds[kFlood];
+    int welcomed = 0, refused = 0;
+    for (int i = 0; i < LEMSG_MAX_SESSIONS + 4; ++i) {
+      Peer p;
+      p.fd = connect_raw(path);
+      CHILD_CHECK(p.fd >= 0);
+      Raw h;
+      hello(h, kProto.id, kProto.max_payload);
+      // Refused at accept, the hello may meet a closed socket: read the answer anyway.
+      const bool sent = send_raw(p.fd, h, Fds::None);
+      (void)sent;
+      const long long end = testutil::now_ms() + 30000;
+      while (!p.welcome && !p.poll_closed() && testutil::now_ms() < end) usleep(1000);
+      if (p.welcome) {
+        fds[welcomed++] = p.fd;
+        p.fd = -1;
+      } else {
+        CHILD_CHECK(p.refuse);
+        CHILD_CHECK(p.refuse_code == static_cast<std::int32_t>(Result::UidShareFull));
+        ++refused;
+      }
+    }
+    CHILD_CHECK(welcomed == LEMSG_MAX_SESSIONS_PER_UID);
+    CHILD_CHECK(refused == LEMSG_MAX_SESSIONS + 4 - LEMSG_MAX_SESSIONS_PER_UID);
+    up.put('f');
+    stop.get(60000);
+    for (int i = 0; i < welcomed; ++i) ::close(fds[i]);
+    return 0;
+  });
+  up.close_write();
+  stop.close_read();
+  REQUIRE(up.get(60000) == 'f');
+  CHECK(legit_open() == Result::Ok);
+  stop.put('q');
+  CHECK(testutil::wait_exit(flooder, 30000) == 0);
+  CHECK(server.finish() == 0);
 }
 
 }  // TEST_SUITE

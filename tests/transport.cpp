@@ -1069,8 +1069,9 @@ TEST_CASE("transport: a client beyond the session table gets SessionTableFull un
     REQUIRE(clients[i]->s.try_open("full") == Result::Ok);
   }
   Client extra;
+  // Both retry while the table stays full, then say why they gave up.
   CHECK(extra.s.try_open("full") == full);
-  CHECK(extra.s.open_sync("full", 10000) == full);
+  CHECK(extra.s.open_sync("full", 300) == full);
   CHECK_FALSE(extra.s.is_open());
   // The ones inside are still served.
   CHECK(echo_once(clients[table - 1]->s, "inside") == Result::Ok);
@@ -1480,6 +1481,46 @@ TEST_CASE("transport: a server that cannot create or write its runtime dir gets 
   CHECK(::stat(sub, &st) != 0);
   char names[512];
   CHECK(list_dir(dir.path, names, sizeof names) == 0);
+}
+
+TEST_CASE("transport: open_sync and try_open refused with SessionTableFull retry within their time and get in when a session closes") {
+  // The table is full but a session closes soon: waiting is worth it.
+  constexpr int table = LEMSG_MAX_SESSIONS < LEMSG_MAX_WATCHES - 1 ? LEMSG_MAX_SESSIONS : LEMSG_MAX_WATCHES - 1;
+  RuntimeDir dir;
+  testutil::LogCapture log;
+  ServerChild server(echo_server("soon"));
+  char path[256];
+  dir.socket("soon", path);
+  REQUIRE(testutil::wait_for_path(path, 20000));
+  std::unique_ptr<Client> clients[table];
+  for (std::size_t i = 0; i + 1 < table; ++i) {
+    clients[i].reset(new Client);
+    REQUIRE(clients[i]->s.try_open("soon") == Result::Ok);
+  }
+  for (int round = 0; round < 2; ++round) {
+    CAPTURE(round);
+    // A child takes the last slot and leaves after a moment.
+    testutil::Pipe opened;
+    const pid_t holder = testutil::spawn([&] {
+      testutil::die_with_parent();
+      opened.close_read();
+      Client c;
+      CHILD_CHECK(c.s.try_open("soon") == Result::Ok);
+      opened.put('o');
+      usleep(300 * 1000);
+      return 0;
+    });
+    opened.close_write();
+    REQUIRE(opened.get(20000) == 'o');
+    // The table is full now, yet both get in once the holder's session closes.
+    Client extra;
+    if (round == 0) CHECK(extra.s.open_sync("soon", 20000) == Result::Ok);
+    else CHECK(extra.s.try_open("soon") == Result::Ok);
+    CHECK(echo_once(extra.s, "waited") == Result::Ok);
+    CHECK(testutil::wait_exit(holder, 20000) == 0);
+  }
+  for (auto& c : clients) c.reset();
+  CHECK(server.finish() == 0);
 }
 
 }  // TEST_SUITE
