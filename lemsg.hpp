@@ -130,6 +130,8 @@
 //     different protocol declarations.
 //   - A watch whose fd was closed before remove_watch() gets POLLNVAL once; if
 //     the handler leaves it in place, the Loop removes it and logs a warning.
+//   - Reentrant: run(), run_once() or dispatch() was called from inside a
+//     handler of the same loop; return from the handler instead.
 //
 // =============================================================================
 // Contents
@@ -353,7 +355,8 @@ namespace lemsg {
   X(WouldBlock, "operation would block")                                       \
   X(Unanswered, "the server released the request without responding")        \
   X(ServiceTableFull, "this process's service table is full (raise LEMSG_MAX_SERVICES)") \
-  X(TrackTableFull, "tracked map table full (raise LEMSG_MAX_TRACKED)")
+  X(TrackTableFull, "tracked map table full (raise LEMSG_MAX_TRACKED)")       \
+  X(Reentrant, "called from inside a handler of the same loop (run, run_once and dispatch do not nest)")
 
 /// Outcome of every call that can fail. Ok is 0. Ignoring one is a warning.
 enum class [[nodiscard]] Result : int {
@@ -1068,6 +1071,9 @@ using PostedFn = Callable<void()>;
 /// were armed. A repeating timer that falls behind skips the missed ticks
 /// instead of firing in a burst. A timer armed during dispatch fires in a
 /// later dispatch at the earliest, so a zero delay cannot starve the loop.
+///
+/// Dispatch does not nest: run(), run_once(), fill_pollfds() and dispatch()
+/// called from inside one of this loop's handlers return Reentrant.
 class Loop {
  public:
   Loop() noexcept;
@@ -1111,25 +1117,29 @@ class Loop {
   void stop() noexcept;
 
   // -- running --
-  /// Dispatches until stop(). Ok, or SystemError when poll() fails.
+  /// Dispatches until stop(). Ok, SystemError when poll() fails, or
+  /// Reentrant when called from inside one of this loop's handlers.
   Result run() noexcept;
   /// Waits at most `timeout_ms` (-1 = no limit, 0 = do not wait) for events,
   /// then dispatches them. Ok when something was dispatched, Timeout when
-  /// nothing was, SystemError when poll() fails. EINTR counts as nothing.
+  /// nothing was, SystemError when poll() fails, Reentrant when called from
+  /// inside one of this loop's handlers. EINTR counts as nothing.
   Result run_once(int timeout_ms) noexcept;
 
   // -- embedding in another loop --
   /// pollfd entries fill_pollfds() writes (the wake-up eventfd included).
   std::size_t pollfd_count() const noexcept;
-  /// Writes the loop's fds and interests into `fds`. Ok with `count` set, or
-  /// BadParameter when `capacity` < pollfd_count() (count says how many).
+  /// Writes the loop's fds and interests into `fds`. Ok with `count` set,
+  /// BadParameter when `capacity` < pollfd_count() (count says how many), or
+  /// Reentrant from inside one of this loop's handlers.
   Result fill_pollfds(struct pollfd* fds, std::size_t capacity, std::size_t& count) noexcept;
   /// Milliseconds until the next timer is due (0 when one is due or posted
   /// work waits, -1 when nothing is scheduled). Use as poll()'s timeout.
   int next_timeout_ms() const noexcept;
   /// Runs the handlers for the revents of the array from the last
   /// fill_pollfds() (same order, same count), then due timers.
-  /// BadParameter when `count` does not match that fill.
+  /// BadParameter when `count` does not match that fill; Reentrant from
+  /// inside one of this loop's handlers (nothing is dispatched).
   Result dispatch(const struct pollfd* fds, std::size_t count) noexcept;
 
   /// True on the thread that constructed the loop or last ran it.
@@ -1182,6 +1192,7 @@ class Loop {
   bool posted_ran_ = false;  // the queue already ran in this dispatch
   std::atomic<int> stop_{0};
   std::atomic<pthread_t> owner_{pthread_self()};  // run_once writes it, any thread reads it
+  bool dispatching_ = false;  // a handler of this loop is running
 };
 
 // -- implementation --
@@ -1358,6 +1369,8 @@ inline std::size_t Loop::pollfd_count() const noexcept {
 
 inline Result Loop::fill_pollfds(struct pollfd* fds, std::size_t capacity, std::size_t& count) noexcept {
   count = pollfd_count();
+  // A fill from a handler would overwrite the snapshot being dispatched.
+  if (dispatching_) return Result::Reentrant;
   if (fds == nullptr || capacity < count) {
     filled_count_ = 0;  // a later dispatch() must not match an older fill
     return Result::BadParameter;
@@ -1452,7 +1465,11 @@ inline bool Loop::dispatch_timers() noexcept {
 }
 
 inline Result Loop::dispatch(const struct pollfd* fds, std::size_t count) noexcept {
+  if (dispatching_) return Result::Reentrant;
   if (count != filled_count_ || (count > 0 && fds == nullptr)) return Result::BadParameter;
+  // A nested dispatch would poll again and run handlers for the events this
+  // one is still handing out, some twice for one event.
+  dispatching_ = true;
   posted_ran_ = false;
   bool any = dispatch_fds(fds, count);
   if (!posted_ran_ && posted_pending_.load(std::memory_order_relaxed) && wake_fd_ >= 0) {
@@ -1463,10 +1480,12 @@ inline Result Loop::dispatch(const struct pollfd* fds, std::size_t count) noexce
   }
   any = dispatch_timers() || any;
   filled_count_ = 0;
+  dispatching_ = false;
   return any ? Result::Ok : Result::Timeout;
 }
 
 inline Result Loop::run_once(int timeout_ms) noexcept {
+  if (dispatching_) return Result::Reentrant;
   owner_.store(pthread_self(), std::memory_order_relaxed);
   std::size_t n = 0;
   Result r = fill_pollfds(pfds_, LEMSG_MAX_WATCHES + 1, n);
@@ -1486,6 +1505,7 @@ inline Result Loop::run_once(int timeout_ms) noexcept {
 }
 
 inline Result Loop::run() noexcept {
+  if (dispatching_) return Result::Reentrant;
   while (!stop_.load(std::memory_order_acquire)) {
     Result r = run_once(-1);
     if (r == Result::SystemError) {
