@@ -1960,6 +1960,43 @@ inline unsigned char* payload_of(MsgBlock* b) noexcept { return reinterpret_cast
 
 struct Channel;
 
+// Every call into user code goes through Lifeline::call, because any handler
+// may destroy the object that called it (Legato code deletes a session in its
+// close handler). Each call puts a Witness on the caller's stack; the
+// object's Lifeline member marks every Witness still on its chain dead when
+// it is destroyed, so the caller learns, from its own stack, whether `this`
+// still exists, and returns at once without touching it when not.
+struct Witness {
+  bool alive = true;
+  Witness* below = nullptr;
+};
+class Lifeline {
+ public:
+  Lifeline() noexcept = default;
+  Lifeline(const Lifeline&) = delete;
+  Lifeline& operator=(const Lifeline&) = delete;
+  // Runs after the owner's destructor body, whose own handler calls have
+  // returned by then: what is left are calls the destruction came from.
+  ~Lifeline() {
+    for (Witness* w = top_; w; w = w->below) w->alive = false;
+  }
+  // Calls f(); true when the owner survived it. On false the caller must
+  // return without touching the owner (its members, `this`, anything).
+  template <typename F>
+  bool call(F&& f) noexcept {
+    Witness w;
+    w.below = top_;
+    top_ = &w;
+    f();
+    if (!w.alive) return false;
+    top_ = w.below;
+    return true;
+  }
+
+ private:
+  Witness* top_ = nullptr;
+};
+
 }  // namespace detail
 
 /// A reference-counted handle to a pooled message. Copying adds a
@@ -2181,6 +2218,9 @@ class Service {
  public:
   Service(Loop& loop, const Protocol& protocol, MessagePoolBase& pool) noexcept;
   /// Closes every session (close handler with Ok) and hides the service.
+  /// May run inside one of its own handlers; a close handler that destroys
+  /// the Service again while this runs must do nothing (as std::optional::
+  /// reset and std::unique_ptr::reset do).
   ~Service();
   Service(const Service&) = delete;
   Service& operator=(const Service&) = delete;
@@ -2258,12 +2298,14 @@ class Service {
     TrackRelease release;
   };
 
+  // Functions returning bool call user code: false means the Service was
+  // destroyed meanwhile, and the caller returns without touching it.
   void on_listen(short revents) noexcept;
   void on_peer(std::uint32_t ref, short revents) noexcept;
-  bool on_hello(std::uint32_t ref, Peer& p) noexcept;
+  bool on_hello(std::uint32_t ref, Peer& p) noexcept;  // false: stop reading (or destroyed)
   void on_timer() noexcept;
   void reschedule() noexcept;
-  void close_peer(std::uint32_t ref, Result reason) noexcept;
+  bool close_peer(std::uint32_t ref, Result reason) noexcept;
   bool allowed(const Credentials& c) const noexcept;
   void answer_error(std::uint32_t session, std::uint32_t txn, Result code) noexcept;
   static void unanswered(Service* svc, std::uint32_t session, std::uint32_t txn) noexcept {
@@ -2285,6 +2327,7 @@ class Service {
   Peer peers_[LEMSG_MAX_SESSIONS];
   RefMap<Peer, LEMSG_MAX_SESSIONS> peer_refs_;
   Tracked tracked_[LEMSG_MAX_TRACKED];
+  detail::Lifeline life_;
 };
 
 /// The client end of an interface. Owned by the caller, used on its Loop's
@@ -2292,7 +2335,8 @@ class Service {
 class Session {
  public:
   Session(Loop& loop, const Protocol& protocol, MessagePoolBase& pool) noexcept;
-  /// Closes the session (pending requests complete with Closed).
+  /// Closes the session (pending requests complete with Closed). May run
+  /// inside one of its own handlers, even one that close() is running.
   ~Session();
   Session(const Session&) = delete;
   Session& operator=(const Session&) = delete;
@@ -2360,6 +2404,8 @@ class Session {
     bool used = false;
   };
 
+  // Functions returning bool call user code: false means the Session was
+  // destroyed meanwhile, and the caller returns without touching it.
   Result prepare(const char* name) noexcept;
   void attempt() noexcept;
   bool watch_dir() noexcept;
@@ -2371,14 +2417,14 @@ class Session {
   Result finish_open(int fd) noexcept;
   void on_socket(short revents) noexcept;
   void on_handshake_frame() noexcept;
-  void dispatch_frame(Message& m) noexcept;
-  void deliver_deferred() noexcept;
+  bool dispatch_frame(Message& m) noexcept;
+  bool deliver_deferred() noexcept;
   void on_timer() noexcept;
   void reschedule() noexcept;
-  void lose_server(Result reason) noexcept;
+  bool lose_server(Result reason) noexcept;
   void fail_open(Result why) noexcept;
   void backoff() noexcept;
-  void complete_all(Result why) noexcept;
+  bool complete_all(Result why) noexcept;
   Result check_outgoing(const Message& m) const noexcept;
 
   Loop& loop_;
@@ -2410,6 +2456,7 @@ class Session {
   Message deferred_[LEMSG_MAX_DEFERRED];
   std::size_t deferred_head_ = 0;
   std::size_t deferred_count_ = 0;
+  detail::Lifeline life_;
 };
 
 // -- implementation --
@@ -2490,6 +2537,7 @@ inline int Message::take_fd() noexcept {
   blk_->fd = -1;
   return fd;
 }
+
 
 inline Result MessagePoolBase::create(Message& out) noexcept {
   out.release();
@@ -2721,7 +2769,9 @@ inline Service::~Service() {
   std::uint32_t refs[LEMSG_MAX_SESSIONS];
   std::size_t n = 0;
   peer_refs_.for_each([&](Peer*, std::uint32_t ref) { refs[n++] = ref; });
-  for (std::size_t i = 0; i < n; ++i) close_peer(refs[i], Result::Ok);
+  // A handler cannot destroy the Service again from here (a second
+  // destruction is the caller's bug), so the results need no check.
+  for (std::size_t i = 0; i < n; ++i) (void)close_peer(refs[i], Result::Ok);
   Result r = hide();
   (void)r;
   if (timer_) r = loop_.remove_timer(timer_);
@@ -2888,7 +2938,7 @@ inline bool Service::on_hello(std::uint32_t ref, Peer& p) noexcept {
   }
   if (r != Result::Ok) {
     if (r != Result::Closed) LEMSG_LOG(Warning, "service %s: bad hello: %s", protocol_.id, to_string(r));
-    close_peer(ref, r == Result::TooLarge ? Result::BadFrame : r);
+    (void)close_peer(ref, r == Result::TooLarge ? Result::BadFrame : r);
     return false;
   }
   std::int32_t refuse = 0;
@@ -2900,19 +2950,19 @@ inline bool Service::on_hello(std::uint32_t ref, Peer& p) noexcept {
     LEMSG_LOG(Warning, "service %s: refusing pid %ld: %s", protocol_.id, static_cast<long>(p.creds.pid),
               to_string(static_cast<Result>(refuse)));
     r = detail::send_control(p.ch.fd, wire::FrameType::Refuse, 0, wire::FlagError, &refuse, 4);
-    close_peer(ref, static_cast<Result>(refuse));
+    (void)close_peer(ref, static_cast<Result>(refuse));
     return false;
   }
   r = detail::send_control(p.ch.fd, wire::FrameType::Welcome, 0, 0, nullptr, 0);
   if (r != Result::Ok) {
-    close_peer(ref, r);
+    (void)close_peer(ref, r);
     return false;
   }
   p.open = true;
   reschedule();  // its hello deadline no longer counts
   if (open_handler_) {
     OpenHandler h = open_handler_;
-    h(SessionRef{ref});
+    return life_.call([&] { h(SessionRef{ref}); });
   }
   return true;
 }
@@ -2923,7 +2973,7 @@ inline void Service::on_peer(std::uint32_t ref, short revents) noexcept {
   if (revents & POLLOUT) {
     const Result r = p->ch.flush(loop_);
     if (r != Result::Ok) {
-      close_peer(ref, Result::Closed);
+      (void)close_peer(ref, Result::Closed);
       return;
     }
   }
@@ -2946,7 +2996,7 @@ inline void Service::on_peer(std::uint32_t ref, short revents) noexcept {
       // Leave the frame in the socket; the timer retries once blocks free up.
       p->ch.starved = true;
       p->ch.update_events(loop_);
-      if ((revents & POLLHUP) && !(revents & POLLIN)) close_peer(ref, Result::Closed);
+      if ((revents & POLLHUP) && !(revents & POLLIN)) (void)close_peer(ref, Result::Closed);
       else reschedule();
       return;
     }
@@ -2956,7 +3006,7 @@ inline void Service::on_peer(std::uint32_t ref, short revents) noexcept {
       if (r != Result::Closed)
         LEMSG_LOG(Warning, "service %s: closing session of pid %ld: %s", protocol_.id,
                   static_cast<long>(p->creds.pid), to_string(r));
-      close_peer(ref, r);
+      (void)close_peer(ref, r);
       return;
     }
     detail::MsgBlock* b = m.blk_;
@@ -2969,9 +3019,16 @@ inline void Service::on_peer(std::uint32_t ref, short revents) noexcept {
     }
     if (receive_handler_) {
       ReceiveHandler h = receive_handler_;  // a copy: the handler may replace itself
-      h(m);
+      // Releasing a request the handler left unanswered answers it, which
+      // may close the session and run the close handler: inside the call.
+      if (!life_.call([&] {
+            h(m);
+            m.release();
+          }))
+        return;
     } else {
       LEMSG_LOG(Debug, "service %s: no receive handler; frame released", protocol_.id);
+      if (!life_.call([&] { m.release(); })) return;
     }
   }
 }
@@ -2991,7 +3048,8 @@ inline void Service::answer_error(std::uint32_t session, std::uint32_t txn, Resu
     r = Result::Overflow;
   }
   if (r == Result::WouldBlock) r = Result::Overflow;
-  if (r != Result::Ok) close_peer(session, r == Result::Overflow ? Result::Overflow : Result::Closed);
+  // Called from Message::release(), which touches no Service afterwards.
+  if (r != Result::Ok) (void)close_peer(session, r == Result::Overflow ? Result::Overflow : Result::Closed);
 }
 
 inline Result Service::send(SessionRef s, Message&& m) noexcept {
@@ -3029,7 +3087,7 @@ inline Result Service::respond(Message&& m) noexcept {
   // because a response is never dropped silently.
   m.release();
   if (r == Result::Overflow) {
-    close_peer(ref, Result::Overflow);
+    (void)close_peer(ref, Result::Overflow);  // nothing of the Service is touched after it
     return r;
   }
   return Result::Closed;
@@ -3038,24 +3096,34 @@ inline Result Service::respond(Message&& m) noexcept {
 inline Result Service::close(SessionRef s) noexcept {
   Peer* p = peer_refs_.lookup(s.value);
   if (!p || p->closing) return Result::NotFound;
-  close_peer(s.value, Result::Ok);
+  (void)close_peer(s.value, Result::Ok);  // nothing of the Service is touched after it
   return Result::Ok;
 }
 
-inline void Service::close_peer(std::uint32_t ref, Result reason) noexcept {
+inline bool Service::close_peer(std::uint32_t ref, Result reason) noexcept {
   Peer* p = peer_refs_.lookup(ref);
-  if (!p || p->closing) return;
+  if (!p || p->closing) return true;
   p->closing = true;
   // Stop the socket first, so nothing a handler does below can reach it.
   p->ch.reset(loop_);
   if (p->open && close_handler_) {
     CloseHandler h = close_handler_;
-    h(SessionRef{ref}, reason);
+    // Destroyed here: the tracked maps may have gone with the Service, so
+    // they are left alone.
+    if (!life_.call([&] { h(SessionRef{ref}, reason); })) return false;
   }
   for (Tracked& t : tracked_) {
     if (!t.map) continue;
-    t.map->release_owner_ptr(
-        ref, [](void* obj, std::uint32_t r, void* ctx) { (*static_cast<TrackRelease*>(ctx))(obj, r); }, &t.release);
+    // From a copy: a release that destroys the Service must not destroy the
+    // callable that runs, and the rest of this map's entries still go to it.
+    RefMapBase* map = t.map;
+    TrackRelease release = t.release;
+    if (!life_.call([&] {
+          map->release_owner_ptr(
+              ref, [](void* obj, std::uint32_t r, void* ctx) { (*static_cast<TrackRelease*>(ctx))(obj, r); },
+              &release);
+        }))
+      return false;
   }
   Result r = peer_refs_.remove(ref);
   (void)r;
@@ -3063,6 +3131,7 @@ inline void Service::close_peer(std::uint32_t ref, Result reason) noexcept {
   p->open = false;
   p->closing = false;
   p->context = nullptr;
+  return true;
 }
 
 inline void Service::reschedule() noexcept {
@@ -3092,7 +3161,7 @@ inline void Service::on_timer() noexcept {
   });
   for (std::size_t i = 0; i < n; ++i) {
     LEMSG_LOG(Warning, "service %s: client sent no hello in time; closing", protocol_.id);
-    close_peer(late[i], Result::Timeout);
+    if (!close_peer(late[i], Result::Timeout)) return;
   }
   reschedule();
 }
@@ -3130,11 +3199,10 @@ inline Result Session::prepare(const char* name) noexcept {
     // The server went away inside request_sync and the loop has not run
     // since: finish that close now, before opening again.
     lost_pending_ = false;
-    deliver_deferred();
-    complete_all(Result::Closed);
+    if (!deliver_deferred() || !complete_all(Result::Closed)) return Result::Closed;
     if (close_handler_) {
       SessionCloseHandler h = close_handler_;
-      h(lost_reason_);
+      if (!life_.call([&] { h(lost_reason_); })) return Result::Closed;
     }
   }
   if (state_ != State::Idle) return Result::Busy;
@@ -3301,7 +3369,8 @@ inline void Session::on_handshake_frame() noexcept {
     reschedule();
     if (open_cb_) {
       OpenCallback cb = open_cb_;
-      cb(Result::Ok);
+      // The last thing done here, so whether the Session survives is moot.
+      (void)life_.call([&] { cb(Result::Ok); });
     }
     return;
   }
@@ -3437,11 +3506,13 @@ inline Result Session::try_open(const char* name) noexcept {
   return finish_open(fd);
 }
 
-inline void Session::complete_all(Result why) noexcept {
+inline bool Session::complete_all(Result why) noexcept {
   std::uint32_t refs[LEMSG_MAX_PENDING];
   std::size_t n = 0;
   pending_refs_.for_each([&](Pending*, std::uint32_t ref) { refs[n++] = ref; });
   for (std::size_t i = 0; i < n; ++i) {
+    // A handler may have completed the rest already (close(), or the
+    // destructor, run inside it).
     Pending* p = pending_refs_.lookup(refs[i]);
     if (!p) continue;
     ResponseHandler done = std::move(p->done);
@@ -3449,8 +3520,9 @@ inline void Session::complete_all(Result why) noexcept {
     Result r = pending_refs_.remove(refs[i]);
     (void)r;
     Message none;
-    if (done) done(why, none);
+    if (done && !life_.call([&] { done(why, none); })) return false;
   }
+  return true;
 }
 
 inline void Session::close() noexcept {
@@ -3460,22 +3532,22 @@ inline void Session::close() noexcept {
   lost_pending_ = false;
   for (std::size_t i = 0; i < deferred_count_; ++i) deferred_[(deferred_head_ + i) % LEMSG_MAX_DEFERRED].release();
   deferred_head_ = deferred_count_ = 0;
-  complete_all(Result::Closed);
+  if (!complete_all(Result::Closed)) return;
   if (state_ == State::Idle) reschedule();
 }
 
-inline void Session::lose_server(Result reason) noexcept {
+inline bool Session::lose_server(Result reason) noexcept {
   ch_.reset(loop_);
   state_ = State::Idle;
   // What arrived before the end is delivered before anyone hears of the end.
-  deliver_deferred();
-  complete_all(Result::Closed);
   if (state_ == State::Idle && close_handler_) {
+  if (!deliver_deferred() || !complete_all(Result::Closed)) return false;
     SessionCloseHandler h = close_handler_;
-    h(reason);
+    if (!life_.call([&] { h(reason); })) return false;
   }
   if (state_ == State::Idle && reconnect_) backoff();
   else reschedule();
+  return true;
 }
 
 inline void Session::on_socket(short revents) noexcept {
@@ -3486,7 +3558,7 @@ inline void Session::on_socket(short revents) noexcept {
   if (state_ != State::Open) return;
   if (revents & POLLOUT) {
     if (ch_.flush(loop_) != Result::Ok) {
-      lose_server(Result::Closed);
+      (void)lose_server(Result::Closed);
       return;
     }
   }
@@ -3496,8 +3568,7 @@ inline void Session::on_socket(short revents) noexcept {
     // Arrival order: frames of the batch in hand, then what a request_sync
     // made in a handler set aside, then the socket.
     if (!ch_.has_held() && deferred_count_) {
-      deliver_deferred();
-      if (state_ != State::Open) return;
+      if (!deliver_deferred() || state_ != State::Open) return;
     }
     Message m;
     wire::Header h;
@@ -3506,7 +3577,7 @@ inline void Session::on_socket(short revents) noexcept {
     if (r == Result::PoolEmpty) {
       ch_.starved = true;
       ch_.update_events(loop_);
-      if ((revents & POLLHUP) && !(revents & POLLIN)) lose_server(Result::Closed);
+      if ((revents & POLLHUP) && !(revents & POLLIN)) (void)lose_server(Result::Closed);
       else reschedule();
       return;
     }
@@ -3517,28 +3588,28 @@ inline void Session::on_socket(short revents) noexcept {
     if (r == Result::Ok && (h.flags & wire::FlagError) && !detail::known_result(m.blk_->status)) r = Result::BadFrame;
     if (r != Result::Ok) {
       if (r != Result::Closed) LEMSG_LOG(Warning, "session %s: server sent a bad frame: %s", name_, to_string(r));
-      lose_server(r);
+      (void)lose_server(r);
       return;
     }
     m.blk_->kind = h.type == wire::FrameType::Response ? detail::MsgKind::Response : detail::MsgKind::Received;
-    dispatch_frame(m);
+    if (!dispatch_frame(m)) return;
   }
 }
 
-inline void Session::dispatch_frame(Message& m) noexcept {
+inline bool Session::dispatch_frame(Message& m) noexcept {
   if (m.blk_->kind == detail::MsgKind::Received) {
     if (receive_handler_) {
       ReceiveHandler h = receive_handler_;
-      h(m);
+      return life_.call([&] { h(m); });
     }
-    return;
+    return true;
   }
   const std::uint32_t txn = m.blk_->txn;
   Pending* p = pending_refs_.lookup(txn);
   if (!p) {
     // Its request timed out or was closed: a late answer, discarded.
     LEMSG_LOG(Debug, "session %s: response to no pending request; discarded", name_);
-    return;
+    return true;
   }
   ResponseHandler done = std::move(p->done);
   const bool had_deadline = p->deadline != 0;
@@ -3549,19 +3620,19 @@ inline void Session::dispatch_frame(Message& m) noexcept {
   const Result status = m.status();
   if (status != Result::Ok) {
     Message none;
-    done(status, none);
-  } else {
-    done(Result::Ok, m);
+    return life_.call([&] { done(status, none); });
   }
+  return life_.call([&] { done(Result::Ok, m); });
 }
 
-inline void Session::deliver_deferred() noexcept {
+inline bool Session::deliver_deferred() noexcept {
   while (deferred_count_) {
     Message m = std::move(deferred_[deferred_head_]);
     deferred_head_ = (deferred_head_ + 1) % LEMSG_MAX_DEFERRED;
     --deferred_count_;
-    dispatch_frame(m);
+    if (!dispatch_frame(m)) return false;
   }
+  return true;
 }
 
 inline Result Session::check_outgoing(const Message& m) const noexcept {
@@ -3713,9 +3784,9 @@ inline void Session::reschedule() noexcept {
 inline void Session::on_timer() noexcept {
   if (lost_pending_) {
     lost_pending_ = false;
-    lose_server(lost_reason_);
+    if (!lose_server(lost_reason_)) return;
   }
-  if (deferred_count_ && state_ == State::Open) deliver_deferred();
+  if (deferred_count_ && state_ == State::Open && !deliver_deferred()) return;
   const std::int64_t now = detail::now_ns();
   std::uint32_t late[LEMSG_MAX_PENDING];
   std::size_t n = 0;
@@ -3730,7 +3801,7 @@ inline void Session::on_timer() noexcept {
     Result r = pending_refs_.remove(late[i]);
     (void)r;
     Message none;
-    if (done) done(Result::Timeout, none);
+    if (done && !life_.call([&] { done(Result::Timeout, none); })) return;
   }
   if (state_ == State::Handshake && handshake_deadline_ <= detail::now_ns()) {
     LEMSG_LOG(Warning, "session %s: server did not answer the hello in time", name_);
