@@ -2361,7 +2361,9 @@ class Session {
   Result try_open(const char* name) noexcept;
   /// Closes (or stops opening). Pending requests complete with Closed before
   /// this returns; the close handler is not called (it is for the server's
-  /// side going away). Reconnecting stops until the next open.
+  /// side going away), also when close() runs inside a handler while the
+  /// server's side goes away. Reconnecting stops until the next open, also
+  /// when close() is called from the close handler.
   void close() noexcept;
   bool is_open() const noexcept { return state_ == State::Open; }
 
@@ -2451,6 +2453,7 @@ class Session {
   std::int64_t backoff_deadline_ = 0;
   bool lost_pending_ = false;  // server lost inside request_sync; finish on the loop
   Result lost_reason_ = Result::Closed;
+  std::uint32_t close_count_ = 0;    // close() calls, so a loss sees one made by a handler
   Pending pending_[LEMSG_MAX_PENDING];
   RefMap<Pending, LEMSG_MAX_PENDING> pending_refs_;
   Message deferred_[LEMSG_MAX_DEFERRED];
@@ -3530,6 +3533,7 @@ inline void Session::close() noexcept {
   ch_.reset(loop_);
   state_ = State::Idle;
   lost_pending_ = false;
+  ++close_count_;
   for (std::size_t i = 0; i < deferred_count_; ++i) deferred_[(deferred_head_ + i) % LEMSG_MAX_DEFERRED].release();
   deferred_head_ = deferred_count_ = 0;
   if (!complete_all(Result::Closed)) return;
@@ -3539,13 +3543,16 @@ inline void Session::close() noexcept {
 inline bool Session::lose_server(Result reason) noexcept {
   ch_.reset(loop_);
   state_ = State::Idle;
+  // A close() from any handler below ends the session for good: no close
+  // handler after it, and no reconnecting.
+  const std::uint32_t closes = close_count_;
   // What arrived before the end is delivered before anyone hears of the end.
-  if (state_ == State::Idle && close_handler_) {
   if (!deliver_deferred() || !complete_all(Result::Closed)) return false;
+  if (state_ == State::Idle && closes == close_count_ && close_handler_) {
     SessionCloseHandler h = close_handler_;
     if (!life_.call([&] { h(reason); })) return false;
   }
-  if (state_ == State::Idle && reconnect_) backoff();
+  if (state_ == State::Idle && closes == close_count_ && reconnect_) backoff();
   else reschedule();
   return true;
 }

@@ -1910,6 +1910,67 @@ TEST_CASE("messaging: a service may destroy itself in a TrackRelease callback") 
   CHECK(map.size() == 0);
 }
 
+TEST_CASE("messaging: close() in the close handler stops set_reconnect from opening again") {
+  testutil::RuntimeDir dir;
+  Loop loop;
+  SmallPool pool;
+  Server srv(loop, pool);
+  REQUIRE(srv.svc.advertise("close-in-close") == Result::Ok);
+  Client c(loop, pool);
+  c.s.set_reconnect(true, 1, 10);
+  c.s.set_close_handler([&c](Result why) {
+    ++c.closes;
+    c.reason = why;
+    c.s.close();
+  });
+  REQUIRE(connect(loop, srv, c, "close-in-close"));
+  CHECK(srv.svc.close(srv.opened) == Result::Ok);
+  CHECK(testutil::run_until(loop, [&] { return c.closes == 1; }, kWaitMs));
+  // The server is still there: a reconnect would open within a few ms.
+  testutil::run_until(loop, [&] { return srv.opens > 1; }, 300);
+  CHECK(c.opens == 1);
+  CHECK(srv.opens == 1);
+  CHECK(!c.s.is_open());
+}
+
+TEST_CASE("messaging: Session::close in a response handler while the server goes away ends the session quietly") {
+  testutil::RuntimeDir dir;
+  Loop loop;
+  SmallPool pool;
+  Server srv(loop, pool);
+  Client c(loop, pool);
+  c.s.set_reconnect(true, 1, 10);
+  REQUIRE(connect(loop, srv, c, "close-in-response"));
+  struct Seen {
+    int calls = 0;
+    Result r[2] = {Result::Ok, Result::Ok};
+    Session* s;
+  } seen;
+  seen.s = &c.s;
+  auto done = [&seen](Result r, Message&) {
+    if (seen.calls < 2) seen.r[seen.calls] = r;
+    if (++seen.calls == 1) seen.s->close();
+  };
+  for (std::uint32_t i = 0; i < 2; ++i) {
+    Message m;
+    REQUIRE(c.s.create_message(m) == Result::Ok);
+    REQUIRE(set_body(m, OpHold, i));
+    CHECK(c.s.request(std::move(m), done) == Result::Ok);
+  }
+  REQUIRE(testutil::run_until(loop, [&] { return srv.nheld == 2; }, kWaitMs));
+  CHECK(srv.svc.close(srv.opened) == Result::Ok);
+  CHECK(testutil::run_until(loop, [&] { return seen.calls == 2; }, kWaitMs));
+  testutil::run_until(loop, [&] { return srv.opens > 1; }, 300);
+  CHECK(seen.calls == 2);
+  CHECK(seen.r[0] == Result::Closed);
+  CHECK(seen.r[1] == Result::Closed);
+  CHECK(c.closes == 0);  // close() was called: the close handler is not
+  CHECK(srv.opens == 1);  // and it does not reconnect
+  CHECK(!c.s.is_open());
+  for (int i = 0; i < srv.nheld; ++i) srv.held[i].release();
+  srv.nheld = 0;
+}
+
 // ---- threads ------------------------------------------------------------------
 
 // WouldDeadlock is about the thread, not the process: a synchronous client
