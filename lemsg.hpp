@@ -2346,9 +2346,12 @@ class Session {
 
   /// Starts opening: connects now if the server is there, otherwise waits
   /// (inotify on the runtime dir, no polling) until it appears. `cb` runs on
-  /// the loop with Ok each time the session opens (again after a reconnect),
-  /// or with ProtocolMismatch, SizeMismatch or NotPermitted, which end the
-  /// attempt. Returns Ok (started), BadParameter, Busy (not closed).
+  /// the loop, never inside open(), with Ok each time the session opens
+  /// (again after a reconnect), or with ProtocolMismatch, SizeMismatch or
+  /// NotPermitted, which end the attempt; close() before it runs drops it.
+  /// Returns Ok (started), BadParameter, Busy (not closed), or Closed when a
+  /// handler run to finish an earlier loss of the server (see request_sync)
+  /// destroyed the Session.
   Result open(const char* name, OpenCallback cb) noexcept;
   /// Opens, waiting at most `timeout_ms` (> 0) for the server to appear and
   /// answer; blocks the thread (the loop does not run meanwhile). Ok, Timeout,
@@ -2453,6 +2456,7 @@ class Session {
   std::int64_t backoff_deadline_ = 0;
   bool lost_pending_ = false;  // server lost inside request_sync; finish on the loop
   Result lost_reason_ = Result::Closed;
+  Result open_failed_ = Result::Ok;  // an open that failed, reported from the loop
   std::uint32_t close_count_ = 0;    // close() calls, so a loss sees one made by a handler
   Pending pending_[LEMSG_MAX_PENDING];
   RefMap<Pending, LEMSG_MAX_PENDING> pending_refs_;
@@ -3209,6 +3213,7 @@ inline Result Session::prepare(const char* name) noexcept {
     }
   }
   if (state_ != State::Idle) return Result::Busy;
+  open_failed_ = Result::Ok;  // the report of an earlier attempt goes with it
   Result r = detail::socket_path(name, path_);
   if (r != Result::Ok) return r;
   name_ = std::strrchr(path_, '/') + 1;
@@ -3310,12 +3315,10 @@ inline void Session::fail_open(Result why) noexcept {
   stop_watching_dir();
   ch_.reset(loop_);
   state_ = State::Idle;
-  reschedule();
   LEMSG_LOG(Warning, "session %s: open failed: %s", name_, to_string(why));
-  if (open_cb_) {
-    OpenCallback cb = open_cb_;
-    cb(why);
-  }
+  // Reported from the loop (the timer, at once), never inside open().
+  open_failed_ = why;
+  reschedule();
 }
 
 inline Result Session::send_hello(int fd) const noexcept {
@@ -3533,6 +3536,7 @@ inline void Session::close() noexcept {
   ch_.reset(loop_);
   state_ = State::Idle;
   lost_pending_ = false;
+  open_failed_ = Result::Ok;
   ++close_count_;
   for (std::size_t i = 0; i < deferred_count_; ++i) deferred_[(deferred_head_ + i) % LEMSG_MAX_DEFERRED].release();
   deferred_head_ = deferred_count_ = 0;
@@ -3778,7 +3782,7 @@ inline void Session::reschedule() noexcept {
     if (t && (!next || t < next)) next = t;
   };
   const std::int64_t now = detail::now_ns();
-  if (deferred_count_ || lost_pending_) consider(now);
+  if (deferred_count_ || lost_pending_ || open_failed_ != Result::Ok) consider(now);
   pending_refs_.for_each([&](Pending* p, std::uint32_t) { consider(p->deadline); });
   if (state_ == State::Handshake) consider(handshake_deadline_);
   if (state_ == State::Backoff) consider(backoff_deadline_);
@@ -3789,6 +3793,14 @@ inline void Session::reschedule() noexcept {
 }
 
 inline void Session::on_timer() noexcept {
+  if (open_failed_ != Result::Ok) {
+    const Result why = open_failed_;
+    open_failed_ = Result::Ok;
+    if (open_cb_) {
+      OpenCallback cb = open_cb_;
+      if (!life_.call([&] { cb(why); })) return;
+    }
+  }
   if (lost_pending_) {
     lost_pending_ = false;
     if (!lose_server(lost_reason_)) return;

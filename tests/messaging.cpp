@@ -13,6 +13,7 @@
 #include "testutil.hpp"
 
 #include <fcntl.h>
+#include <grp.h>
 #include <poll.h>
 #include <signal.h>
 #include <sys/prctl.h>
@@ -1969,6 +1970,56 @@ TEST_CASE("messaging: Session::close in a response handler while the server goes
   CHECK(!c.s.is_open());
   for (int i = 0; i < srv.nheld; ++i) srv.held[i].release();
   srv.nheld = 0;
+}
+
+TEST_CASE("messaging: open() never runs its callback before it returns, even when the socket file refuses it") {
+  testutil::RuntimeDir dir;
+  Loop loop;
+  SmallPool pool;
+  Server srv(loop, pool);
+  REQUIRE(srv.svc.advertise("refused-now") == Result::Ok);
+  char path[256];
+  dir.socket("refused-now", path);
+  REQUIRE(chmod(path, 0) == 0);
+  // connect() fails with EACCES at once: as root only after dropping to
+  // nobody (root passes any mode), so the client is a child.
+  const pid_t child = testutil::spawn([&] {
+    if (getuid() == 0) {
+      CHILD_CHECK(setgroups(0, nullptr) == 0 && setgid(65534) == 0 && setuid(65534) == 0);
+    }
+    die_with_parent();  // after setuid, which clears it
+    testutil::LogCapture log;  // the refusal warns
+    Loop cl;
+    SmallPool cp;
+    Session s(cl, kProto, cp);
+    struct Seen {
+      bool inside = false;
+      int calls = 0;
+      int calls_inside = 0;
+      Result r = Result::Ok;
+    } seen;
+    seen.inside = true;
+    CHILD_CHECK(s.open("refused-now", [&seen](Result r) {
+      ++seen.calls;
+      if (seen.inside) ++seen.calls_inside;
+      seen.r = r;
+    }) == Result::Ok);
+    seen.inside = false;
+    CHILD_CHECK(seen.calls_inside == 0);
+    CHILD_CHECK(testutil::run_until(cl, [&] { return seen.calls >= 1; }, kWaitMs));
+    testutil::run_until(cl, [] { return false; }, 50);
+    CHILD_CHECK(seen.calls == 1);
+    CHILD_CHECK(seen.r == Result::NotPermitted);
+    // close() before the loop runs drops the report with the attempt.
+    seen.calls = 0;
+    CHILD_CHECK(s.open("refused-now", [&seen](Result) { ++seen.calls; }) == Result::Ok);
+    s.close();
+    testutil::run_until(cl, [] { return false; }, 50);
+    CHILD_CHECK(seen.calls == 0);
+    return 0;
+  });
+  REQUIRE(child > 0);
+  CHECK(run_until_exit(loop, child, kWaitMs) == 0);
 }
 
 // ---- threads ------------------------------------------------------------------
