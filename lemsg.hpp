@@ -114,7 +114,13 @@
 // Every table has a capacity fixed at compile time. Nothing in this header
 // calls malloc or new: storage is inside the objects you declare, or storage
 // you pass in (PoolBase::init). Exhausting a capacity returns a Result; it
-// never aborts. A Service must outlive the messages it received.
+// never aborts.
+//
+// Lifetimes: create the Loop and the pools first and destroy every Service,
+// Session and Message before them; their destructors otherwise log the
+// mistake and fail LEMSG_ASSERT. A request a Service received may outlive it
+// (releasing it then answers nothing). Any handler may close or destroy the
+// Service or Session that called it; the library touches nothing of it after.
 //
 // =============================================================================
 // Errors and troubleshooting
@@ -439,6 +445,7 @@ class PoolBase {
   std::size_t high_water() const noexcept { return high_water_; }
 
  private:
+  friend class MessagePoolBase;  // walks its blocks (MessagePoolBase::detach)
   long index_of(const void* p) const noexcept;
 
   unsigned char* blocks_ = nullptr;
@@ -1074,6 +1081,10 @@ using PostedFn = Callable<void()>;
 ///
 /// Dispatch does not nest: run(), run_once(), fill_pollfds() and dispatch()
 /// called from inside one of this loop's handlers return Reentrant.
+///
+/// Lifetime: a Loop must outlive every Service and Session created on it.
+/// Destroying it first is a bug the Loop's destructor stops at: it logs the
+/// mistake and fails LEMSG_ASSERT.
 class Loop {
  public:
   Loop() noexcept;
@@ -1152,6 +1163,8 @@ class Loop {
   std::size_t timer_count() const noexcept { return timer_refs_.size(); }
 
  private:
+  friend class Service;
+  friend class Session;
   struct Watch {
     int fd = -1;
     short events = 0;
@@ -1193,6 +1206,7 @@ class Loop {
   std::atomic<int> stop_{0};
   std::atomic<pthread_t> owner_{pthread_self()};  // run_once writes it, any thread reads it
   bool dispatching_ = false;  // a handler of this loop is running
+  std::size_t users_ = 0;     // Services and Sessions on this loop
 };
 
 // -- implementation --
@@ -1203,6 +1217,10 @@ inline Loop::Loop() noexcept {
 }
 
 inline Loop::~Loop() {
+  if (users_ != 0)
+    LEMSG_LOG(Error, "Loop destroyed before the %lu Service/Session objects on it; destroy them first",
+              static_cast<unsigned long>(users_));
+  LEMSG_ASSERT(users_ == 0);
   if (wake_fd_ >= 0) ::close(wake_fd_);
 }
 
@@ -2057,10 +2075,15 @@ class Message {
 
 /// Messages of one maximum payload, Count of them, from storage inside the
 /// pool object. Use MessagePool<MaxPayload, Count>. Not thread-safe.
+///
+/// Lifetime: a pool must outlive every Message from it and every Service and
+/// Session using it. Destroying it first is a bug its destructor stops at: it
+/// logs the mistake and fails LEMSG_ASSERT.
 class MessagePoolBase {
  public:
   MessagePoolBase(const MessagePoolBase&) = delete;
   MessagePoolBase& operator=(const MessagePoolBase&) = delete;
+  ~MessagePoolBase();
 
   /// Takes a message with size 0 and room for max_payload() bytes.
   /// Ok or PoolEmpty (raise the pool's Count).
@@ -2078,8 +2101,14 @@ class MessagePoolBase {
 
  private:
   friend class Message;
+  friend class Service;
+  friend class Session;
+  // Requests `svc` received and nobody answered yet forget it, so releasing
+  // them later does not call into a Service that is gone.
+  void detach(const Service* svc) noexcept;
   PoolBase& blocks_;
   std::uint32_t max_payload_;
+  std::size_t users_ = 0;  // Services and Sessions using this pool
 };
 
 /// A MessagePool with Count messages of up to MaxPayload bytes each.
@@ -2212,8 +2241,14 @@ inline Result send_control(int fd, wire::FrameType type, std::uint32_t txn, std:
 }  // namespace detail
 
 /// The server end of an interface. Owned by the caller, used on its Loop's
-/// thread; must outlive the messages it received. At most LEMSG_MAX_SESSIONS
-/// sessions at once; a client beyond that is refused with SessionTableFull.
+/// thread. At most LEMSG_MAX_SESSIONS sessions at once; a client beyond that
+/// is refused with SessionTableFull.
+///
+/// Lifetime: create it after its Loop and pool and destroy it before them
+/// (their destructors stop the program otherwise). Any handler may destroy
+/// the Service (or close sessions); the library touches nothing of it
+/// afterwards. A received request may outlive the Service: releasing it then
+/// answers nothing (the Service's destructor closed its session anyway).
 class Service {
  public:
   Service(Loop& loop, const Protocol& protocol, MessagePoolBase& pool) noexcept;
@@ -2332,6 +2367,11 @@ class Service {
 
 /// The client end of an interface. Owned by the caller, used on its Loop's
 /// thread. At most LEMSG_MAX_PENDING requests wait at once.
+///
+/// Lifetime: create it after its Loop and pool and destroy it before them
+/// (their destructors stop the program otherwise). Any handler or callback
+/// may destroy the Session or close it (le_msg_DeleteSession in a close
+/// handler); the library touches nothing of it afterwards.
 class Session {
  public:
   Session(Loop& loop, const Protocol& protocol, MessagePoolBase& pool) noexcept;
@@ -2545,6 +2585,22 @@ inline int Message::take_fd() noexcept {
   return fd;
 }
 
+inline MessagePoolBase::~MessagePoolBase() {
+  if (users_ != 0 || blocks_.in_use() != 0)
+    LEMSG_LOG(Error,
+              "MessagePool destroyed while %lu Service/Session objects and %lu Messages use it; "
+              "destroy them first",
+              static_cast<unsigned long>(users_), static_cast<unsigned long>(blocks_.in_use()));
+  LEMSG_ASSERT(users_ == 0 && blocks_.in_use() == 0);
+}
+
+inline void MessagePoolBase::detach(const Service* svc) noexcept {
+  for (std::size_t i = 0; i < blocks_.count_; ++i) {
+    if (blocks_.refs_[i] == 0) continue;
+    detail::MsgBlock* b = reinterpret_cast<detail::MsgBlock*>(blocks_.blocks_ + i * blocks_.block_size_);
+    if (b->service == svc) b->service = nullptr;
+  }
+}
 
 inline Result MessagePoolBase::create(Message& out) noexcept {
   out.release();
@@ -2764,6 +2820,8 @@ inline bool known_result(std::int32_t code) noexcept {
 
 inline Service::Service(Loop& loop, const Protocol& protocol, MessagePoolBase& pool) noexcept
     : loop_(loop), protocol_(protocol), pool_(pool) {
+  ++loop_.users_;
+  ++pool_.users_;
   const std::size_t idlen = protocol.id ? std::strlen(protocol.id) : 0;
   if (idlen == 0 || idlen > LEMSG_MAX_PROTOCOL_ID || protocol.max_payload > pool.max_payload()) {
     status_ = Result::BadParameter;
@@ -2782,6 +2840,9 @@ inline Service::~Service() {
   Result r = hide();
   (void)r;
   if (timer_) r = loop_.remove_timer(timer_);
+  pool_.detach(this);
+  --pool_.users_;
+  --loop_.users_;
 }
 
 inline Result Service::advertise(const char* name, const ServiceOptions& options) noexcept {
@@ -3177,6 +3238,8 @@ inline void Service::on_timer() noexcept {
 
 inline Session::Session(Loop& loop, const Protocol& protocol, MessagePoolBase& pool) noexcept
     : loop_(loop), protocol_(protocol), pool_(pool) {
+  ++loop_.users_;
+  ++pool_.users_;
   const std::size_t idlen = protocol.id ? std::strlen(protocol.id) : 0;
   if (idlen == 0 || idlen > LEMSG_MAX_PROTOCOL_ID || protocol.max_payload > pool.max_payload()) {
     status_ = Result::BadParameter;
@@ -3191,6 +3254,8 @@ inline Session::~Session() {
     Result r = loop_.remove_timer(timer_);
     (void)r;
   }
+  --pool_.users_;
+  --loop_.users_;
 }
 
 inline void Session::set_reconnect(bool on, std::uint32_t min_ms, std::uint32_t max_ms) noexcept {

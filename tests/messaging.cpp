@@ -1911,6 +1911,29 @@ TEST_CASE("messaging: a service may destroy itself in a TrackRelease callback") 
   CHECK(map.size() == 0);
 }
 
+TEST_CASE("messaging: a request kept after its Service is gone may still be released or dropped") {
+  testutil::RuntimeDir dir;
+  Loop loop;
+  SmallPool pool;
+  Doomed<Server> srv;
+  srv.make(loop, pool);
+  REQUIRE(srv->svc.advertise("gone-service") == Result::Ok);
+  Client c(loop, pool);
+  CHECK(c.open("gone-service") == Result::Ok);
+  REQUIRE(testutil::run_until(loop, [&] { return c.opens == 1; }, kWaitMs));
+  Reply rep;
+  CHECK(ask(c.s, OpHold, 7, rep) == Result::Ok);
+  REQUIRE(testutil::run_until(loop, [&] { return srv->nheld == 1; }, kWaitMs));
+  Message kept = std::move(srv->held[0]);
+  srv->nheld = 0;
+  srv.destroy();
+  CHECK(body_of(kept).value == 7u);
+  kept.release();  // must not answer through the dead service
+  CHECK(testutil::run_until(loop, [&] { return rep.calls == 1 && c.closes == 1; }, kWaitMs));
+  CHECK(rep.result == Result::Closed);
+  CHECK(pool.in_use() == 0);
+}
+
 TEST_CASE("messaging: close() in the close handler stops set_reconnect from opening again") {
   testutil::RuntimeDir dir;
   Loop loop;
@@ -2020,6 +2043,101 @@ TEST_CASE("messaging: open() never runs its callback before it returns, even whe
   });
   REQUIRE(child > 0);
   CHECK(run_until_exit(loop, child, kWaitMs) == 0);
+}
+
+// ---- destruction order ------------------------------------------------------
+
+namespace {
+
+// Runs `mistake` in a child whose log lines go to a pipe; true when the
+// child died with SIGABRT and one of its lines contains `words`.
+template <typename F>
+bool aborts_naming(F mistake, const char* words) {
+  testutil::Pipe pipe;
+  const pid_t child = testutil::spawn([&] {
+    die_with_parent();
+    signal(SIGABRT, SIG_DFL);  // not doctest's crash report: the parent judges
+    pipe.close_read();
+    lemsg::set_log_sink(
+        [](lemsg::LogLevel, const char* line, void* ctx) {
+          const int fd = *static_cast<int*>(ctx);
+          ssize_t n = write(fd, line, std::strlen(line));
+          n = write(fd, "\n", 1);
+          (void)n;
+        },
+        &pipe.fd[1]);
+    mistake();
+    return 0;  // not stopped: the mistake went unnoticed
+  });
+  if (child <= 0) return false;
+  pipe.close_write();
+  char text[2048] = {};
+  std::size_t used = 0;
+  for (;;) {
+    struct pollfd p = {pipe.fd[0], POLLIN, 0};
+    if (poll(&p, 1, kWaitMs) != 1) break;
+    const ssize_t n = read(pipe.fd[0], text + used, sizeof text - 1 - used);
+    if (n <= 0) break;
+    used += static_cast<std::size_t>(n);
+    if (used == sizeof text - 1) break;
+  }
+  const int code = testutil::wait_exit(child, kWaitMs);
+  INFO("child exit " << code << ", log: " << text);
+  CHECK(code == 128 + SIGABRT);
+  CHECK(std::strstr(text, words) != nullptr);
+  return code == 128 + SIGABRT && std::strstr(text, words) != nullptr;
+}
+
+}  // namespace
+
+TEST_CASE("messaging: destroying a Loop before a Service or Session on it stops with an assertion naming the mistake") {
+  testutil::RuntimeDir dir;
+  CHECK(aborts_naming(
+      [] {
+        Loop* loop = new Loop;
+        SmallPool pool;
+        Session s(*loop, kProto, pool);
+        delete loop;
+        Result r = s.send(Message());
+        (void)r;
+      },
+      "Loop destroyed before"));
+  CHECK(aborts_naming(
+      [] {
+        Loop* loop = new Loop;
+        SmallPool pool;
+        Service svc(*loop, kProto, pool);
+        delete loop;
+        Result r = svc.hide();
+        (void)r;
+      },
+      "Loop destroyed before"));
+}
+
+TEST_CASE("messaging: destroying a MessagePool while a Message or a Session uses it stops with an assertion naming the mistake") {
+  testutil::RuntimeDir dir;
+  CHECK(aborts_naming(
+      [] {
+        Message m;
+        {
+          SmallPool pool;
+          Result r = pool.create(m);
+          (void)r;
+        }
+        m.release();
+      },
+      "MessagePool destroyed while"));
+  CHECK(aborts_naming(
+      [] {
+        Loop loop;
+        SmallPool* pool = new SmallPool;
+        Session s(loop, kProto, *pool);
+        delete pool;
+        Message m;
+        Result r = s.create_message(m);
+        (void)r;
+      },
+      "MessagePool destroyed while"));
 }
 
 // ---- threads ------------------------------------------------------------------
