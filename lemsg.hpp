@@ -2397,10 +2397,10 @@ class Session {
   /// answer; blocks the thread (the loop does not run meanwhile). Ok, Timeout,
   /// ProtocolMismatch, SizeMismatch, NotPermitted, SessionTableFull,
   /// WouldDeadlock (the server is served by this thread's loop), Busy,
-  /// BadParameter.
+  /// BadParameter, or Closed as for open() (the Session is gone).
   Result open_sync(const char* name, int timeout_ms) noexcept;
   /// One attempt: NotFound when no server listens; otherwise as open_sync
-  /// with LEMSG_OPEN_TIMEOUT_MS for the server's answer.
+  /// with LEMSG_OPEN_TIMEOUT_MS for the server's answer (Closed included).
   Result try_open(const char* name) noexcept;
   /// Closes (or stops opening). Pending requests complete with Closed before
   /// this returns; the close handler is not called (it is for the server's
