@@ -140,7 +140,13 @@
 // Every table has a capacity fixed at compile time. Nothing in this header
 // calls malloc or new: storage is inside the objects you declare, or storage
 // you pass in (PoolBase::init). Exhausting a capacity returns a Result; it
-// never aborts. A Service must outlive the messages it received.
+// never aborts.
+//
+// Lifetimes: create the Loop and the pools first and destroy every Service,
+// Session and Message before them; their destructors otherwise log the
+// mistake and fail LEMSG_ASSERT. A request a Service received may outlive it
+// (releasing it then answers nothing). Any handler may close or destroy the
+// Service or Session that called it; the library touches nothing of it after.
 //
 // =============================================================================
 // Errors and troubleshooting
@@ -169,6 +175,8 @@
 //     waiting clients stay in the backlog meanwhile.
 //   - A watch whose fd was closed before remove_watch() gets POLLNVAL once; if
 //     the handler leaves it in place, the Loop removes it and logs a warning.
+//   - Reentrant: run(), run_once() or dispatch() was called from inside a
+//     handler of the same loop; return from the handler instead.
 //
 // =============================================================================
 // Contents
@@ -453,7 +461,8 @@ namespace lemsg {
   X(NoRuntimeDir, "cannot create or write the runtime dir: set LEMSG_RUNTIME_DIR, or create it owned by this user") \
   X(UntrustedServer, "the server runs as another user than Session::require_server_uid() asks for") \
   X(Stalled, "peer read nothing for the stall timeout while frames waited (LEMSG_STALL_TIMEOUT_MS)") \
-  X(UidShareFull, "this uid holds its share of the service's sessions (raise LEMSG_MAX_SESSIONS_PER_UID)")
+  X(UidShareFull, "this uid holds its share of the service's sessions (raise LEMSG_MAX_SESSIONS_PER_UID)") \
+  X(Reentrant, "called from inside a handler of the same loop (run, run_once and dispatch do not nest)")
 
 /// Outcome of every call that can fail. Ok is 0. Ignoring one is a warning.
 enum class [[nodiscard]] Result : int {
@@ -536,6 +545,7 @@ class PoolBase {
   std::size_t high_water() const noexcept { return high_water_; }
 
  private:
+  friend class MessagePoolBase;  // walks its blocks (MessagePoolBase::detach)
   long index_of(const void* p) const noexcept;
 
   unsigned char* blocks_ = nullptr;
@@ -1184,6 +1194,13 @@ using PostedFn = Callable<void()>;
 /// were armed. A repeating timer that falls behind skips the missed ticks
 /// instead of firing in a burst. A timer armed during dispatch fires in a
 /// later dispatch at the earliest, so a zero delay cannot starve the loop.
+///
+/// Dispatch does not nest: run(), run_once(), fill_pollfds() and dispatch()
+/// called from inside one of this loop's handlers return Reentrant.
+///
+/// Lifetime: a Loop must outlive every Service and Session created on it.
+/// Destroying it first is a bug the Loop's destructor stops at: it logs the
+/// mistake and fails LEMSG_ASSERT.
 class Loop {
  public:
   Loop() noexcept;
@@ -1227,25 +1244,29 @@ class Loop {
   void stop() noexcept;
 
   // -- running --
-  /// Dispatches until stop(). Ok, or SystemError when poll() fails.
+  /// Dispatches until stop(). Ok, SystemError when poll() fails, or
+  /// Reentrant when called from inside one of this loop's handlers.
   Result run() noexcept;
   /// Waits at most `timeout_ms` (-1 = no limit, 0 = do not wait) for events,
   /// then dispatches them. Ok when something was dispatched, Timeout when
-  /// nothing was, SystemError when poll() fails. EINTR counts as nothing.
+  /// nothing was, SystemError when poll() fails, Reentrant when called from
+  /// inside one of this loop's handlers. EINTR counts as nothing.
   Result run_once(int timeout_ms) noexcept;
 
   // -- embedding in another loop --
   /// pollfd entries fill_pollfds() writes (the wake-up eventfd included).
   std::size_t pollfd_count() const noexcept;
-  /// Writes the loop's fds and interests into `fds`. Ok with `count` set, or
-  /// BadParameter when `capacity` < pollfd_count() (count says how many).
+  /// Writes the loop's fds and interests into `fds`. Ok with `count` set,
+  /// BadParameter when `capacity` < pollfd_count() (count says how many), or
+  /// Reentrant from inside one of this loop's handlers.
   Result fill_pollfds(struct pollfd* fds, std::size_t capacity, std::size_t& count) noexcept;
   /// Milliseconds until the next timer is due (0 when one is due or posted
   /// work waits, -1 when nothing is scheduled). Use as poll()'s timeout.
   int next_timeout_ms() const noexcept;
   /// Runs the handlers for the revents of the array from the last
   /// fill_pollfds() (same order, same count), then due timers.
-  /// BadParameter when `count` does not match that fill.
+  /// BadParameter when `count` does not match that fill; Reentrant from
+  /// inside one of this loop's handlers (nothing is dispatched).
   Result dispatch(const struct pollfd* fds, std::size_t count) noexcept;
 
   /// True on the thread that last dispatched the loop, through run(),
@@ -1261,6 +1282,8 @@ class Loop {
   std::size_t timer_count() const noexcept { return timer_refs_.size(); }
 
  private:
+  friend class Service;
+  friend class Session;
   struct Watch {
     int fd = -1;
     short events = 0;
@@ -1307,6 +1330,8 @@ class Loop {
     owner_.store(pthread_self(), std::memory_order_relaxed);
     owned_.store(1, std::memory_order_release);
   }
+  bool dispatching_ = false;  // a handler of this loop is running
+  std::size_t users_ = 0;     // Services and Sessions on this loop
 };
 
 // -- implementation --
@@ -1317,6 +1342,10 @@ inline Loop::Loop() noexcept {
 }
 
 inline Loop::~Loop() {
+  if (users_ != 0)
+    LEMSG_LOG(Error, "Loop destroyed before the %lu Service/Session objects on it; destroy them first",
+              static_cast<unsigned long>(users_));
+  LEMSG_ASSERT(users_ == 0);
   if (wake_fd_ >= 0) ::close(wake_fd_);
 }
 
@@ -1477,6 +1506,8 @@ inline std::size_t Loop::pollfd_count() const noexcept {
 
 inline Result Loop::fill_pollfds(struct pollfd* fds, std::size_t capacity, std::size_t& count) noexcept {
   count = pollfd_count();
+  // A fill from a handler would overwrite the snapshot being dispatched.
+  if (dispatching_) return Result::Reentrant;
   if (fds == nullptr || capacity < count) {
     filled_count_ = 0;  // a later dispatch() must not match an older fill
     return Result::BadParameter;
@@ -1567,9 +1598,13 @@ inline bool Loop::dispatch_timers() noexcept {
 }
 
 inline Result Loop::dispatch(const struct pollfd* fds, std::size_t count) noexcept {
+  if (dispatching_) return Result::Reentrant;
   if (count != filled_count_ || (count > 0 && fds == nullptr)) return Result::BadParameter;
   // Whichever call drives the loop, the thread that dispatches it owns it.
   claim_owner();
+  // A nested dispatch would poll again and run handlers for the events this
+  // one is still handing out, some twice for one event.
+  dispatching_ = true;
   posted_ran_ = false;
   bool any = dispatch_fds(fds, count);
   if (!posted_ran_ && posted_pending_.load(std::memory_order_relaxed) && wake_fd_ >= 0) {
@@ -1580,10 +1615,12 @@ inline Result Loop::dispatch(const struct pollfd* fds, std::size_t count) noexce
   }
   any = dispatch_timers() || any;
   filled_count_ = 0;
+  dispatching_ = false;
   return any ? Result::Ok : Result::Timeout;
 }
 
 inline Result Loop::run_once(int timeout_ms) noexcept {
+  if (dispatching_) return Result::Reentrant;
   // Owned from before the wait, so a synchronous call made on this thread
   // while it blocks in poll() is seen as this loop's.
   claim_owner();
@@ -1605,6 +1642,7 @@ inline Result Loop::run_once(int timeout_ms) noexcept {
 }
 
 inline Result Loop::run() noexcept {
+  if (dispatching_) return Result::Reentrant;
   while (!stop_.load(std::memory_order_acquire)) {
     Result r = run_once(-1);
     if (r == Result::SystemError) {
@@ -2332,6 +2370,43 @@ inline unsigned char* payload_of(MsgBlock* b) noexcept { return reinterpret_cast
 
 struct Channel;
 
+// Every call into user code goes through Lifeline::call, because any handler
+// may destroy the object that called it (Legato code deletes a session in its
+// close handler). Each call puts a Witness on the caller's stack; the
+// object's Lifeline member marks every Witness still on its chain dead when
+// it is destroyed, so the caller learns, from its own stack, whether `this`
+// still exists, and returns at once without touching it when not.
+struct Witness {
+  bool alive = true;
+  Witness* below = nullptr;
+};
+class Lifeline {
+ public:
+  Lifeline() noexcept = default;
+  Lifeline(const Lifeline&) = delete;
+  Lifeline& operator=(const Lifeline&) = delete;
+  // Runs after the owner's destructor body, whose own handler calls have
+  // returned by then: what is left are calls the destruction came from.
+  ~Lifeline() {
+    for (Witness* w = top_; w; w = w->below) w->alive = false;
+  }
+  // Calls f(); true when the owner survived it. On false the caller must
+  // return without touching the owner (its members, `this`, anything).
+  template <typename F>
+  bool call(F&& f) noexcept {
+    Witness w;
+    w.below = top_;
+    top_ = &w;
+    f();
+    if (!w.alive) return false;
+    top_ = w.below;
+    return true;
+  }
+
+ private:
+  Witness* top_ = nullptr;
+};
+
 }  // namespace detail
 
 /// A reference-counted handle to a pooled message. Copying adds a
@@ -2392,10 +2467,15 @@ class Message {
 
 /// Messages of one maximum payload, Count of them, from storage inside the
 /// pool object. Use MessagePool<MaxPayload, Count>. Not thread-safe.
+///
+/// Lifetime: a pool must outlive every Message from it and every Service and
+/// Session using it. Destroying it first is a bug its destructor stops at: it
+/// logs the mistake and fails LEMSG_ASSERT.
 class MessagePoolBase {
  public:
   MessagePoolBase(const MessagePoolBase&) = delete;
   MessagePoolBase& operator=(const MessagePoolBase&) = delete;
+  ~MessagePoolBase();
 
   /// Takes a message with size 0 and room for max_payload() bytes.
   /// Ok or PoolEmpty (raise the pool's Count).
@@ -2413,8 +2493,14 @@ class MessagePoolBase {
 
  private:
   friend class Message;
+  friend class Service;
+  friend class Session;
+  // Requests `svc` received and nobody answered yet forget it, so releasing
+  // them later does not call into a Service that is gone.
+  void detach(const Service* svc) noexcept;
   PoolBase& blocks_;
   std::uint32_t max_payload_;
+  std::size_t users_ = 0;  // Services and Sessions using this pool
 };
 
 /// A MessagePool with Count messages of up to MaxPayload bytes each.
@@ -2635,10 +2721,19 @@ inline Result send_control(int fd, wire::FrameType type, std::uint32_t txn, std:
 /// connection is closed to make room, so silent connections cannot lock
 /// other clients out. Each session, like each waiting connection, takes one
 /// of the loop's watches.
+///
+/// Lifetime: create it after its Loop and pool and destroy it before them
+/// (their destructors stop the program otherwise). Any handler may destroy
+/// the Service (or close sessions); the library touches nothing of it
+/// afterwards. A received request may outlive the Service: releasing it then
+/// answers nothing (the Service's destructor closed its session anyway).
 class Service {
  public:
   Service(Loop& loop, const Protocol& protocol, MessagePoolBase& pool) noexcept;
   /// Closes every session (close handler with Ok) and hides the service.
+  /// May run inside one of its own handlers; a close handler that destroys
+  /// the Service again while this runs must do nothing (as std::optional::
+  /// reset and std::unique_ptr::reset do).
   ~Service();
   Service(const Service&) = delete;
   Service& operator=(const Service&) = delete;
@@ -2739,6 +2834,8 @@ class Service {
     TrackRelease release;
   };
 
+  // Functions returning bool call user code: false means the Service was
+  // destroyed meanwhile, and the caller returns without touching it.
   void on_listen(short revents) noexcept;
   void pause_accepting(int error) noexcept;
   void on_peer(std::uint32_t ref, short revents) noexcept;
@@ -2758,7 +2855,7 @@ class Service {
   void watch_stall(const Peer& p) noexcept {
     if (p.ch.out_count == 1) reschedule();
   }
-  void close_peer(std::uint32_t ref, Result reason) noexcept;
+  bool close_peer(std::uint32_t ref, Result reason) noexcept;  // false: the Service is gone
   bool allowed(const Credentials& c) const noexcept;
   void answer_error(std::uint32_t session, std::uint32_t txn, Result code) noexcept;
   static void unanswered(Service* svc, std::uint32_t session, std::uint32_t txn) noexcept {
@@ -2793,6 +2890,7 @@ class Service {
   bool evict_logged_ = false;  // one warning per flood; reset when the table empties
   uid_t own_uid_ = ::geteuid();
   Tracked tracked_[LEMSG_MAX_TRACKED];
+  detail::Lifeline life_;
 };
 
 /// The client end of an interface. Owned by the caller, used on its Loop's
@@ -2802,10 +2900,16 @@ class Service {
 /// with BadFrame; other Unix sockets are delivered, so keep only those from
 /// a server you trust. A server that stops reading is not timed out here
 /// (unlike on the Service side): give requests a timeout.
+///
+/// Lifetime: create it after its Loop and pool and destroy it before them
+/// (their destructors stop the program otherwise). Any handler or callback
+/// may destroy the Session or close it (le_msg_DeleteSession in a close
+/// handler); the library touches nothing of it afterwards.
 class Session {
  public:
   Session(Loop& loop, const Protocol& protocol, MessagePoolBase& pool) noexcept;
-  /// Closes the session (pending requests complete with Closed).
+  /// Closes the session (pending requests complete with Closed). May run
+  /// inside one of its own handlers, even one that close() is running.
   ~Session();
   Session(const Session&) = delete;
   Session& operator=(const Session&) = delete;
@@ -2817,12 +2921,14 @@ class Session {
   /// Starts opening: connects now if the server is there, otherwise waits
   /// (inotify on the runtime dir, or on the directory above it while the
   /// runtime dir does not exist or after it was deleted; no polling) until it
-  /// appears. `cb` runs on the loop with Ok each time the session opens
-  /// (again after a reconnect), or with ProtocolMismatch, SizeMismatch,
-  /// NotPermitted, UnsafeRuntimeDir (another user owns or may write the
-  /// runtime dir; see the transport section) or UntrustedServer (see
-  /// require_server_uid), which end the attempt. Returns Ok (started),
-  /// BadParameter, Busy (not closed).
+  /// appears. `cb` runs on the loop, never inside open(), with Ok each time
+  /// the session opens (again after a reconnect), or with ProtocolMismatch,
+  /// SizeMismatch, NotPermitted, UnsafeRuntimeDir (another user owns or may
+  /// write the runtime dir; see the transport section) or UntrustedServer
+  /// (see require_server_uid), which end the attempt; close() before it runs
+  /// drops it. Returns Ok (started), BadParameter, Busy (not closed), or
+  /// Closed when a handler run to finish an earlier loss of the server (see
+  /// request_sync) destroyed the Session.
   Result open(const char* name, OpenCallback cb) noexcept;
   /// Opens, waiting at most `timeout_ms` (> 0) for the server to appear and
   /// answer; blocks the thread (the loop does not run meanwhile). A server
@@ -2830,11 +2936,12 @@ class Session {
   /// until the timeout. Ok, Timeout, ProtocolMismatch, SizeMismatch,
   /// NotPermitted, UnsafeRuntimeDir, UntrustedServer, SessionTableFull or
   /// UidShareFull (still full at the timeout), WouldDeadlock (the server is
-  /// served by this thread's loop), Busy, BadParameter.
+  /// served by this thread's loop), Busy, BadParameter, or Closed as for
+  /// open() (the Session is gone).
   Result open_sync(const char* name, int timeout_ms) noexcept;
   /// One attempt: NotFound when no server listens; otherwise as open_sync
   /// with LEMSG_OPEN_TIMEOUT_MS for the server's answer (and for a full
-  /// server to make room).
+  /// server to make room; Closed included).
   Result try_open(const char* name) noexcept;
   /// Opens only to a server running as `uid` (from SO_PEERCRED, checked
   /// before anything is sent to it): a server of another user, for instance
@@ -2844,7 +2951,9 @@ class Session {
   void require_server_uid(uid_t uid) noexcept { required_uid_ = uid; }
   /// Closes (or stops opening). Pending requests complete with Closed before
   /// this returns; the close handler is not called (it is for the server's
-  /// side going away). Reconnecting stops until the next open.
+  /// side going away), also when close() runs inside a handler while the
+  /// server's side goes away. Reconnecting stops until the next open, also
+  /// when close() is called from the close handler.
   void close() noexcept;
   bool is_open() const noexcept { return state_ == State::Open; }
 
@@ -2887,6 +2996,8 @@ class Session {
     bool used = false;
   };
 
+  // Functions returning bool call user code: false means the Session was
+  // destroyed meanwhile, and the caller returns without touching it.
   Result prepare(const char* name) noexcept;
   Result connect_checked(int& fd) noexcept;
   void attempt() noexcept;
@@ -2900,14 +3011,14 @@ class Session {
   Result finish_open(int fd) noexcept;
   void on_socket(short revents) noexcept;
   void on_handshake_frame() noexcept;
-  void dispatch_frame(Message& m) noexcept;
-  void deliver_deferred() noexcept;
+  bool dispatch_frame(Message& m) noexcept;
+  bool deliver_deferred() noexcept;
   void on_timer() noexcept;
   void reschedule() noexcept;
-  void lose_server(Result reason) noexcept;
+  bool lose_server(Result reason) noexcept;
   void fail_open(Result why) noexcept;
   void backoff() noexcept;
-  void complete_all(Result why) noexcept;
+  bool complete_all(Result why) noexcept;
   Result check_outgoing(const Message& m) const noexcept;
 
   Loop& loop_;
@@ -2937,11 +3048,14 @@ class Session {
   std::int64_t backoff_deadline_ = 0;
   bool lost_pending_ = false;  // server lost inside request_sync; finish on the loop
   Result lost_reason_ = Result::Closed;
+  Result open_failed_ = Result::Ok;  // an open that failed, reported from the loop
+  std::uint32_t close_count_ = 0;    // close() calls, so a loss sees one made by a handler
   Pending pending_[LEMSG_MAX_PENDING];
   detail::TxnTable<Pending, LEMSG_MAX_PENDING> pending_refs_;
   Message deferred_[LEMSG_MAX_DEFERRED];
   std::size_t deferred_head_ = 0;
   std::size_t deferred_count_ = 0;
+  detail::Lifeline life_;
 };
 
 // -- implementation --
@@ -3021,6 +3135,23 @@ inline int Message::take_fd() noexcept {
   const int fd = blk_->fd;
   blk_->fd = -1;
   return fd;
+}
+
+inline MessagePoolBase::~MessagePoolBase() {
+  if (users_ != 0 || blocks_.in_use() != 0)
+    LEMSG_LOG(Error,
+              "MessagePool destroyed while %lu Service/Session objects and %lu Messages use it; "
+              "destroy them first",
+              static_cast<unsigned long>(users_), static_cast<unsigned long>(blocks_.in_use()));
+  LEMSG_ASSERT(users_ == 0 && blocks_.in_use() == 0);
+}
+
+inline void MessagePoolBase::detach(const Service* svc) noexcept {
+  for (std::size_t i = 0; i < blocks_.count_; ++i) {
+    if (blocks_.refs_[i] == 0) continue;
+    detail::MsgBlock* b = reinterpret_cast<detail::MsgBlock*>(blocks_.blocks_ + i * blocks_.block_size_);
+    if (b->service == svc) b->service = nullptr;
+  }
 }
 
 inline Result MessagePoolBase::create(Message& out) noexcept {
@@ -3254,6 +3385,8 @@ inline bool known_result(std::int32_t code) noexcept {
 
 inline Service::Service(Loop& loop, const Protocol& protocol, MessagePoolBase& pool) noexcept
     : loop_(loop), protocol_(protocol), pool_(pool) {
+  ++loop_.users_;
+  ++pool_.users_;
   const std::size_t idlen = protocol.id ? std::strlen(protocol.id) : 0;
   if (idlen == 0 || idlen > LEMSG_MAX_PROTOCOL_ID || protocol.max_payload > pool.max_payload()) {
     status_ = Result::BadParameter;
@@ -3272,7 +3405,9 @@ inline Service::~Service() {
   std::uint32_t refs[LEMSG_MAX_SESSIONS];
   std::size_t n = 0;
   peer_refs_.for_each([&](Peer*, std::uint32_t ref) { refs[n++] = ref; });
-  for (std::size_t i = 0; i < n; ++i) close_peer(refs[i], Result::Ok);
+  // A handler cannot destroy the Service again from here (a second
+  // destruction is the caller's bug), so the results need no check.
+  for (std::size_t i = 0; i < n; ++i) (void)close_peer(refs[i], Result::Ok);
   std::uint32_t shakes[LEMSG_MAX_HANDSHAKES];
   n = 0;
   handshake_refs_.for_each([&](Handshake*, std::uint32_t ref) { shakes[n++] = ref; });
@@ -3283,6 +3418,9 @@ inline Service::~Service() {
   Result r = hide();
   (void)r;
   if (timer_) r = loop_.remove_timer(timer_);
+  pool_.detach(this);
+  --pool_.users_;
+  --loop_.users_;
 }
 
 inline Result Service::advertise(const char* name, const ServiceOptions& options) noexcept {
@@ -3654,13 +3792,14 @@ inline bool Service::on_hello(int fd, const Credentials& c, Result hello) noexce
   slot->ch.stall_ms = options_.stall_timeout_ms ? options_.stall_timeout_ms : LEMSG_STALL_TIMEOUT_MS;
   r = detail::send_control(fd, wire::FrameType::Welcome, 0, 0, nullptr, 0);
   if (r != Result::Ok) {
-    close_peer(ref, r);
+    (void)close_peer(ref, r);
     return false;
   }
   slot->open = true;
   if (open_handler_) {
+    // The handler may destroy the Service: the callers return at once.
     OpenHandler h = open_handler_;
-    h(SessionRef{ref});
+    (void)life_.call([&] { h(SessionRef{ref}); });
   }
   return true;
 }
@@ -3671,7 +3810,7 @@ inline void Service::on_peer(std::uint32_t ref, short revents) noexcept {
   if (revents & POLLOUT) {
     const Result r = p->ch.flush(loop_);
     if (r != Result::Ok) {
-      close_peer(ref, Result::Closed);
+      (void)close_peer(ref, Result::Closed);
       return;
     }
   }
@@ -3690,7 +3829,7 @@ inline void Service::on_peer(std::uint32_t ref, short revents) noexcept {
       // Leave the frame in the socket; the timer retries once blocks free up.
       p->ch.starved = true;
       p->ch.update_events(loop_);
-      if ((revents & POLLHUP) && !(revents & POLLIN)) close_peer(ref, Result::Closed);
+      if ((revents & POLLHUP) && !(revents & POLLIN)) (void)close_peer(ref, Result::Closed);
       else reschedule();
       return;
     }
@@ -3700,7 +3839,7 @@ inline void Service::on_peer(std::uint32_t ref, short revents) noexcept {
       if (r != Result::Closed)
         LEMSG_LOG(Warning, "service %s: closing session of pid %ld: %s", protocol_.id,
                   static_cast<long>(p->creds.pid), to_string(r));
-      close_peer(ref, r);
+      (void)close_peer(ref, r);
       return;
     }
     detail::MsgBlock* b = m.blk_;
@@ -3713,9 +3852,16 @@ inline void Service::on_peer(std::uint32_t ref, short revents) noexcept {
     }
     if (receive_handler_) {
       ReceiveHandler h = receive_handler_;  // a copy: the handler may replace itself
-      h(m);
+      // Releasing a request the handler left unanswered answers it, which
+      // may close the session and run the close handler: inside the call.
+      if (!life_.call([&] {
+            h(m);
+            m.release();
+          }))
+        return;
     } else {
       LEMSG_LOG(Debug, "service %s: no receive handler; frame released", protocol_.id);
+      if (!life_.call([&] { m.release(); })) return;
     }
   }
 }
@@ -3736,7 +3882,8 @@ inline void Service::answer_error(std::uint32_t session, std::uint32_t txn, Resu
     r = Result::Overflow;
   }
   if (r == Result::WouldBlock) r = Result::Overflow;
-  if (r != Result::Ok) close_peer(session, r == Result::Overflow ? Result::Overflow : Result::Closed);
+  // Called from Message::release(), which touches no Service afterwards.
+  if (r != Result::Ok) (void)close_peer(session, r == Result::Overflow ? Result::Overflow : Result::Closed);
 }
 
 inline Result Service::send(SessionRef s, Message&& m) noexcept {
@@ -3780,7 +3927,7 @@ inline Result Service::respond(Message&& m) noexcept {
   if (r == Result::Overflow) {
     // A peer that stopped reading is closed now: a response is never
     // dropped silently.
-    close_peer(ref, Result::Overflow);
+    (void)close_peer(ref, Result::Overflow);  // nothing of the Service is touched after it
     return r;
   }
   // A dead peer's hang-up closes the session from the loop.
@@ -3797,24 +3944,34 @@ inline Result Service::respond(Message&& m) noexcept {
 inline Result Service::close(SessionRef s) noexcept {
   Peer* p = peer_refs_.lookup(s.value);
   if (!p || p->closing) return Result::NotFound;
-  close_peer(s.value, Result::Ok);
+  (void)close_peer(s.value, Result::Ok);  // nothing of the Service is touched after it
   return Result::Ok;
 }
 
-inline void Service::close_peer(std::uint32_t ref, Result reason) noexcept {
+inline bool Service::close_peer(std::uint32_t ref, Result reason) noexcept {
   Peer* p = peer_refs_.lookup(ref);
-  if (!p || p->closing) return;
+  if (!p || p->closing) return true;
   p->closing = true;
   // Stop the socket first, so nothing a handler does below can reach it.
   p->ch.reset(loop_);
   if (p->open && close_handler_) {
     CloseHandler h = close_handler_;
-    h(SessionRef{ref}, reason);
+    // Destroyed here: the tracked maps may have gone with the Service, so
+    // they are left alone.
+    if (!life_.call([&] { h(SessionRef{ref}, reason); })) return false;
   }
   for (Tracked& t : tracked_) {
     if (!t.map) continue;
-    t.map->release_owner_ptr(
-        ref, [](void* obj, std::uint32_t r, void* ctx) { (*static_cast<TrackRelease*>(ctx))(obj, r); }, &t.release);
+    // From a copy: a release that destroys the Service must not destroy the
+    // callable that runs, and the rest of this map's entries still go to it.
+    RefMapBase* map = t.map;
+    TrackRelease release = t.release;
+    if (!life_.call([&] {
+          map->release_owner_ptr(
+              ref, [](void* obj, std::uint32_t r, void* ctx) { (*static_cast<TrackRelease*>(ctx))(obj, r); },
+              &release);
+        }))
+      return false;
   }
   Result r = peer_refs_.remove(ref);
   (void)r;
@@ -3822,6 +3979,7 @@ inline void Service::close_peer(std::uint32_t ref, Result reason) noexcept {
   p->open = false;
   p->closing = false;
   p->context = nullptr;
+  return true;
 }
 
 inline void Service::reschedule() noexcept {
@@ -3875,7 +4033,7 @@ inline void Service::on_timer() noexcept {
     if (!p) continue;  // a close handler above closed it already
     LEMSG_LOG(Warning, "service %s: pid %ld read nothing for %lu ms while frames waited; closing", protocol_.id,
               static_cast<long>(p->creds.pid), static_cast<unsigned long>(p->ch.stall_ms));
-    close_peer(stalled[i], Result::Stalled);
+    if (!close_peer(stalled[i], Result::Stalled)) return;  // a close handler destroyed the Service
   }
   reschedule();
 }
@@ -3884,6 +4042,8 @@ inline void Service::on_timer() noexcept {
 
 inline Session::Session(Loop& loop, const Protocol& protocol, MessagePoolBase& pool) noexcept
     : loop_(loop), protocol_(protocol), pool_(pool) {
+  ++loop_.users_;
+  ++pool_.users_;
   const std::size_t idlen = protocol.id ? std::strlen(protocol.id) : 0;
   if (idlen == 0 || idlen > LEMSG_MAX_PROTOCOL_ID || protocol.max_payload > pool.max_payload()) {
     status_ = Result::BadParameter;
@@ -3904,6 +4064,8 @@ inline Session::~Session() {
     Result r = loop_.remove_timer(timer_);
     (void)r;
   }
+  --pool_.users_;
+  --loop_.users_;
 }
 
 inline void Session::set_reconnect(bool on, std::uint32_t min_ms, std::uint32_t max_ms) noexcept {
@@ -3919,14 +4081,14 @@ inline Result Session::prepare(const char* name) noexcept {
     // The server went away inside request_sync and the loop has not run
     // since: finish that close now, before opening again.
     lost_pending_ = false;
-    deliver_deferred();
-    complete_all(Result::Closed);
+    if (!deliver_deferred() || !complete_all(Result::Closed)) return Result::Closed;
     if (close_handler_) {
       SessionCloseHandler h = close_handler_;
-      h(lost_reason_);
+      if (!life_.call([&] { h(lost_reason_); })) return Result::Closed;
     }
   }
   if (state_ != State::Idle) return Result::Busy;
+  open_failed_ = Result::Ok;  // the report of an earlier attempt goes with it
   Result r = detail::socket_path(name, path_);
   if (r != Result::Ok) return r;
   name_ = std::strrchr(path_, '/') + 1;
@@ -4051,12 +4213,10 @@ inline void Session::fail_open(Result why) noexcept {
   stop_watching_dir();
   ch_.reset(loop_);
   state_ = State::Idle;
-  reschedule();
   LEMSG_LOG(Warning, "session %s: open failed: %s", name_, to_string(why));
-  if (open_cb_) {
-    OpenCallback cb = open_cb_;
-    cb(why);
-  }
+  // Reported from the loop (the timer, at once), never inside open().
+  open_failed_ = why;
+  reschedule();
 }
 
 inline Result Session::send_hello(int fd) const noexcept {
@@ -4114,7 +4274,8 @@ inline void Session::on_handshake_frame() noexcept {
     reschedule();
     if (open_cb_) {
       OpenCallback cb = open_cb_;
-      cb(Result::Ok);
+      // The last thing done here, so whether the Session survives is moot.
+      (void)life_.call([&] { cb(Result::Ok); });
     }
     return;
   }
@@ -4277,11 +4438,13 @@ inline Result Session::try_open(const char* name) noexcept {
   }
 }
 
-inline void Session::complete_all(Result why) noexcept {
+inline bool Session::complete_all(Result why) noexcept {
   std::uint32_t refs[LEMSG_MAX_PENDING];
   std::size_t n = 0;
   pending_refs_.for_each([&](Pending*, std::uint32_t ref) { refs[n++] = ref; });
   for (std::size_t i = 0; i < n; ++i) {
+    // A handler may have completed the rest already (close(), or the
+    // destructor, run inside it).
     Pending* p = pending_refs_.lookup(refs[i]);
     if (!p) continue;
     ResponseHandler done = std::move(p->done);
@@ -4289,8 +4452,9 @@ inline void Session::complete_all(Result why) noexcept {
     Result r = pending_refs_.remove(refs[i]);
     (void)r;
     Message none;
-    if (done) done(why, none);
+    if (done && !life_.call([&] { done(why, none); })) return false;
   }
+  return true;
 }
 
 inline void Session::close() noexcept {
@@ -4298,24 +4462,29 @@ inline void Session::close() noexcept {
   ch_.reset(loop_);
   state_ = State::Idle;
   lost_pending_ = false;
+  open_failed_ = Result::Ok;
+  ++close_count_;
   for (std::size_t i = 0; i < deferred_count_; ++i) deferred_[(deferred_head_ + i) % LEMSG_MAX_DEFERRED].release();
   deferred_head_ = deferred_count_ = 0;
-  complete_all(Result::Closed);
+  if (!complete_all(Result::Closed)) return;
   if (state_ == State::Idle) reschedule();
 }
 
-inline void Session::lose_server(Result reason) noexcept {
+inline bool Session::lose_server(Result reason) noexcept {
   ch_.reset(loop_);
   state_ = State::Idle;
+  // A close() from any handler below ends the session for good: no close
+  // handler after it, and no reconnecting.
+  const std::uint32_t closes = close_count_;
   // What arrived before the end is delivered before anyone hears of the end.
-  deliver_deferred();
-  complete_all(Result::Closed);
-  if (state_ == State::Idle && close_handler_) {
+  if (!deliver_deferred() || !complete_all(Result::Closed)) return false;
+  if (state_ == State::Idle && closes == close_count_ && close_handler_) {
     SessionCloseHandler h = close_handler_;
-    h(reason);
+    if (!life_.call([&] { h(reason); })) return false;
   }
-  if (state_ == State::Idle && reconnect_) backoff();
+  if (state_ == State::Idle && closes == close_count_ && reconnect_) backoff();
   else reschedule();
+  return true;
 }
 
 inline void Session::on_socket(short revents) noexcept {
@@ -4326,7 +4495,7 @@ inline void Session::on_socket(short revents) noexcept {
   if (state_ != State::Open) return;
   if (revents & POLLOUT) {
     if (ch_.flush(loop_) != Result::Ok) {
-      lose_server(Result::Closed);
+      (void)lose_server(Result::Closed);
       return;
     }
   }
@@ -4336,8 +4505,7 @@ inline void Session::on_socket(short revents) noexcept {
     // Arrival order: frames of the batch in hand, then what a request_sync
     // made in a handler set aside, then the socket.
     if (!ch_.has_held() && deferred_count_) {
-      deliver_deferred();
-      if (state_ != State::Open) return;
+      if (!deliver_deferred() || state_ != State::Open) return;
     }
     Message m;
     wire::Header h;
@@ -4346,7 +4514,7 @@ inline void Session::on_socket(short revents) noexcept {
     if (r == Result::PoolEmpty) {
       ch_.starved = true;
       ch_.update_events(loop_);
-      if ((revents & POLLHUP) && !(revents & POLLIN)) lose_server(Result::Closed);
+      if ((revents & POLLHUP) && !(revents & POLLIN)) (void)lose_server(Result::Closed);
       else reschedule();
       return;
     }
@@ -4357,28 +4525,28 @@ inline void Session::on_socket(short revents) noexcept {
     if (r == Result::Ok && (h.flags & wire::FlagError) && !detail::known_result(m.blk_->status)) r = Result::BadFrame;
     if (r != Result::Ok) {
       if (r != Result::Closed) LEMSG_LOG(Warning, "session %s: server sent a bad frame: %s", name_, to_string(r));
-      lose_server(r);
+      (void)lose_server(r);
       return;
     }
     m.blk_->kind = h.type == wire::FrameType::Response ? detail::MsgKind::Response : detail::MsgKind::Received;
-    dispatch_frame(m);
+    if (!dispatch_frame(m)) return;
   }
 }
 
-inline void Session::dispatch_frame(Message& m) noexcept {
+inline bool Session::dispatch_frame(Message& m) noexcept {
   if (m.blk_->kind == detail::MsgKind::Received) {
     if (receive_handler_) {
       ReceiveHandler h = receive_handler_;
-      h(m);
+      return life_.call([&] { h(m); });
     }
-    return;
+    return true;
   }
   const std::uint32_t txn = m.blk_->txn;
   Pending* p = pending_refs_.lookup(txn);
   if (!p) {
     // Its request timed out or was closed: a late answer, discarded.
     LEMSG_LOG(Debug, "session %s: response to no pending request; discarded", name_);
-    return;
+    return true;
   }
   ResponseHandler done = std::move(p->done);
   const bool had_deadline = p->deadline != 0;
@@ -4389,19 +4557,19 @@ inline void Session::dispatch_frame(Message& m) noexcept {
   const Result status = m.status();
   if (status != Result::Ok) {
     Message none;
-    done(status, none);
-  } else {
-    done(Result::Ok, m);
+    return life_.call([&] { done(status, none); });
   }
+  return life_.call([&] { done(Result::Ok, m); });
 }
 
-inline void Session::deliver_deferred() noexcept {
+inline bool Session::deliver_deferred() noexcept {
   while (deferred_count_) {
     Message m = std::move(deferred_[deferred_head_]);
     deferred_head_ = (deferred_head_ + 1) % LEMSG_MAX_DEFERRED;
     --deferred_count_;
-    dispatch_frame(m);
+    if (!dispatch_frame(m)) return false;
   }
+  return true;
 }
 
 inline Result Session::check_outgoing(const Message& m) const noexcept {
@@ -4540,7 +4708,7 @@ inline void Session::reschedule() noexcept {
     if (t && (!next || t < next)) next = t;
   };
   const std::int64_t now = detail::now_ns();
-  if (deferred_count_ || lost_pending_) consider(now);
+  if (deferred_count_ || lost_pending_ || open_failed_ != Result::Ok) consider(now);
   pending_refs_.for_each([&](Pending* p, std::uint32_t) { consider(p->deadline); });
   if (state_ == State::Handshake) consider(handshake_deadline_);
   if (state_ == State::Backoff) consider(backoff_deadline_);
@@ -4551,11 +4719,19 @@ inline void Session::reschedule() noexcept {
 }
 
 inline void Session::on_timer() noexcept {
+  if (open_failed_ != Result::Ok) {
+    const Result why = open_failed_;
+    open_failed_ = Result::Ok;
+    if (open_cb_) {
+      OpenCallback cb = open_cb_;
+      if (!life_.call([&] { cb(why); })) return;
+    }
+  }
   if (lost_pending_) {
     lost_pending_ = false;
-    lose_server(lost_reason_);
+    if (!lose_server(lost_reason_)) return;
   }
-  if (deferred_count_ && state_ == State::Open) deliver_deferred();
+  if (deferred_count_ && state_ == State::Open && !deliver_deferred()) return;
   const std::int64_t now = detail::now_ns();
   std::uint32_t late[LEMSG_MAX_PENDING];
   std::size_t n = 0;
@@ -4570,7 +4746,7 @@ inline void Session::on_timer() noexcept {
     Result r = pending_refs_.remove(late[i]);
     (void)r;
     Message none;
-    if (done) done(Result::Timeout, none);
+    if (done && !life_.call([&] { done(Result::Timeout, none); })) return;
   }
   if (state_ == State::Handshake && handshake_deadline_ <= detail::now_ns()) {
     LEMSG_LOG(Warning, "session %s: server did not answer the hello in time", name_);

@@ -1059,6 +1059,57 @@ TEST_CASE("loop: stop from a handler ends run") {
   CHECK(calls == 1);
 }
 
+// A nested run_once would poll again and run the handlers of events the
+// outer dispatch is still handing out, some twice for one event.
+TEST_CASE("loop: run, run_once, fill_pollfds and dispatch called from inside a handler return Reentrant") {
+  Loop loop;
+  FdPair p = FdPair::pipe();
+  REQUIRE(p.ok());
+  REQUIRE(put_byte(p.b));  // stays readable: the handler does not read it
+  struct Nested {
+    Loop* loop;
+    int calls = 0;
+    Result once = Result::Ok, run = Result::Ok, fill = Result::Ok, dispatch = Result::Ok;
+    void try_all() {
+      once = loop->run_once(0);
+      run = loop->run();  // without the refusal, the safety timer ends it
+      struct pollfd fds[LEMSG_MAX_WATCHES + 1];
+      std::size_t n = 0;
+      fill = loop->fill_pollfds(fds, LEMSG_MAX_WATCHES + 1, n);
+      dispatch = loop->dispatch(fds, 0);
+    }
+  } watch{&loop}, timer{&loop};
+  bool safety_fired = false;
+  TimerId safety, t;
+  REQUIRE(loop.add_timer([&] {
+    safety_fired = true;
+    loop.stop();
+  }, safety) == Result::Ok);
+  REQUIRE(loop.arm_timer(safety, 200, 200) == Result::Ok);  // stops every nested run()
+  WatchId w;
+  REQUIRE(loop.add_watch(p.a, lemsg::Readable, [&watch](int, short) {
+    if (++watch.calls == 1) watch.try_all();
+  }, w) == Result::Ok);
+  REQUIRE(loop.add_timer([&timer] {
+    if (++timer.calls == 1) timer.try_all();
+  }, t) == Result::Ok);
+  REQUIRE(loop.arm_timer(t, 0) == Result::Ok);
+  CHECK(loop.run_once(kSafetyMs) == Result::Ok);
+  CHECK(watch.calls == 1);  // one event, one call
+  CHECK(timer.calls == 1);
+  CHECK_FALSE(safety_fired);
+  for (Nested* n : {&watch, &timer}) {
+    CHECK(n->once == Result::Reentrant);
+    CHECK(n->run == Result::Reentrant);
+    CHECK(n->fill == Result::Reentrant);
+    CHECK(n->dispatch == Result::Reentrant);
+  }
+  // Outside handlers the loop runs as before.
+  CHECK(loop.run_once(0) == Result::Ok);
+  CHECK(watch.calls == 2);
+  REQUIRE(loop.remove_timer(safety) == Result::Ok);
+}
+
 TEST_CASE("loop: stop before run makes run return at once, and only once") {
   Loop loop;
   bool safety_fired = false;

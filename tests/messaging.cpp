@@ -13,6 +13,7 @@
 #include "testutil.hpp"
 
 #include <fcntl.h>
+#include <grp.h>
 #include <poll.h>
 #include <signal.h>
 #include <sys/prctl.h>
@@ -1814,6 +1815,539 @@ TEST_CASE("messaging: a client beyond LEMSG_MAX_SESSIONS is refused with Session
   CHECK(run_until_exit(loop, next, kWaitMs) == 0);
   for (int i = 1; i < connected; ++i) close(raw[i]);
   CHECK(testutil::run_until(loop, [&] { return srv.svc.session_count() == 0; }, kWaitMs));
+}
+
+// ---- handlers that destroy or close their own object ------------------------
+//
+// Legato code deletes a session in its close handler; any handler may destroy
+// the object that called it. These cases destroy Services and Sessions from
+// inside each kind of handler. The objects live on the heap (Doomed), so the
+// ASan builds report any read of them after the handler returns. The memory
+// is filled with bytes of 3 first, which read as a live, open object (and as
+// garbage pointers), so the library goes on where it should stop: ASan then
+// reports, and without ASan the run misbehaves.
+
+namespace {
+
+// A heap object a handler may destroy. destroy() runs the destructor at most
+// once: a second call (from a handler the destructor itself runs, as
+// std::optional::reset and unique_ptr::reset behave) does nothing.
+template <typename T>
+struct Doomed {
+  T* p = nullptr;
+  template <typename... A>
+  T& make(A&&... a) {
+    p = ::new (::operator new(sizeof(T))) T(std::forward<A>(a)...);
+    return *p;
+  }
+  void destroy() {
+    T* q = p;
+    if (!q) return;
+    p = nullptr;
+    q->~T();
+    std::memset(static_cast<void*>(q), 3, sizeof(T));
+    ::operator delete(static_cast<void*>(q));
+  }
+  ~Doomed() { destroy(); }
+  T* operator->() const { return p; }
+  T& operator*() const { return *p; }
+  explicit operator bool() const { return p != nullptr; }
+};
+
+// Opens `s` to `name` and runs the loop until the open callback and the
+// server's open handler ran.
+bool open_doomed(Loop& loop, Server& srv, Session& s, const char* name) {
+  const int before = srv.opens;
+  int opened = 0;
+  Result got = Result::Closed;
+  if (s.open(name, [&opened, &got](Result r) {
+        ++opened;
+        got = r;
+      }) != Result::Ok)
+    return false;
+  const bool ok = testutil::run_until(loop, [&] { return opened == 1 && srv.opens == before + 1; }, kWaitMs);
+  // The callback captured locals: replace it before they go.
+  return ok && got == Result::Ok;
+}
+
+bool send_note(Service& svc, SessionRef to, std::uint32_t value) {
+  Message m;
+  return svc.create_message(m) == Result::Ok && set_body(m, OpNote, value) && svc.send(to, std::move(m)) == Result::Ok;
+}
+
+}  // namespace
+
+TEST_CASE("messaging: a session may destroy itself in its close handler, with or without set_reconnect") {
+  testutil::RuntimeDir dir;
+  Loop loop;
+  SmallPool pool;
+  Server srv(loop, pool);
+  REQUIRE(srv.svc.advertise("doomed-close") == Result::Ok);
+  for (int reconnect = 0; reconnect < 2; ++reconnect) {
+    CAPTURE(reconnect);
+    Doomed<Session> s;
+    s.make(loop, kProto, pool);
+    s->set_reconnect(reconnect != 0, 10, 100);
+    int closes = 0;
+    s->set_close_handler([&](Result) {
+      ++closes;
+      s.destroy();
+    });
+    REQUIRE(open_doomed(loop, srv, *s, "doomed-close"));
+    Reply rep;
+    CHECK(ask(*s, OpHold, 1, rep) == Result::Ok);
+    REQUIRE(testutil::run_until(loop, [&] { return srv.nheld == 1; }, kWaitMs));
+    CHECK(srv.svc.close(srv.opened) == Result::Ok);
+    CHECK(testutil::run_until(loop, [&] { return !s; }, kWaitMs));
+    CHECK(closes == 1);
+    CHECK(rep.calls == 1);
+    CHECK(rep.result == Result::Closed);
+    testutil::run_until(loop, [] { return false; }, 100);  // nothing may reach the dead session
+    CHECK(srv.svc.session_count() == 0);
+    srv.held[0].release();
+    srv.nheld = 0;
+  }
+}
+
+TEST_CASE("messaging: a session may destroy itself in its receive handler while more frames wait") {
+  testutil::RuntimeDir dir;
+  Loop loop;
+  SmallPool pool;
+  Server srv(loop, pool);
+  REQUIRE(srv.svc.advertise("doomed-receive") == Result::Ok);
+  Doomed<Session> s;
+  s.make(loop, kProto, pool);
+  int received = 0;
+  s->set_receive_handler([&](Message&) {
+    ++received;
+    s.destroy();
+  });
+  REQUIRE(open_doomed(loop, srv, *s, "doomed-receive"));
+  for (std::uint32_t i = 0; i < 4; ++i) CHECK(send_note(srv.svc, srv.opened, i));
+  CHECK(testutil::run_until(loop, [&] { return !s && srv.closes == 1; }, kWaitMs));
+  CHECK(received == 1);
+  CHECK(srv.reason == Result::Closed);
+}
+
+TEST_CASE("messaging: a session may destroy itself in a response handler that completes with Ok, Timeout or Closed") {
+  testutil::RuntimeDir dir;
+  Loop loop;
+  SmallPool pool;
+  Server srv(loop, pool);
+  REQUIRE(srv.svc.advertise("doomed-response") == Result::Ok);
+  // 0: two answered requests; 1: two that time out; 2: two the server's
+  // close completes; 3: two that Session::close completes.
+  for (int mode = 0; mode < 4; ++mode) {
+    CAPTURE(mode);
+    Doomed<Session> s;
+    s.make(loop, kProto, pool);
+    int closes = 0;
+    s->set_close_handler([&closes](Result) { ++closes; });
+    REQUIRE(open_doomed(loop, srv, *s, "doomed-response"));
+    struct Seen {
+      int calls = 0;
+      Result first = Result::Ok;
+      Result second = Result::Ok;
+      Doomed<Session>* s;
+    } seen;
+    seen.s = &s;
+    auto done = [&seen](Result r, Message&) {
+      if (++seen.calls == 1) {
+        seen.first = r;
+        seen.s->destroy();
+      } else {
+        seen.second = r;
+      }
+    };
+    const std::uint32_t op = mode == 0 ? OpEcho : OpHold;
+    const std::uint32_t timeout = mode == 1 ? 1 : 0;
+    for (std::uint32_t i = 0; i < 2; ++i) {
+      Message m;
+      REQUIRE(s->create_message(m) == Result::Ok);
+      REQUIRE(set_body(m, op, i));
+      CHECK(s->request(std::move(m), done, timeout) == Result::Ok);
+    }
+    if (mode >= 2) REQUIRE(testutil::run_until(loop, [&] { return srv.nheld == 2; }, kWaitMs));
+    if (mode == 2) CHECK(srv.svc.close(srv.opened) == Result::Ok);
+    if (mode == 3) s->close();
+    CHECK(testutil::run_until(loop, [&] { return !s; }, kWaitMs));
+    CHECK(seen.calls == 2);
+    CHECK(seen.first == (mode == 0 ? Result::Ok : mode == 1 ? Result::Timeout : Result::Closed));
+    // The second completes from the destructor, unless it was answered in
+    // the same batch or timed out in the same pass: never twice, never lost.
+    if (mode >= 2) CHECK(seen.second == Result::Closed);
+    CHECK(closes == 0);
+    testutil::run_until(loop, [&] { return srv.svc.session_count() == 0; }, kWaitMs);
+    CHECK(srv.svc.session_count() == 0);
+    for (int i = 0; i < srv.nheld; ++i) srv.held[i].release();
+    srv.nheld = 0;
+  }
+}
+
+TEST_CASE("messaging: a session may destroy itself in its open callback, on success and on refusal") {
+  testutil::RuntimeDir dir;
+  Loop loop;
+  SmallPool pool;
+  Server srv(loop, pool);
+  REQUIRE(srv.svc.advertise("doomed-open") == Result::Ok);
+  const uid_t stranger = getuid() == 4242 ? 4243 : 4242;
+  Server guarded(loop, pool);
+  lemsg::ServiceOptions only_stranger;
+  only_stranger.uids = &stranger;
+  only_stranger.uid_count = 1;
+  REQUIRE(guarded.svc.advertise("doomed-guarded", only_stranger) == Result::Ok);
+  const lemsg::Protocol other{"lemsg.test.messaging.other", 64};
+  // 0: opens; 1: NotPermitted at accept; 2: ProtocolMismatch at hello.
+  for (int mode = 0; mode < 3; ++mode) {
+    CAPTURE(mode);
+    testutil::LogCapture log;  // the refusals warn
+    Doomed<Session> s;
+    s.make(loop, mode == 2 ? other : kProto, pool);
+    struct Seen {
+      int calls = 0;
+      Result r = Result::Ok;
+      Doomed<Session>* s;
+    } seen;
+    seen.s = &s;
+    CHECK(s->open(mode == 1 ? "doomed-guarded" : "doomed-open", [&seen](Result r) {
+      ++seen.calls;
+      seen.r = r;
+      seen.s->destroy();
+    }) == Result::Ok);
+    CHECK(testutil::run_until(loop, [&] { return !s; }, kWaitMs));
+    CHECK(seen.calls == 1);
+    CHECK(seen.r == (mode == 0 ? Result::Ok : mode == 1 ? Result::NotPermitted : Result::ProtocolMismatch));
+    testutil::run_until(loop, [&] { return srv.svc.session_count() == 0; }, kWaitMs);
+    CHECK(srv.svc.session_count() == 0);
+  }
+}
+
+TEST_CASE("messaging: a service may destroy itself in its receive handler while more frames wait") {
+  testutil::RuntimeDir dir;
+  Loop loop;
+  SmallPool pool;
+  Doomed<Service> svc;
+  svc.make(loop, kProto, pool);
+  int received = 0;
+  svc->set_receive_handler([&](Message&) {
+    ++received;
+    svc.destroy();
+  });
+  REQUIRE(svc->advertise("doomed-service-receive") == Result::Ok);
+  Client c(loop, pool);
+  CHECK(c.open("doomed-service-receive") == Result::Ok);
+  REQUIRE(testutil::run_until(loop, [&] { return c.opens == 1; }, kWaitMs));
+  for (std::uint32_t i = 0; i < 4; ++i) CHECK(tell(c.s, i) == Result::Ok);
+  Reply rep;
+  CHECK(ask(c.s, OpEcho, 1, rep) == Result::Ok);
+  CHECK(testutil::run_until(loop, [&] { return !svc && c.closes == 1 && rep.calls == 1; }, kWaitMs));
+  CHECK(received == 1);
+  CHECK(rep.result == Result::Closed);
+}
+
+TEST_CASE("messaging: a service may destroy itself in its open handler") {
+  testutil::RuntimeDir dir;
+  Loop loop;
+  SmallPool pool;
+  Doomed<Service> svc;
+  svc.make(loop, kProto, pool);
+  int opens = 0, closes = 0;
+  svc->set_open_handler([&](SessionRef) {
+    ++opens;
+    svc.destroy();
+  });
+  svc->set_close_handler([&closes](SessionRef, Result) { ++closes; });
+  REQUIRE(svc->advertise("doomed-service-open") == Result::Ok);
+  Client c(loop, pool);
+  CHECK(c.open("doomed-service-open") == Result::Ok);
+  CHECK(testutil::run_until(loop, [&] { return !svc && c.closes == 1; }, kWaitMs));
+  CHECK(opens == 1);
+  CHECK(closes == 1);  // the destructor closed the session it had just opened
+}
+
+TEST_CASE("messaging: a service may destroy itself in its close handler, and its destructor does not run a close twice") {
+  testutil::RuntimeDir dir;
+  Loop loop;
+  SmallPool pool;
+  Doomed<Service> svc;
+  svc.make(loop, kProto, pool);
+  int closes = 0;
+  Result reasons[4] = {};
+  svc->set_close_handler([&](SessionRef, Result why) {
+    if (closes < 4) reasons[closes] = why;
+    ++closes;
+    svc.destroy();  // a second call, from inside the destructor, does nothing
+  });
+  REQUIRE(svc->advertise("doomed-service-close") == Result::Ok);
+  Client a(loop, pool), b(loop, pool);
+  CHECK(a.open("doomed-service-close") == Result::Ok);
+  CHECK(b.open("doomed-service-close") == Result::Ok);
+  REQUIRE(testutil::run_until(
+      loop, [&] { return a.opens == 1 && b.opens == 1 && svc->session_count() == 2; }, kWaitMs));
+  a.s.close();
+  CHECK(testutil::run_until(loop, [&] { return !svc && b.closes == 1; }, kWaitMs));
+  CHECK(closes == 2);  // a's (Closed), then b's from the destructor (Ok)
+  CHECK(reasons[0] == Result::Closed);
+  CHECK(reasons[1] == Result::Ok);
+  CHECK(a.closes == 0);
+}
+
+TEST_CASE("messaging: a service may destroy itself in a TrackRelease callback") {
+  testutil::RuntimeDir dir;
+  Loop loop;
+  SmallPool pool;
+  lemsg::RefMap<int, 8> map;
+  int objs[3] = {1, 2, 3};
+  Doomed<Service> svc;
+  svc.make(loop, kProto, pool);
+  int released = 0;
+  svc->set_open_handler([&](SessionRef s) {
+    for (int& o : objs) {
+      std::uint32_t ref = 0;
+      CHECK(map.add(&o, ref, s.value) == Result::Ok);
+    }
+  });
+  REQUIRE(svc->track(map, [&](void*, std::uint32_t) {
+    ++released;
+    svc.destroy();
+  }) == Result::Ok);
+  REQUIRE(svc->advertise("doomed-service-track") == Result::Ok);
+  Client c(loop, pool);
+  CHECK(c.open("doomed-service-track") == Result::Ok);
+  REQUIRE(testutil::run_until(loop, [&] { return c.opens == 1 && map.size() == 3; }, kWaitMs));
+  c.s.close();
+  CHECK(testutil::run_until(loop, [&] { return !svc; }, kWaitMs));
+  CHECK(released == 3);  // every entry the session owned is still released once
+  CHECK(map.size() == 0);
+}
+
+TEST_CASE("messaging: a request kept after its Service is gone may still be released or dropped") {
+  testutil::RuntimeDir dir;
+  Loop loop;
+  SmallPool pool;
+  Doomed<Server> srv;
+  srv.make(loop, pool);
+  REQUIRE(srv->svc.advertise("gone-service") == Result::Ok);
+  Client c(loop, pool);
+  CHECK(c.open("gone-service") == Result::Ok);
+  REQUIRE(testutil::run_until(loop, [&] { return c.opens == 1; }, kWaitMs));
+  Reply rep;
+  CHECK(ask(c.s, OpHold, 7, rep) == Result::Ok);
+  REQUIRE(testutil::run_until(loop, [&] { return srv->nheld == 1; }, kWaitMs));
+  Message kept = std::move(srv->held[0]);
+  srv->nheld = 0;
+  srv.destroy();
+  CHECK(body_of(kept).value == 7u);
+  kept.release();  // must not answer through the dead service
+  CHECK(testutil::run_until(loop, [&] { return rep.calls == 1 && c.closes == 1; }, kWaitMs));
+  CHECK(rep.result == Result::Closed);
+  CHECK(pool.in_use() == 0);
+}
+
+TEST_CASE("messaging: close() in the close handler stops set_reconnect from opening again") {
+  testutil::RuntimeDir dir;
+  Loop loop;
+  SmallPool pool;
+  Server srv(loop, pool);
+  REQUIRE(srv.svc.advertise("close-in-close") == Result::Ok);
+  Client c(loop, pool);
+  c.s.set_reconnect(true, 1, 10);
+  c.s.set_close_handler([&c](Result why) {
+    ++c.closes;
+    c.reason = why;
+    c.s.close();
+  });
+  REQUIRE(connect(loop, srv, c, "close-in-close"));
+  CHECK(srv.svc.close(srv.opened) == Result::Ok);
+  CHECK(testutil::run_until(loop, [&] { return c.closes == 1; }, kWaitMs));
+  // The server is still there: a reconnect would open within a few ms.
+  testutil::run_until(loop, [&] { return srv.opens > 1; }, 300);
+  CHECK(c.opens == 1);
+  CHECK(srv.opens == 1);
+  CHECK(!c.s.is_open());
+}
+
+TEST_CASE("messaging: Session::close in a response handler while the server goes away ends the session quietly") {
+  testutil::RuntimeDir dir;
+  Loop loop;
+  SmallPool pool;
+  Server srv(loop, pool);
+  Client c(loop, pool);
+  c.s.set_reconnect(true, 1, 10);
+  REQUIRE(connect(loop, srv, c, "close-in-response"));
+  struct Seen {
+    int calls = 0;
+    Result r[2] = {Result::Ok, Result::Ok};
+    Session* s;
+  } seen;
+  seen.s = &c.s;
+  auto done = [&seen](Result r, Message&) {
+    if (seen.calls < 2) seen.r[seen.calls] = r;
+    if (++seen.calls == 1) seen.s->close();
+  };
+  for (std::uint32_t i = 0; i < 2; ++i) {
+    Message m;
+    REQUIRE(c.s.create_message(m) == Result::Ok);
+    REQUIRE(set_body(m, OpHold, i));
+    CHECK(c.s.request(std::move(m), done) == Result::Ok);
+  }
+  REQUIRE(testutil::run_until(loop, [&] { return srv.nheld == 2; }, kWaitMs));
+  CHECK(srv.svc.close(srv.opened) == Result::Ok);
+  CHECK(testutil::run_until(loop, [&] { return seen.calls == 2; }, kWaitMs));
+  testutil::run_until(loop, [&] { return srv.opens > 1; }, 300);
+  CHECK(seen.calls == 2);
+  CHECK(seen.r[0] == Result::Closed);
+  CHECK(seen.r[1] == Result::Closed);
+  CHECK(c.closes == 0);  // close() was called: the close handler is not
+  CHECK(srv.opens == 1);  // and it does not reconnect
+  CHECK(!c.s.is_open());
+  for (int i = 0; i < srv.nheld; ++i) srv.held[i].release();
+  srv.nheld = 0;
+}
+
+TEST_CASE("messaging: open() never runs its callback before it returns, even when the socket file refuses it") {
+  testutil::RuntimeDir dir;
+  Loop loop;
+  SmallPool pool;
+  Server srv(loop, pool);
+  REQUIRE(srv.svc.advertise("refused-now") == Result::Ok);
+  char path[256];
+  dir.socket("refused-now", path);
+  REQUIRE(chmod(path, 0) == 0);
+  // connect() fails with EACCES at once: as root only after dropping to
+  // nobody (root passes any mode), so the client is a child.
+  const pid_t child = testutil::spawn([&] {
+    if (getuid() == 0) {
+      CHILD_CHECK(setgroups(0, nullptr) == 0 && setgid(65534) == 0 && setuid(65534) == 0);
+    }
+    die_with_parent();  // after setuid, which clears it
+    testutil::LogCapture log;  // the refusal warns
+    Loop cl;
+    SmallPool cp;
+    Session s(cl, kProto, cp);
+    struct Seen {
+      bool inside = false;
+      int calls = 0;
+      int calls_inside = 0;
+      Result r = Result::Ok;
+    } seen;
+    seen.inside = true;
+    CHILD_CHECK(s.open("refused-now", [&seen](Result r) {
+      ++seen.calls;
+      if (seen.inside) ++seen.calls_inside;
+      seen.r = r;
+    }) == Result::Ok);
+    seen.inside = false;
+    CHILD_CHECK(seen.calls_inside == 0);
+    CHILD_CHECK(testutil::run_until(cl, [&] { return seen.calls >= 1; }, kWaitMs));
+    testutil::run_until(cl, [] { return false; }, 50);
+    CHILD_CHECK(seen.calls == 1);
+    CHILD_CHECK(seen.r == Result::NotPermitted);
+    // close() before the loop runs drops the report with the attempt.
+    seen.calls = 0;
+    CHILD_CHECK(s.open("refused-now", [&seen](Result) { ++seen.calls; }) == Result::Ok);
+    s.close();
+    testutil::run_until(cl, [] { return false; }, 50);
+    CHILD_CHECK(seen.calls == 0);
+    return 0;
+  });
+  REQUIRE(child > 0);
+  CHECK(run_until_exit(loop, child, kWaitMs) == 0);
+}
+
+// ---- destruction order ------------------------------------------------------
+
+namespace {
+
+// Runs `mistake` in a child whose log lines go to a pipe; true when the
+// child died with SIGABRT and one of its lines contains `words`.
+template <typename F>
+bool aborts_naming(F mistake, const char* words) {
+  testutil::Pipe pipe;
+  const pid_t child = testutil::spawn([&] {
+    die_with_parent();
+    signal(SIGABRT, SIG_DFL);  // not doctest's crash report: the parent judges
+    pipe.close_read();
+    lemsg::set_log_sink(
+        [](lemsg::LogLevel, const char* line, void* ctx) {
+          const int fd = *static_cast<int*>(ctx);
+          ssize_t n = write(fd, line, std::strlen(line));
+          n = write(fd, "\n", 1);
+          (void)n;
+        },
+        &pipe.fd[1]);
+    mistake();
+    return 0;  // not stopped: the mistake went unnoticed
+  });
+  if (child <= 0) return false;
+  pipe.close_write();
+  char text[2048] = {};
+  std::size_t used = 0;
+  for (;;) {
+    struct pollfd p = {pipe.fd[0], POLLIN, 0};
+    if (poll(&p, 1, kWaitMs) != 1) break;
+    const ssize_t n = read(pipe.fd[0], text + used, sizeof text - 1 - used);
+    if (n <= 0) break;
+    used += static_cast<std::size_t>(n);
+    if (used == sizeof text - 1) break;
+  }
+  const int code = testutil::wait_exit(child, kWaitMs);
+  INFO("child exit " << code << ", log: " << text);
+  CHECK(code == 128 + SIGABRT);
+  CHECK(std::strstr(text, words) != nullptr);
+  return code == 128 + SIGABRT && std::strstr(text, words) != nullptr;
+}
+
+}  // namespace
+
+TEST_CASE("messaging: destroying a Loop before a Service or Session on it stops with an assertion naming the mistake") {
+  testutil::RuntimeDir dir;
+  CHECK(aborts_naming(
+      [] {
+        Loop* loop = new Loop;
+        SmallPool pool;
+        Session s(*loop, kProto, pool);
+        delete loop;
+        Result r = s.send(Message());
+        (void)r;
+      },
+      "Loop destroyed before"));
+  CHECK(aborts_naming(
+      [] {
+        Loop* loop = new Loop;
+        SmallPool pool;
+        Service svc(*loop, kProto, pool);
+        delete loop;
+        Result r = svc.hide();
+        (void)r;
+      },
+      "Loop destroyed before"));
+}
+
+TEST_CASE("messaging: destroying a MessagePool while a Message or a Session uses it stops with an assertion naming the mistake") {
+  testutil::RuntimeDir dir;
+  CHECK(aborts_naming(
+      [] {
+        Message m;
+        {
+          SmallPool pool;
+          Result r = pool.create(m);
+          (void)r;
+        }
+        m.release();
+      },
+      "MessagePool destroyed while"));
+  CHECK(aborts_naming(
+      [] {
+        Loop loop;
+        SmallPool* pool = new SmallPool;
+        Session s(loop, kProto, *pool);
+        delete pool;
+        Message m;
+        Result r = s.create_message(m);
+        (void)r;
+      },
+      "MessagePool destroyed while"));
 }
 
 // ---- threads ------------------------------------------------------------------
