@@ -2856,6 +2856,8 @@ class Service {
     if (p.ch.out_count == 1) reschedule();
   }
   bool close_peer(std::uint32_t ref, Result reason) noexcept;  // false: the Service is gone
+  // The advertised name (also after hide()), else the protocol id: for logs.
+  const char* log_name() const noexcept { return path_[0] ? std::strrchr(path_, '/') + 1 : protocol_.id; }
   bool allowed(const Credentials& c) const noexcept;
   void answer_error(std::uint32_t session, std::uint32_t txn, Result code) noexcept;
   static void unanswered(Service* svc, std::uint32_t session, std::uint32_t txn) noexcept {
@@ -3374,6 +3376,24 @@ inline void Channel::reset(Loop& loop) noexcept {
   rcvtimeo_ms = 0;
 }
 
+// What Service and Session constructors check of their protocol and pool;
+// each refusal is logged, since it only shows as status() (BadParameter).
+inline Result check_protocol(const char* who, const Protocol& protocol, const MessagePoolBase& pool) noexcept {
+  const std::size_t idlen = protocol.id ? std::strlen(protocol.id) : 0;
+  if (idlen == 0 || idlen > LEMSG_MAX_PROTOCOL_ID) {
+    LEMSG_LOG(Error, "%s: protocol id %s is empty or longer than LEMSG_MAX_PROTOCOL_ID (%d): BadParameter", who,
+              idlen ? "" : "(none)", LEMSG_MAX_PROTOCOL_ID);
+    return Result::BadParameter;
+  }
+  if (protocol.max_payload > pool.max_payload()) {
+    LEMSG_LOG(Error, "%s %s: the protocol's max_payload %lu is above the pool's %lu: BadParameter (use a larger MessagePool)",
+              who, protocol.id, static_cast<unsigned long>(protocol.max_payload),
+              static_cast<unsigned long>(pool.max_payload()));
+    return Result::BadParameter;
+  }
+  return Result::Ok;
+}
+
 // An error code from the peer must be one we know; anything else is a bad frame.
 inline bool known_result(std::int32_t code) noexcept {
   return code > 0 && code < result_count;
@@ -3387,11 +3407,8 @@ inline Service::Service(Loop& loop, const Protocol& protocol, MessagePoolBase& p
     : loop_(loop), protocol_(protocol), pool_(pool) {
   ++loop_.users_;
   ++pool_.users_;
-  const std::size_t idlen = protocol.id ? std::strlen(protocol.id) : 0;
-  if (idlen == 0 || idlen > LEMSG_MAX_PROTOCOL_ID || protocol.max_payload > pool.max_payload()) {
-    status_ = Result::BadParameter;
-    return;
-  }
+  status_ = detail::check_protocol("service", protocol, pool);
+  if (status_ != Result::Ok) return;
   status_ = detail::probe_datagram(wire::header_size + protocol.max_payload, sndbuf_);
   if (status_ != Result::Ok) {
     LEMSG_LOG(Error, "service %s: frames of %lu bytes cannot travel: %s", protocol.id,
@@ -3469,7 +3486,7 @@ inline Result Service::advertise(const char* name, const ServiceOptions& options
   file_ = file;
   owner_pid_ = ::getpid();
   options_ = options;
-  LEMSG_LOG(Info, "service %s: advertised at %s", protocol_.id, path_);
+  LEMSG_LOG(Info, "service %s: advertised at %s", log_name(), path_);
   return Result::Ok;
 }
 
@@ -3482,7 +3499,7 @@ inline Result Service::hide() noexcept {
   // in between; and only by the process that made it, only if it is the
   // file it made (not a forked child's copy, not a newer server's file).
   if (owner_pid_ == ::getpid() && !detail::remove_socket_file(path_, file_))
-    LEMSG_LOG(Info, "service %s: %s is no longer ours; left in place", protocol_.id, path_);
+    LEMSG_LOG(Info, "service %s: %s is no longer ours; left in place", log_name(), path_);
   ::close(listen_fd_);
   listen_fd_ = -1;
   accept_retry_ = 0;
@@ -3544,11 +3561,11 @@ inline void Service::on_listen(short revents) noexcept {
       const int e = errno;
       if (e == EMFILE || e == ENFILE || e == ENOBUFS || e == ENOMEM) pause_accepting(e);
       else if (e != EAGAIN && e != EWOULDBLOCK && e != EINTR && e != ECONNABORTED)
-        LEMSG_LOG(Warning, "service %s: accept failed: %s", protocol_.id, std::strerror(e));
+        LEMSG_LOG(Warning, "service %s: accept failed: %s", log_name(), std::strerror(e));
       return;
     }
     if (accept_backoff_ms_) {
-      LEMSG_LOG(Info, "service %s: accepting again", protocol_.id);
+      LEMSG_LOG(Info, "service %s: accepting again", log_name());
       accept_backoff_ms_ = 0;
     }
     Credentials c;
@@ -3579,7 +3596,7 @@ inline void Service::pause_accepting(int error) noexcept {
   // readable: without a pause every poll would return at once. One warning
   // per episode; the retries back off from 50 ms to a second.
   if (accept_backoff_ms_ == 0) {
-    LEMSG_LOG(Warning, "service %s: accept failed: %s; pausing accepts until it succeeds", protocol_.id,
+    LEMSG_LOG(Warning, "service %s: accept failed: %s; pausing accepts until it succeeds", log_name(),
               std::strerror(error));
     accept_backoff_ms_ = 50;
   } else {
@@ -3602,7 +3619,7 @@ inline Result Service::session_room(const Credentials& c) const noexcept {
 }
 
 inline void Service::refuse(int fd, const Credentials& c, Result why) noexcept {
-  LEMSG_LOG(Warning, "service %s: refusing pid %ld uid %ld: %s", protocol_.id, static_cast<long>(c.pid),
+  LEMSG_LOG(Warning, "service %s: refusing pid %ld uid %ld: %s", log_name(), static_cast<long>(c.pid),
             static_cast<long>(c.uid), to_string(why));
   const std::int32_t code = static_cast<std::int32_t>(why);
   Result r = detail::send_control(fd, wire::FrameType::Refuse, 0, wire::FlagError, &code, 4);
@@ -3694,10 +3711,10 @@ inline void Service::evict_handshake(std::uint32_t ref, const char* why) noexcep
   // One warning per flood, not one per connection.
   if (!evict_logged_) {
     LEMSG_LOG(Warning, "service %s: closing the oldest connection still without a hello (pid %ld uid %ld): %s",
-              protocol_.id, static_cast<long>(h->creds.pid), static_cast<long>(h->creds.uid), why);
+              log_name(), static_cast<long>(h->creds.pid), static_cast<long>(h->creds.uid), why);
   } else {
     LEMSG_LOG(Debug, "service %s: closing the oldest connection still without a hello (pid %ld uid %ld): %s",
-              protocol_.id, static_cast<long>(h->creds.pid), static_cast<long>(h->creds.uid), why);
+              log_name(), static_cast<long>(h->creds.pid), static_cast<long>(h->creds.uid), why);
   }
   const int fd = drop_handshake(ref);
   evict_logged_ = true;  // until the table empties by other means
@@ -3737,7 +3754,7 @@ inline Result Service::read_hello(int fd, const Credentials& c) noexcept {
   }
   if (r != Result::Ok) {
     if (r != Result::Closed)
-      LEMSG_LOG(Warning, "service %s: bad hello from pid %ld: %s", protocol_.id, static_cast<long>(c.pid),
+      LEMSG_LOG(Warning, "service %s: bad hello from pid %ld: %s", log_name(), static_cast<long>(c.pid),
                 to_string(r));
     return r == Result::TooLarge ? Result::BadFrame : r;
   }
@@ -3796,6 +3813,9 @@ inline bool Service::on_hello(int fd, const Credentials& c, Result hello) noexce
     return false;
   }
   slot->open = true;
+  LEMSG_LOG(Info, "service %s: session opened for pid %ld uid %ld gid %ld (%lu open)", log_name(),
+            static_cast<long>(c.pid), static_cast<long>(c.uid), static_cast<long>(c.gid),
+            static_cast<unsigned long>(peer_refs_.size()));
   if (open_handler_) {
     // The handler may destroy the Service: the callers return at once.
     OpenHandler h = open_handler_;
@@ -3837,7 +3857,7 @@ inline void Service::on_peer(std::uint32_t ref, short revents) noexcept {
       r = Result::BadFrame;
     if (r != Result::Ok) {
       if (r != Result::Closed)
-        LEMSG_LOG(Warning, "service %s: closing session of pid %ld: %s", protocol_.id,
+        LEMSG_LOG(Warning, "service %s: closing session of pid %ld: %s", log_name(),
                   static_cast<long>(p->creds.pid), to_string(r));
       (void)close_peer(ref, r);
       return;
@@ -3860,7 +3880,7 @@ inline void Service::on_peer(std::uint32_t ref, short revents) noexcept {
           }))
         return;
     } else {
-      LEMSG_LOG(Debug, "service %s: no receive handler; frame released", protocol_.id);
+      LEMSG_LOG(Debug, "service %s: no receive handler; frame released", log_name());
       if (!life_.call([&] { m.release(); })) return;
     }
   }
@@ -3935,7 +3955,7 @@ inline Result Service::respond(Message&& m) noexcept {
   // The socket refused this response (too large for its buffer, too many
   // fds in flight, no buffer space): the client's request still completes,
   // with the reason, and the session goes on.
-  LEMSG_LOG(Warning, "service %s: a response of %lu bytes could not be sent: %s", protocol_.id,
+  LEMSG_LOG(Warning, "service %s: a response of %lu bytes could not be sent: %s", log_name(),
             static_cast<unsigned long>(size), to_string(r));
   answer_error(ref, txn, r);
   return r;
@@ -3952,6 +3972,9 @@ inline bool Service::close_peer(std::uint32_t ref, Result reason) noexcept {
   Peer* p = peer_refs_.lookup(ref);
   if (!p || p->closing) return true;
   p->closing = true;
+  if (p->open)
+    LEMSG_LOG(Info, "service %s: session of pid %ld closed: %s", log_name(), static_cast<long>(p->creds.pid),
+              reason == Result::Ok ? "closed by this side" : to_string(reason));
   // Stop the socket first, so nothing a handler does below can reach it.
   p->ch.reset(loop_);
   if (p->open && close_handler_) {
@@ -4013,7 +4036,7 @@ inline void Service::on_timer() noexcept {
     if (h->deadline <= now) late[n++] = ref;
   });
   for (std::size_t i = 0; i < n; ++i) {
-    LEMSG_LOG(Warning, "service %s: client sent no hello in time; closing", protocol_.id);
+    LEMSG_LOG(Warning, "service %s: client sent no hello in time; closing", log_name());
     const int fd = drop_handshake(late[i]);
     if (fd >= 0) ::close(fd);
   }
@@ -4031,7 +4054,7 @@ inline void Service::on_timer() noexcept {
   for (std::size_t i = 0; i < n_stalled; ++i) {
     const Peer* p = peer_refs_.lookup(stalled[i]);
     if (!p) continue;  // a close handler above closed it already
-    LEMSG_LOG(Warning, "service %s: pid %ld read nothing for %lu ms while frames waited; closing", protocol_.id,
+    LEMSG_LOG(Warning, "service %s: pid %ld read nothing for %lu ms while frames waited; closing", log_name(),
               static_cast<long>(p->creds.pid), static_cast<unsigned long>(p->ch.stall_ms));
     if (!close_peer(stalled[i], Result::Stalled)) return;  // a close handler destroyed the Service
   }
@@ -4044,11 +4067,8 @@ inline Session::Session(Loop& loop, const Protocol& protocol, MessagePoolBase& p
     : loop_(loop), protocol_(protocol), pool_(pool) {
   ++loop_.users_;
   ++pool_.users_;
-  const std::size_t idlen = protocol.id ? std::strlen(protocol.id) : 0;
-  if (idlen == 0 || idlen > LEMSG_MAX_PROTOCOL_ID || protocol.max_payload > pool.max_payload()) {
-    status_ = Result::BadParameter;
-    return;
-  }
+  status_ = detail::check_protocol("session", protocol, pool);
+  if (status_ != Result::Ok) return;
   status_ = detail::probe_datagram(wire::header_size + protocol.max_payload, sndbuf_);
   if (status_ != Result::Ok) {
     LEMSG_LOG(Error, "session %s: frames of %lu bytes cannot travel: %s", protocol.id,
@@ -4188,6 +4208,7 @@ inline void Session::attempt() noexcept {
     return;
   }
   if (r == Result::NotFound && watching) {
+    if (state_ != State::Waiting) LEMSG_LOG(Info, "session %s: no server at %s yet; waiting for it (inotify)", name_, path_);
     state_ = State::Waiting;
     reschedule();
     return;
@@ -4204,6 +4225,7 @@ inline void Session::attempt() noexcept {
 inline void Session::backoff() noexcept {
   stop_watching_dir();
   state_ = State::Backoff;
+  LEMSG_LOG(Debug, "session %s: next attempt at %s in %lu ms", name_, path_, static_cast<unsigned long>(backoff_next_));
   backoff_deadline_ = detail::now_ns() + static_cast<std::int64_t>(backoff_next_) * 1000000;
   backoff_next_ = backoff_next_ * 2 > backoff_max_ ? backoff_max_ : backoff_next_ * 2;
   reschedule();
@@ -4269,6 +4291,8 @@ inline void Session::on_handshake_frame() noexcept {
     return;
   }
   if (r == Result::Ok && h.type == wire::FrameType::Welcome) {
+    LEMSG_LOG(Info, "session %s: open (server pid %ld uid %ld)", name_, static_cast<long>(server_.pid),
+              static_cast<long>(server_.uid));
     state_ = State::Open;
     backoff_next_ = backoff_min_;
     reschedule();
@@ -4395,6 +4419,8 @@ inline Result Session::open_sync(const char* name, int timeout_ms) noexcept {
       watched = true;
       ino = ::inotify_init1(IN_NONBLOCK | IN_CLOEXEC);
       armed = ino >= 0 && detail::watch_socket_dir(ino, path_, parent_wd);
+      LEMSG_LOG(Info, "session %s: no server at %s yet; waiting up to %d ms (%s)", name_, path_, timeout_ms,
+                armed ? "inotify" : "checking every 20 ms");
       continue;
     }
     // Wait for the socket to appear; with nothing watched, re-check every 20 ms.
@@ -4412,7 +4438,13 @@ inline Result Session::open_sync(const char* name, int timeout_ms) noexcept {
   }
   if (ino >= 0) ::close(ino);
   // Out of time while asking a full server again: say why it was refused.
-  return r == Result::Timeout && refused != Result::Ok ? refused : r;
+  if (r == Result::Timeout && refused != Result::Ok) r = refused;
+  if (r == Result::Ok)
+    LEMSG_LOG(Info, "session %s: open (server pid %ld uid %ld)", name_, static_cast<long>(server_.pid),
+              static_cast<long>(server_.uid));
+  else if (r != Result::Closed)
+    LEMSG_LOG(Info, "session %s: open_sync after %d ms: %s", name_, timeout_ms, to_string(r));
+  return r;
 }
 
 inline Result Session::try_open(const char* name) noexcept {
@@ -4458,6 +4490,7 @@ inline bool Session::complete_all(Result why) noexcept {
 }
 
 inline void Session::close() noexcept {
+  if (state_ != State::Idle) LEMSG_LOG(Info, "session %s: closed by this side", name_);
   stop_watching_dir();
   ch_.reset(loop_);
   state_ = State::Idle;
@@ -4471,6 +4504,7 @@ inline void Session::close() noexcept {
 }
 
 inline bool Session::lose_server(Result reason) noexcept {
+  LEMSG_LOG(Info, "session %s: closed from the server's side: %s", name_, to_string(reason));
   ch_.reset(loop_);
   state_ = State::Idle;
   // A close() from any handler below ends the session for good: no close
@@ -4647,7 +4681,10 @@ inline Result Session::request_sync(Message&& m, Message& response, int timeout_
   const std::int64_t deadline = detail::now_ns() + static_cast<std::int64_t>(timeout_ms) * 1000000;
   for (;;) {
     const int left = detail::ms_until(deadline);
-    if (left == 0) return finish(Result::Timeout);
+    if (left == 0) {
+      LEMSG_LOG(Info, "session %s: request_sync timed out after %d ms", name_, timeout_ms);
+      return finish(Result::Timeout);
+    }
     // Nothing left to send: wait inside recvmsg, one system call per answer
     // like a plain blocking client. Otherwise poll, to send and receive.
     const bool wait = ch_.out_count == 0 && ch_.set_wait(left);
@@ -4656,7 +4693,10 @@ inline Result Session::request_sync(Message&& m, Message& response, int timeout_
       const int rc = ::poll(&pfd, 1, left);
       if (rc < 0 && errno == EINTR) continue;
       if (rc < 0) return finish(Result::SystemError);
-      if (rc == 0) return finish(Result::Timeout);
+      if (rc == 0) {
+        LEMSG_LOG(Info, "session %s: request_sync timed out after %d ms", name_, timeout_ms);
+        return finish(Result::Timeout);
+      }
       if ((pfd.revents & POLLOUT) && ch_.flush(loop_) != Result::Ok) pfd.revents |= POLLHUP;
       if (!(pfd.revents & (POLLIN | POLLHUP | POLLERR | POLLNVAL))) continue;
     }
@@ -4745,6 +4785,7 @@ inline void Session::on_timer() noexcept {
     p->used = false;
     Result r = pending_refs_.remove(late[i]);
     (void)r;
+    LEMSG_LOG(Info, "session %s: request %lu timed out", name_, static_cast<unsigned long>(late[i]));
     Message none;
     if (done && !life_.call([&] { done(Result::Timeout, none); })) return;
   }
