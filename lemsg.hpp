@@ -189,8 +189,11 @@
 //   5. Wire format                  >>wire
 //   6. Event loop                   >>loop
 //   7. Transport                    >>transport
-//   8. Messaging                    >>messaging
-//   (9 typed interfaces and 10 the service directory are not written yet.)
+//   8. Messages                     >>message
+//   9. Channel                      >>channel
+//   10. Service                     >>service
+//   11. Session                     >>session
+//   (12 typed interfaces and 13 the service directory are not written yet.)
 
 #ifndef LEMSG_HPP
 #define LEMSG_HPP
@@ -2292,10 +2295,12 @@ inline Result recv_datagrams(int fd, Datagram* d, std::size_t count, std::size_t
 }  // namespace detail
 
 // =============================================================================
-// 8. Messaging                                                     >>messaging
+// 8. Messages                                                        >>message
 // =============================================================================
 //
-// The Legato model on Unix sockets, with no daemon ("direct mode"):
+// The Legato model on Unix sockets, with no daemon ("direct mode"), in four
+// sections: messages (this one), the channel under both ends, the Service
+// and the Session:
 //
 //   Protocol   id string + largest payload; client and server must agree on
 //              both, or the open is refused (ProtocolMismatch, SizeMismatch).
@@ -2353,7 +2358,10 @@ enum class MsgKind : std::uint8_t { Outgoing, Received, Request, Response };
 // a frame is sent straight from the block with one system call.
 struct MsgBlock {
   MessagePoolBase* pool;
-  Service* service;  // the Service a request arrived at
+  // The Service a request arrived at, and how it answers one released
+  // unanswered: this section needs nothing of the Service's.
+  void* service;
+  void (*unanswered)(void* service, std::uint32_t session, std::uint32_t txn) noexcept;
   std::uint32_t session;
   std::uint32_t txn;
   std::uint32_t size;
@@ -2369,43 +2377,6 @@ static_assert(offsetof(MsgBlock, header) + wire::header_size == sizeof(MsgBlock)
 inline unsigned char* payload_of(MsgBlock* b) noexcept { return reinterpret_cast<unsigned char*>(b) + sizeof(MsgBlock); }
 
 struct Channel;
-
-// Every call into user code goes through Lifeline::call, because any handler
-// may destroy the object that called it (Legato code deletes a session in its
-// close handler). Each call puts a Witness on the caller's stack; the
-// object's Lifeline member marks every Witness still on its chain dead when
-// it is destroyed, so the caller learns, from its own stack, whether `this`
-// still exists, and returns at once without touching it when not.
-struct Witness {
-  bool alive = true;
-  Witness* below = nullptr;
-};
-class Lifeline {
- public:
-  Lifeline() noexcept = default;
-  Lifeline(const Lifeline&) = delete;
-  Lifeline& operator=(const Lifeline&) = delete;
-  // Runs after the owner's destructor body, whose own handler calls have
-  // returned by then: what is left are calls the destruction came from.
-  ~Lifeline() {
-    for (Witness* w = top_; w; w = w->below) w->alive = false;
-  }
-  // Calls f(); true when the owner survived it. On false the caller must
-  // return without touching the owner (its members, `this`, anything).
-  template <typename F>
-  bool call(F&& f) noexcept {
-    Witness w;
-    w.below = top_;
-    top_ = &w;
-    f();
-    if (!w.alive) return false;
-    top_ = w.below;
-    return true;
-  }
-
- private:
-  Witness* top_ = nullptr;
-};
 
 }  // namespace detail
 
@@ -2497,7 +2468,7 @@ class MessagePoolBase {
   friend class Session;
   // Requests `svc` received and nobody answered yet forget it, so releasing
   // them later does not call into a Service that is gone.
-  void detach(const Service* svc) noexcept;
+  void detach(const void* svc) noexcept;
   PoolBase& blocks_;
   std::uint32_t max_payload_;
   std::size_t users_ = 0;  // Services and Sessions using this pool
@@ -2517,52 +2488,152 @@ class MessagePool : private Pool<sizeof(detail::MsgBlock) + MaxPayload, Count>, 
   using MessagePoolBase::in_use;
 };
 
-/// Who may open a Service: the socket file's mode and group, and an
-/// optional allow-list.
-struct ServiceOptions {
-  /// The socket file's mode (the umask does not apply). With the default
-  /// 0660, the service's user and the file's group may connect.
-  mode_t mode = 0660;
-  /// When either list is set, only a peer whose uid is in `uids` or whose gid
-  /// is in `gids` (from SO_PEERCRED) is let in; others get NotPermitted.
-  /// The arrays must outlive the advertisement.
-  const uid_t* uids = nullptr;
-  std::size_t uid_count = 0;
-  const gid_t* gids = nullptr;
-  std::size_t gid_count = 0;
-  /// The socket file's group (chown), to let one group in through `mode`;
-  /// gid_t(-1), the default, leaves the process's group. Unless it runs as
-  /// root, the process must be a member of the group (else NotPermitted).
-  gid_t group = static_cast<gid_t>(-1);
-  /// Whether a client may send a Unix socket as a message's fd. Off by
-  /// default: a server that keeps such an fd may be keeping the client's own
-  /// end of its connection (or another session's), and then never sees the
-  /// client die. Even when on, a socket connected to this process is refused:
-  /// the session is closed with BadFrame.
-  bool accept_socket_fds = false;
-  /// A session whose client read nothing for this long while frames waited
-  /// for it is closed with Stalled. 0 = LEMSG_STALL_TIMEOUT_MS.
-  std::uint32_t stall_timeout_ms = 0;
-};
+namespace detail {
 
-using OpenHandler = Callable<void(SessionRef)>;
-/// Server side: the session, and why it closed: Closed (client closed or
-/// died), Ok (this side closed it), BadFrame or TooLarge (bad input),
-/// Overflow (client stopped reading and a response could not be queued),
-/// Stalled (client read nothing for the stall timeout while frames waited).
-/// It runs only for sessions that opened: a connection that never sent a
-/// good hello is closed without it.
-using CloseHandler = Callable<void(SessionRef, Result reason)>;
-using ReceiveHandler = Callable<void(Message&)>;
-/// Client side: why the server end went away (Closed, BadFrame, TooLarge, Overflow).
-using SessionCloseHandler = Callable<void(Result reason)>;
-/// Result of an open that was started with Session::open().
-using OpenCallback = Callable<void(Result)>;
-/// Completion of an async request: Ok with the response, or Closed, Timeout,
-/// Unanswered or another error with an empty message.
-using ResponseHandler = Callable<void(Result, Message&)>;
-/// Releases one entry a closing session owned in a tracked RefMap.
-using TrackRelease = Callable<void(void* obj, std::uint32_t ref)>;
+// What Service and Session constructors check of their protocol and pool;
+// each refusal is logged, since it only shows as status() (BadParameter).
+inline Result check_protocol(const char* who, const Protocol& protocol, const MessagePoolBase& pool) noexcept {
+  const std::size_t idlen = protocol.id ? std::strlen(protocol.id) : 0;
+  if (idlen == 0 || idlen > LEMSG_MAX_PROTOCOL_ID) {
+    LEMSG_LOG(Error, "%s: the protocol id is empty or longer than LEMSG_MAX_PROTOCOL_ID (%d): BadParameter", who,
+              LEMSG_MAX_PROTOCOL_ID);
+    return Result::BadParameter;
+  }
+  if (protocol.max_payload > pool.max_payload()) {
+    LEMSG_LOG(Error, "%s %s: the protocol's max_payload %lu is above the pool's %lu: BadParameter (use a larger MessagePool)",
+              who, protocol.id, static_cast<unsigned long>(protocol.max_payload),
+              static_cast<unsigned long>(pool.max_payload()));
+    return Result::BadParameter;
+  }
+  return Result::Ok;
+}
+
+}  // namespace detail
+
+// -- implementation --
+
+inline Message::Message(const Message& o) noexcept : blk_(o.blk_) {
+  if (blk_) {
+    Result r = blk_->pool->blocks_.add_ref(blk_);
+    LEMSG_ASSERT(r == Result::Ok);
+    (void)r;
+  }
+}
+
+inline Message& Message::operator=(const Message& o) noexcept {
+  if (this != &o) {
+    Message copy(o);
+    *this = std::move(copy);
+  }
+  return *this;
+}
+
+inline Message& Message::operator=(Message&& o) noexcept {
+  if (this != &o) {
+    release();
+    blk_ = o.blk_;
+    o.blk_ = nullptr;
+  }
+  return *this;
+}
+
+inline void Message::release() noexcept {
+  detail::MsgBlock* b = blk_;
+  if (!b) return;
+  blk_ = nullptr;
+  PoolBase& blocks = b->pool->blocks_;
+  if (blocks.ref_count(b) == 1) {
+    // Last reference: what the block still holds goes with it.
+    if (b->fd >= 0) {
+      ::close(b->fd);
+      b->fd = -1;
+    }
+    if (b->kind == detail::MsgKind::Request && !b->responded && b->service) {
+      b->responded = true;
+      b->unanswered(b->service, b->session, b->txn);
+    }
+  }
+  Result r = blocks.release(b);
+  LEMSG_ASSERT(r == Result::Ok);
+  (void)r;
+}
+
+inline bool Message::is_shared() const noexcept { return blk_ && blk_->pool->blocks_.ref_count(blk_) > 1; }
+
+inline std::uint32_t Message::capacity() const noexcept { return blk_ ? blk_->pool->max_payload() : 0; }
+
+inline Result Message::set_size(std::uint32_t n) noexcept {
+  if (!blk_ || n > capacity()) return Result::BadParameter;
+  blk_->size = n;
+  return Result::Ok;
+}
+
+inline Result Message::assign(const void* data, std::uint32_t n) noexcept {
+  if (!blk_ || n > capacity() || (n > 0 && data == nullptr)) return Result::BadParameter;
+  if (n) std::memcpy(payload(), data, n);
+  blk_->size = n;
+  return Result::Ok;
+}
+
+inline Result Message::set_fd(int fd) noexcept {
+  if (!blk_ || fd < 0 || detail::is_directory(fd)) return Result::BadParameter;
+  if (blk_->fd >= 0 && blk_->fd != fd) ::close(blk_->fd);
+  blk_->fd = fd;
+  return Result::Ok;
+}
+
+inline int Message::take_fd() noexcept {
+  if (!blk_) return -1;
+  const int fd = blk_->fd;
+  blk_->fd = -1;
+  return fd;
+}
+
+inline MessagePoolBase::~MessagePoolBase() {
+  if (users_ != 0 || blocks_.in_use() != 0)
+    LEMSG_LOG(Error,
+              "MessagePool destroyed while %lu Service/Session objects and %lu Messages use it; "
+              "destroy them first",
+              static_cast<unsigned long>(users_), static_cast<unsigned long>(blocks_.in_use()));
+  LEMSG_ASSERT(users_ == 0 && blocks_.in_use() == 0);
+}
+
+inline void MessagePoolBase::detach(const void* svc) noexcept {
+  for (std::size_t i = 0; i < blocks_.count_; ++i) {
+    if (blocks_.refs_[i] == 0) continue;
+    detail::MsgBlock* b = reinterpret_cast<detail::MsgBlock*>(blocks_.blocks_ + i * blocks_.block_size_);
+    if (b->service == svc) b->service = nullptr;
+  }
+}
+
+inline Result MessagePoolBase::create(Message& out) noexcept {
+  out.release();
+  void* p = nullptr;
+  Result r = blocks_.alloc(p);
+  if (r != Result::Ok) return r;
+  detail::MsgBlock* b = ::new (p) detail::MsgBlock;
+  b->pool = this;
+  b->service = nullptr;
+  b->unanswered = nullptr;
+  b->session = 0;
+  b->txn = 0;
+  b->size = 0;
+  b->status = 0;
+  b->fd = -1;
+  b->kind = detail::MsgKind::Outgoing;
+  b->responded = false;
+  out.blk_ = b;
+  return Result::Ok;
+}
+
+// =============================================================================
+// 9. Channel                                                         >>channel
+// =============================================================================
+//
+// One connected socket, shared by both ends: its bounded outgoing queue (at
+// most LEMSG_MAX_OUTGOING frames, then Overflow), batched reads with one
+// recvmmsg(), the receive path that turns a datagram into a Message, and the
+// control frames of the open handshake.
 
 namespace detail {
 
@@ -2619,597 +2690,19 @@ struct Channel {
   void reset(Loop& loop) noexcept;
 };
 
-// The transaction ids of one Session's pending requests. An id is the
-// pending slot's index in its low bits and a sequence number above them that
-// wraps (after 2^(LEMSG_TXN_BITS - index bits) requests): a slot holds one
-// request at a time, so a new id never equals a pending one, and the ids
-// never run out. A late response to a slot's earlier request finds another
-// id there and is refused, unless the sequence wrapped in between. 0 is
-// never an id. Same interface as RefMap, so Session uses it the same way.
-template <typename T, std::size_t N, unsigned Bits = LEMSG_TXN_BITS>
-class TxnTable {
-  static constexpr std::uint32_t index_bits = index_bits_for(N);
-  static_assert(Bits <= 32 && Bits > index_bits, "LEMSG_TXN_BITS must leave room beside the pending slot index");
-  static constexpr std::uint32_t seq_mask =
-      Bits - index_bits >= 32 ? UINT32_MAX : ((std::uint32_t{1} << (Bits - index_bits)) - 1);
-  static constexpr std::uint32_t index_mask = (std::uint32_t{1} << index_bits) - 1;
-
- public:
-  // Ok with `txn` set, BadParameter for nullptr, NoMemory when all N are pending.
-  Result add(T* obj, std::uint32_t& txn) noexcept {
-    txn = 0;
-    if (!obj) return Result::BadParameter;
-    for (std::uint32_t i = 0; i < N; ++i) {
-      if (e_[i].obj) continue;
-      do {
-        seq_ = (seq_ + 1) & seq_mask;
-        txn = (seq_ << index_bits) | i;
-      } while (txn == 0);
-      e_[i].obj = obj;
-      e_[i].txn = txn;
-      ++count_;
-      return Result::Ok;
-    }
-    return Result::NoMemory;
-  }
-  T* lookup(std::uint32_t txn) const noexcept {
-    const std::uint32_t i = txn & index_mask;
-    return (txn != 0 && i < N && e_[i].obj && e_[i].txn == txn) ? e_[i].obj : nullptr;
-  }
-  Result remove(std::uint32_t txn) noexcept {
-    if (!lookup(txn)) return Result::NotFound;
-    e_[txn & index_mask].obj = nullptr;
-    --count_;
-    return Result::Ok;
-  }
-  // f(T*, txn) for each pending id, in slot order.
-  template <typename F>
-  void for_each(F&& f) const {
-    for (std::uint32_t i = 0; i < N; ++i)
-      if (e_[i].obj) f(e_[i].obj, e_[i].txn);
-  }
-  std::size_t size() const noexcept { return count_; }
-
- private:
-  struct Entry {
-    T* obj = nullptr;
-    std::uint32_t txn = 0;
-  };
-  Entry e_[N];
-  std::size_t count_ = 0;
-  std::uint32_t seq_ = 0;
-};
-
-// The services of this process, so a synchronous call can see that only its
-// own thread could answer it.
-// Every member has an initialiser, so the registry is constant-initialised:
-// its function-local static needs no guard (a guard links the C++
-// exception runtime into a static build).
-struct LocalService {
-  char path[sizeof(sockaddr_un::sun_path)] = {};
-  const Loop* loop = nullptr;
-  pid_t pid = 0;
-};
-struct LocalRegistry {
-  Mutex mutex;
-  LocalService entries[LEMSG_MAX_SERVICES];
-};
-inline LocalRegistry& local_registry() noexcept {
-  static LocalRegistry reg;
-  return reg;
-}
-// An entry is removed by the slot registry_add gave, never by path: a failed
-// second advertisement of a name must not remove the first one's entry.
-inline Result registry_add(const char* path, const Loop* loop, int& slot) noexcept;
-inline void registry_remove(int slot) noexcept;
-inline bool served_by_this_thread(const char* path) noexcept;
-
 inline Result send_control(int fd, wire::FrameType type, std::uint32_t txn, std::uint8_t flags, const void* payload,
                            std::uint32_t len) noexcept;
 
+// An error code from the peer must be one we know; anything else is a bad frame.
+inline bool known_result(std::int32_t code) noexcept {
+  return code > 0 && code < result_count;
+}
+
 }  // namespace detail
-
-/// The server end of an interface. Owned by the caller, used on its Loop's
-/// thread; must outlive the messages it received. At most LEMSG_MAX_SESSIONS
-/// sessions at once; a client beyond that is refused with SessionTableFull,
-/// and one whose uid already holds LEMSG_MAX_SESSIONS_PER_UID of them with
-/// UidShareFull (uid 0 and the service's own uid are not limited: they could
-/// stop the service anyway). A connection takes a session slot only once its
-/// hello arrived: until then it waits in a table of LEMSG_MAX_HANDSHAKES
-/// (LEMSG_MAX_HANDSHAKES_PER_UID per uid) for at most LEMSG_OPEN_TIMEOUT_MS,
-/// and when that table (or the loop's watch table) is full the oldest waiting
-/// connection is closed to make room, so silent connections cannot lock
-/// other clients out. Each session, like each waiting connection, takes one
-/// of the loop's watches.
-///
-/// Lifetime: create it after its Loop and pool and destroy it before them
-/// (their destructors stop the program otherwise). Any handler may destroy
-/// the Service (or close sessions); the library touches nothing of it
-/// afterwards. A received request may outlive the Service: releasing it then
-/// answers nothing (the Service's destructor closed its session anyway).
-class Service {
- public:
-  Service(Loop& loop, const Protocol& protocol, MessagePoolBase& pool) noexcept;
-  /// Closes every session (close handler with Ok) and hides the service.
-  /// May run inside one of its own handlers; a close handler that destroys
-  /// the Service again while this runs must do nothing (as std::optional::
-  /// reset and std::unique_ptr::reset do).
-  ~Service();
-  Service(const Service&) = delete;
-  Service& operator=(const Service&) = delete;
-
-  /// Ok when constructed fine; BadParameter (protocol id empty or too long,
-  /// max_payload above the pool's), TooBigForSocket (a frame of max_payload
-  /// bytes cannot be one datagram on this system: see detail::probe_datagram;
-  /// up to about 208 KiB always can), SystemError or TimerTableFull
-  /// otherwise. Every call below returns this error while it is not Ok.
-  Result status() const noexcept { return status_; }
-
-  /// Listens on <runtime dir>/<name>, creating a missing runtime dir with
-  /// mode 0755. Of several processes advertising one name at once exactly
-  /// one gets Ok. Ok; BadParameter (name); Busy (already advertised);
-  /// Duplicate (another live server has the name, or a file that is not a
-  /// socket does: it is never replaced); NotPermitted (a socket file we may
-  /// not probe, or options.group is not ours to give); NoRuntimeDir (the
-  /// runtime dir cannot be created or written: set LEMSG_RUNTIME_DIR or
-  /// create it owned by this user); UnsafeRuntimeDir (another user owns or
-  /// may write it, see the transport section); WatchTableFull;
-  /// ServiceTableFull; SystemError.
-  Result advertise(const char* name, const ServiceOptions& options = ServiceOptions{}) noexcept;
-  /// Stops accepting and removes the socket file; open sessions go on. Only
-  /// the process that advertised removes the file, and only while it is the
-  /// file it created: in a forked child (also when the child's exit runs the
-  /// destructor) hide() just closes the child's copy. Ok or NotFound.
-  Result hide() noexcept;
-  bool is_advertised() const noexcept { return listen_fd_ >= 0; }
-
-  void set_open_handler(OpenHandler h) noexcept { open_handler_ = std::move(h); }
-  void set_close_handler(CloseHandler h) noexcept { close_handler_ = std::move(h); }
-  void set_receive_handler(ReceiveHandler h) noexcept { receive_handler_ = std::move(h); }
-
-  /// When a session closes (for any reason), every entry of `map` whose owner
-  /// is that session's SessionRef value is removed and passed to `release`.
-  /// Ok, BadParameter, or TrackTableFull (raise LEMSG_MAX_TRACKED).
-  Result track(RefMapBase& map, TrackRelease release) noexcept;
-
-  /// Per-session context pointer. Ok or NotFound.
-  Result set_context(SessionRef s, void* ctx) noexcept;
-  /// nullptr when none or when the session does not exist.
-  void* context(SessionRef s) const noexcept;
-  /// The client's uid, gid and pid. Ok or NotFound.
-  Result credentials(SessionRef s, Credentials& out) const noexcept;
-
-  /// A message from this service's pool. Ok or PoolEmpty.
-  Result create_message(Message& out) noexcept { return status_ != Result::Ok ? status_ : pool_.create(out); }
-  /// Sends a one-way message to a session. Ok (the message is consumed);
-  /// NotFound; BadParameter (not a created message, or shared); TooLarge;
-  /// TooBigForSocket (the socket refused the datagram);
-  /// Overflow (LEMSG_MAX_OUTGOING frames already wait); Closed. On failure
-  /// the message is still the caller's.
-  Result send(SessionRef s, Message&& m) noexcept;
-  /// Answers a request with the message's payload (and fd), consuming `m`,
-  /// so a request is answered at most once. Ok; Closed when its session is
-  /// gone (harmless; the message is consumed); BadParameter when `m` is empty
-  /// (already responded), shared (copies exist), or not a request received
-  /// here; TooLarge; TooBigForSocket or SystemError when the socket refuses
-  /// the datagram (the client's request then completes with that Result and
-  /// `m` is consumed); Overflow when the response cannot even be queued (the
-  /// session is closed).
-  Result respond(Message&& m) noexcept;
-  /// Closes a session; the close handler runs with Ok. Ok or NotFound.
-  Result close(SessionRef s) noexcept;
-
-  std::size_t session_count() const noexcept { return peer_refs_.size(); }
-  /// Calls f(SessionRef) for every open session. f must not close sessions.
-  template <typename F>
-  void for_each_session(F&& f) const {
-    peer_refs_.for_each([&](const Peer* p, std::uint32_t ref) {
-      if (p->open) f(SessionRef{ref});
-    });
-  }
-  Loop& loop() noexcept { return loop_; }
-  const Protocol& protocol() const noexcept { return protocol_; }
-
- private:
-  friend class Message;
-  struct Peer {
-    detail::Channel ch;
-    Credentials creds;
-    void* context = nullptr;
-    bool used = false;
-    bool open = false;
-    bool closing = false;
-  };
-  // A connection whose hello has not arrived: no session slot, no Peer.
-  struct Handshake {
-    int fd = -1;
-    WatchId watch;
-    Credentials creds;
-    std::int64_t deadline = 0;  // closed when the hello is not here by then
-    std::uint64_t seq = 0;      // accept order: the smallest is the oldest
-    bool used = false;
-  };
-  struct Tracked {
-    RefMapBase* map = nullptr;
-    TrackRelease release;
-  };
-
-  // Functions returning bool call user code: false means the Service was
-  // destroyed meanwhile, and the caller returns without touching it.
-  void on_listen(short revents) noexcept;
-  void pause_accepting(int error) noexcept;
-  void on_peer(std::uint32_t ref, short revents) noexcept;
-  bool share_applies(uid_t uid) const noexcept { return uid != 0 && uid != own_uid_; }
-  Result session_room(const Credentials& c) const noexcept;
-  void refuse(int fd, const Credentials& c, Result why) noexcept;
-  void add_handshake(int fd, const Credentials& c) noexcept;
-  int drop_handshake(std::uint32_t ref) noexcept;
-  void evict_handshake(std::uint32_t ref, const char* why) noexcept;
-  void on_handshake(std::uint32_t ref) noexcept;
-  Result read_hello(int fd, const Credentials& c) noexcept;
-  bool on_hello(int fd, const Credentials& c, Result hello) noexcept;
-  void on_timer() noexcept;
-  void reschedule() noexcept;
-  // A frame was sent or queued: when it started a queue, the timer must
-  // see the queue's stall deadline.
-  void watch_stall(const Peer& p) noexcept {
-    if (p.ch.out_count == 1) reschedule();
-  }
-  bool close_peer(std::uint32_t ref, Result reason) noexcept;  // false: the Service is gone
-  // The advertised name (also after hide()), else the protocol id: for logs.
-  const char* log_name() const noexcept { return path_[0] ? std::strrchr(path_, '/') + 1 : protocol_.id; }
-  bool allowed(const Credentials& c) const noexcept;
-  void answer_error(std::uint32_t session, std::uint32_t txn, Result code) noexcept;
-  static void unanswered(Service* svc, std::uint32_t session, std::uint32_t txn) noexcept {
-    svc->answer_error(session, txn, Result::Unanswered);
-  }
-
-  Loop& loop_;
-  Protocol protocol_;
-  MessagePoolBase& pool_;
-  Result status_ = Result::Ok;
-  ReceiveHandler receive_handler_;
-  OpenHandler open_handler_;
-  CloseHandler close_handler_;
-  ServiceOptions options_;
-  int listen_fd_ = -1;
-  WatchId listen_watch_;
-  // Out of fds (EMFILE...): the listening socket stays readable, so its
-  // watch is paused and a timer retries, backing off up to a second.
-  std::int64_t accept_retry_ = 0;       // when to listen again; 0 = not paused
-  std::uint32_t accept_backoff_ms_ = 0;  // 0 = accepting normally
-  TimerId timer_;
-  char path_[sizeof(sockaddr_un::sun_path)] = {};
-  int registry_slot_ = -1;  // this process's service table (WouldDeadlock checks)
-  int sndbuf_ = 0;          // SO_SNDBUF each session's socket needs (0: the default)
-  detail::SocketFile file_;  // the socket file advertise() made
-  pid_t owner_pid_ = 0;      // the process that made it
-  Peer peers_[LEMSG_MAX_SESSIONS];
-  RefMap<Peer, LEMSG_MAX_SESSIONS> peer_refs_;
-  Handshake handshakes_[LEMSG_MAX_HANDSHAKES];
-  RefMap<Handshake, LEMSG_MAX_HANDSHAKES> handshake_refs_;
-  std::uint64_t accept_seq_ = 0;
-  bool evict_logged_ = false;  // one warning per flood; reset when the table empties
-  uid_t own_uid_ = ::geteuid();
-  Tracked tracked_[LEMSG_MAX_TRACKED];
-  detail::Lifeline life_;
-};
-
-/// The client end of an interface. Owned by the caller, used on its Loop's
-/// thread. At most LEMSG_MAX_PENDING requests wait at once.
-/// A Unix socket from the server that is connected to this process (it
-/// could keep the connection alive after the server dies) closes the session
-/// with BadFrame; other Unix sockets are delivered, so keep only those from
-/// a server you trust. A server that stops reading is not timed out here
-/// (unlike on the Service side): give requests a timeout.
-///
-/// Lifetime: create it after its Loop and pool and destroy it before them
-/// (their destructors stop the program otherwise). Any handler or callback
-/// may destroy the Session or close it (le_msg_DeleteSession in a close
-/// handler); the library touches nothing of it afterwards.
-class Session {
- public:
-  Session(Loop& loop, const Protocol& protocol, MessagePoolBase& pool) noexcept;
-  /// Closes the session (pending requests complete with Closed). May run
-  /// inside one of its own handlers, even one that close() is running.
-  ~Session();
-  Session(const Session&) = delete;
-  Session& operator=(const Session&) = delete;
-
-  /// Ok when constructed fine; BadParameter, TooBigForSocket, SystemError or
-  /// TimerTableFull otherwise (as Service::status()).
-  Result status() const noexcept { return status_; }
-
-  /// Starts opening: connects now if the server is there, otherwise waits
-  /// (inotify on the runtime dir, or on the directory above it while the
-  /// runtime dir does not exist or after it was deleted; no polling) until it
-  /// appears. `cb` runs on the loop, never inside open(), with Ok each time
-  /// the session opens (again after a reconnect), or with ProtocolMismatch,
-  /// SizeMismatch, NotPermitted, UnsafeRuntimeDir (another user owns or may
-  /// write the runtime dir; see the transport section) or UntrustedServer
-  /// (see require_server_uid), which end the attempt; close() before it runs
-  /// drops it. Returns Ok (started), BadParameter, Busy (not closed), or
-  /// Closed when a handler run to finish an earlier loss of the server (see
-  /// request_sync) destroyed the Session.
-  Result open(const char* name, OpenCallback cb) noexcept;
-  /// Opens, waiting at most `timeout_ms` (> 0) for the server to appear and
-  /// answer; blocks the thread (the loop does not run meanwhile). A server
-  /// whose table is full is asked again (after 10 ms, doubling to 250 ms)
-  /// until the timeout. Ok, Timeout, ProtocolMismatch, SizeMismatch,
-  /// NotPermitted, UnsafeRuntimeDir, UntrustedServer, SessionTableFull or
-  /// UidShareFull (still full at the timeout), WouldDeadlock (the server is
-  /// served by this thread's loop), Busy, BadParameter, or Closed as for
-  /// open() (the Session is gone).
-  Result open_sync(const char* name, int timeout_ms) noexcept;
-  /// One attempt: NotFound when no server listens; otherwise as open_sync
-  /// with LEMSG_OPEN_TIMEOUT_MS for the server's answer (and for a full
-  /// server to make room; Closed included).
-  Result try_open(const char* name) noexcept;
-  /// Opens only to a server running as `uid` (from SO_PEERCRED, checked
-  /// before anything is sent to it): a server of another user, for instance
-  /// an impostor's socket, makes the open end with UntrustedServer. Use it
-  /// for a service that runs as root or as a known system user. uid_t(-1),
-  /// the default, accepts any server. Applies from the next open.
-  void require_server_uid(uid_t uid) noexcept { required_uid_ = uid; }
-  /// Closes (or stops opening). Pending requests complete with Closed before
-  /// this returns; the close handler is not called (it is for the server's
-  /// side going away), also when close() runs inside a handler while the
-  /// server's side goes away. Reconnecting stops until the next open, also
-  /// when close() is called from the close handler.
-  void close() noexcept;
-  bool is_open() const noexcept { return state_ == State::Open; }
-
-  void set_receive_handler(ReceiveHandler h) noexcept { receive_handler_ = std::move(h); }
-  void set_close_handler(SessionCloseHandler h) noexcept { close_handler_ = std::move(h); }
-  /// After the server side goes away, open again by itself: first after
-  /// `min_ms`, doubling up to `max_ms` while attempts fail, then waiting for
-  /// the socket to reappear. Off by default.
-  void set_reconnect(bool on, std::uint32_t min_ms = 50, std::uint32_t max_ms = 2000) noexcept;
-
-  /// A message from this session's pool. Ok or PoolEmpty.
-  Result create_message(Message& out) noexcept { return status_ != Result::Ok ? status_ : pool_.create(out); }
-  /// One-way send. Ok (consumed); Closed (not open); BadParameter; TooLarge;
-  /// TooBigForSocket; Overflow. On failure the message is still the caller's.
-  Result send(Message&& m) noexcept;
-  /// Sends a request; `done` runs exactly once on the loop: Ok with the
-  /// response, Closed, Timeout (after `timeout_ms`, 0 = none) or Unanswered.
-  /// Returns Ok (sent or queued; consumed), Closed, BadParameter, TooLarge,
-  /// TooBigForSocket, Overflow or PendingTableFull (then `done` is not called and the message
-  /// is still the caller's).
-  Result request(Message&& m, ResponseHandler done, std::uint32_t timeout_ms = 0) noexcept;
-  /// Sends a request and blocks until its response, at most `timeout_ms`
-  /// (> 0). Frames for other purposes that arrive meanwhile are delivered, in
-  /// order, from the loop after this returns. Ok with `response` set;
-  /// Timeout (a late response is discarded); Closed; Unanswered;
-  /// WouldDeadlock (only this thread's loop could answer); PoolEmpty;
-  /// Overflow; and the errors of request().
-  Result request_sync(Message&& m, Message& response, int timeout_ms) noexcept;
-
-  std::size_t pending_count() const noexcept { return pending_refs_.size(); }
-  /// The server's uid, gid and pid. Ok, or Closed when not open.
-  Result server_credentials(Credentials& out) const noexcept;
-  Loop& loop() noexcept { return loop_; }
-
- private:
-  enum class State : std::uint8_t { Idle, Waiting, Handshake, Open, Backoff };
-  struct Pending {
-    ResponseHandler done;
-    std::int64_t deadline = 0;  // 0 = none
-    bool used = false;
-  };
-
-  // Functions returning bool call user code: false means the Session was
-  // destroyed meanwhile, and the caller returns without touching it.
-  Result prepare(const char* name) noexcept;
-  Result connect_checked(int& fd) noexcept;
-  void attempt() noexcept;
-  bool watch_dir() noexcept;
-  void stop_watching_dir() noexcept;
-  void on_dir_event() noexcept;
-  Result send_hello(int fd) const noexcept;
-  Result start_handshake(int fd) noexcept;
-  Result handshake_blocking(int fd, std::int64_t deadline) noexcept;
-  static bool wait_for_room(Result refused, std::int64_t deadline, std::uint32_t& pause_ms) noexcept;
-  Result finish_open(int fd) noexcept;
-  void on_socket(short revents) noexcept;
-  void on_handshake_frame() noexcept;
-  bool dispatch_frame(Message& m) noexcept;
-  bool deliver_deferred() noexcept;
-  void on_timer() noexcept;
-  void reschedule() noexcept;
-  bool lose_server(Result reason) noexcept;
-  void fail_open(Result why) noexcept;
-  void backoff() noexcept;
-  bool complete_all(Result why) noexcept;
-  Result check_outgoing(const Message& m) const noexcept;
-
-  Loop& loop_;
-  Protocol protocol_;
-  MessagePoolBase& pool_;
-  Result status_ = Result::Ok;
-  State state_ = State::Idle;
-  detail::Channel ch_;
-  TimerId timer_;
-  int dir_fd_ = -1;  // inotify
-  int dir_parent_wd_ = -1;  // its watch on the runtime dir's parent, while the dir is missing
-  WatchId dir_watch_;
-  uid_t required_uid_ = static_cast<uid_t>(-1);
-  char path_[sizeof(sockaddr_un::sun_path)] = {};
-  const char* name_ = nullptr;  // points into path_
-  OpenCallback open_cb_;
-  ReceiveHandler receive_handler_;
-  SessionCloseHandler close_handler_;
-  Credentials server_;
-  int sndbuf_ = 0;  // SO_SNDBUF the socket needs (0: the default)
-  bool server_here_ = false;  // the server was this process at open (saves a getpid per request_sync)
-  bool reconnect_ = false;
-  std::uint32_t backoff_min_ = 50;
-  std::uint32_t backoff_max_ = 2000;
-  std::uint32_t backoff_next_ = 50;
-  std::int64_t handshake_deadline_ = 0;
-  std::int64_t backoff_deadline_ = 0;
-  bool lost_pending_ = false;  // server lost inside request_sync; finish on the loop
-  Result lost_reason_ = Result::Closed;
-  Result open_failed_ = Result::Ok;  // an open that failed, reported from the loop
-  std::uint32_t close_count_ = 0;    // close() calls, so a loss sees one made by a handler
-  Pending pending_[LEMSG_MAX_PENDING];
-  detail::TxnTable<Pending, LEMSG_MAX_PENDING> pending_refs_;
-  Message deferred_[LEMSG_MAX_DEFERRED];
-  std::size_t deferred_head_ = 0;
-  std::size_t deferred_count_ = 0;
-  detail::Lifeline life_;
-};
 
 // -- implementation --
 
-inline Message::Message(const Message& o) noexcept : blk_(o.blk_) {
-  if (blk_) {
-    Result r = blk_->pool->blocks_.add_ref(blk_);
-    LEMSG_ASSERT(r == Result::Ok);
-    (void)r;
-  }
-}
-
-inline Message& Message::operator=(const Message& o) noexcept {
-  if (this != &o) {
-    Message copy(o);
-    *this = std::move(copy);
-  }
-  return *this;
-}
-
-inline Message& Message::operator=(Message&& o) noexcept {
-  if (this != &o) {
-    release();
-    blk_ = o.blk_;
-    o.blk_ = nullptr;
-  }
-  return *this;
-}
-
-inline void Message::release() noexcept {
-  detail::MsgBlock* b = blk_;
-  if (!b) return;
-  blk_ = nullptr;
-  PoolBase& blocks = b->pool->blocks_;
-  if (blocks.ref_count(b) == 1) {
-    // Last reference: what the block still holds goes with it.
-    if (b->fd >= 0) {
-      ::close(b->fd);
-      b->fd = -1;
-    }
-    if (b->kind == detail::MsgKind::Request && !b->responded && b->service) {
-      b->responded = true;
-      Service::unanswered(b->service, b->session, b->txn);
-    }
-  }
-  Result r = blocks.release(b);
-  LEMSG_ASSERT(r == Result::Ok);
-  (void)r;
-}
-
-inline bool Message::is_shared() const noexcept { return blk_ && blk_->pool->blocks_.ref_count(blk_) > 1; }
-
-inline std::uint32_t Message::capacity() const noexcept { return blk_ ? blk_->pool->max_payload() : 0; }
-
-inline Result Message::set_size(std::uint32_t n) noexcept {
-  if (!blk_ || n > capacity()) return Result::BadParameter;
-  blk_->size = n;
-  return Result::Ok;
-}
-
-inline Result Message::assign(const void* data, std::uint32_t n) noexcept {
-  if (!blk_ || n > capacity() || (n > 0 && data == nullptr)) return Result::BadParameter;
-  if (n) std::memcpy(payload(), data, n);
-  blk_->size = n;
-  return Result::Ok;
-}
-
-inline Result Message::set_fd(int fd) noexcept {
-  if (!blk_ || fd < 0 || detail::is_directory(fd)) return Result::BadParameter;
-  if (blk_->fd >= 0 && blk_->fd != fd) ::close(blk_->fd);
-  blk_->fd = fd;
-  return Result::Ok;
-}
-
-inline int Message::take_fd() noexcept {
-  if (!blk_) return -1;
-  const int fd = blk_->fd;
-  blk_->fd = -1;
-  return fd;
-}
-
-inline MessagePoolBase::~MessagePoolBase() {
-  if (users_ != 0 || blocks_.in_use() != 0)
-    LEMSG_LOG(Error,
-              "MessagePool destroyed while %lu Service/Session objects and %lu Messages use it; "
-              "destroy them first",
-              static_cast<unsigned long>(users_), static_cast<unsigned long>(blocks_.in_use()));
-  LEMSG_ASSERT(users_ == 0 && blocks_.in_use() == 0);
-}
-
-inline void MessagePoolBase::detach(const Service* svc) noexcept {
-  for (std::size_t i = 0; i < blocks_.count_; ++i) {
-    if (blocks_.refs_[i] == 0) continue;
-    detail::MsgBlock* b = reinterpret_cast<detail::MsgBlock*>(blocks_.blocks_ + i * blocks_.block_size_);
-    if (b->service == svc) b->service = nullptr;
-  }
-}
-
-inline Result MessagePoolBase::create(Message& out) noexcept {
-  out.release();
-  void* p = nullptr;
-  Result r = blocks_.alloc(p);
-  if (r != Result::Ok) return r;
-  detail::MsgBlock* b = ::new (p) detail::MsgBlock;
-  b->pool = this;
-  b->service = nullptr;
-  b->session = 0;
-  b->txn = 0;
-  b->size = 0;
-  b->status = 0;
-  b->fd = -1;
-  b->kind = detail::MsgKind::Outgoing;
-  b->responded = false;
-  out.blk_ = b;
-  return Result::Ok;
-}
-
 namespace detail {
-
-inline Result registry_add(const char* path, const Loop* loop, int& slot) noexcept {
-  slot = -1;
-  LocalRegistry& reg = local_registry();
-  std::lock_guard<detail::Mutex> lock(reg.mutex);
-  const pid_t me = ::getpid();
-  for (int i = 0; i < LEMSG_MAX_SERVICES; ++i) {
-    LocalService& e = reg.entries[i];
-    // Entries a forked child inherited from its parent are free to reuse.
-    if (e.loop != nullptr && e.pid == me) continue;
-    std::snprintf(e.path, sizeof e.path, "%s", path);
-    e.loop = loop;
-    e.pid = me;
-    slot = i;
-    return Result::Ok;
-  }
-  return Result::ServiceTableFull;
-}
-
-inline void registry_remove(int slot) noexcept {
-  if (slot < 0 || slot >= LEMSG_MAX_SERVICES) return;
-  LocalRegistry& reg = local_registry();
-  std::lock_guard<detail::Mutex> lock(reg.mutex);
-  LocalService& e = reg.entries[slot];
-  if (e.pid == ::getpid()) e.loop = nullptr;
-}
-
-inline bool served_by_this_thread(const char* path) noexcept {
-  LocalRegistry& reg = local_registry();
-  std::lock_guard<detail::Mutex> lock(reg.mutex);
-  for (const LocalService& e : reg.entries)
-    if (e.loop && e.pid == ::getpid() && std::strcmp(e.path, path) == 0 && e.loop->on_owner_thread()) return true;
-  return false;
-}
 
 inline Result send_control(int fd, wire::FrameType type, std::uint32_t txn, std::uint8_t flags, const void* payload,
                            std::uint32_t len) noexcept {
@@ -3376,32 +2869,347 @@ inline void Channel::reset(Loop& loop) noexcept {
   rcvtimeo_ms = 0;
 }
 
-// What Service and Session constructors check of their protocol and pool;
-// each refusal is logged, since it only shows as status() (BadParameter).
-inline Result check_protocol(const char* who, const Protocol& protocol, const MessagePoolBase& pool) noexcept {
-  const std::size_t idlen = protocol.id ? std::strlen(protocol.id) : 0;
-  if (idlen == 0 || idlen > LEMSG_MAX_PROTOCOL_ID) {
-    LEMSG_LOG(Error, "%s: protocol id %s is empty or longer than LEMSG_MAX_PROTOCOL_ID (%d): BadParameter", who,
-              idlen ? "" : "(none)", LEMSG_MAX_PROTOCOL_ID);
-    return Result::BadParameter;
-  }
-  if (protocol.max_payload > pool.max_payload()) {
-    LEMSG_LOG(Error, "%s %s: the protocol's max_payload %lu is above the pool's %lu: BadParameter (use a larger MessagePool)",
-              who, protocol.id, static_cast<unsigned long>(protocol.max_payload),
-              static_cast<unsigned long>(pool.max_payload()));
-    return Result::BadParameter;
-  }
-  return Result::Ok;
-}
+}  // namespace detail
 
-// An error code from the peer must be one we know; anything else is a bad frame.
-inline bool known_result(std::int32_t code) noexcept {
-  return code > 0 && code < result_count;
+// =============================================================================
+// 10. Service                                                        >>service
+// =============================================================================
+//
+// The server end: advertise(name) makes <runtime dir>/<name>; open, close and
+// receive handlers; per-session context and credentials; send to one
+// session; respond to requests. Connections wait in a handshake table until
+// their hello arrives, and only then take a session slot.
+
+/// Who may open a Service: the socket file's mode and group, and an
+/// optional allow-list.
+struct ServiceOptions {
+  /// The socket file's mode (the umask does not apply). With the default
+  /// 0660, the service's user and the file's group may connect.
+  mode_t mode = 0660;
+  /// When either list is set, only a peer whose uid is in `uids` or whose gid
+  /// is in `gids` (from SO_PEERCRED) is let in; others get NotPermitted.
+  /// The arrays must outlive the advertisement.
+  const uid_t* uids = nullptr;
+  std::size_t uid_count = 0;
+  const gid_t* gids = nullptr;
+  std::size_t gid_count = 0;
+  /// The socket file's group (chown), to let one group in through `mode`;
+  /// gid_t(-1), the default, leaves the process's group. Unless it runs as
+  /// root, the process must be a member of the group (else NotPermitted).
+  gid_t group = static_cast<gid_t>(-1);
+  /// Whether a client may send a Unix socket as a message's fd. Off by
+  /// default: a server that keeps such an fd may be keeping the client's own
+  /// end of its connection (or another session's), and then never sees the
+  /// client die. Even when on, a socket connected to this process is refused:
+  /// the session is closed with BadFrame.
+  bool accept_socket_fds = false;
+  /// A session whose client read nothing for this long while frames waited
+  /// for it is closed with Stalled. 0 = LEMSG_STALL_TIMEOUT_MS.
+  std::uint32_t stall_timeout_ms = 0;
+};
+
+using OpenHandler = Callable<void(SessionRef)>;
+/// Server side: the session, and why it closed: Closed (client closed or
+/// died), Ok (this side closed it), BadFrame or TooLarge (bad input),
+/// Overflow (client stopped reading and a response could not be queued),
+/// Stalled (client read nothing for the stall timeout while frames waited).
+/// It runs only for sessions that opened: a connection that never sent a
+/// good hello is closed without it.
+using CloseHandler = Callable<void(SessionRef, Result reason)>;
+using ReceiveHandler = Callable<void(Message&)>;
+/// Releases one entry a closing session owned in a tracked RefMap.
+using TrackRelease = Callable<void(void* obj, std::uint32_t ref)>;
+
+namespace detail {
+
+// Every call into user code goes through Lifeline::call, because any handler
+// may destroy the object that called it (Legato code deletes a session in its
+// close handler). Each call puts a Witness on the caller's stack; the
+// object's Lifeline member marks every Witness still on its chain dead when
+// it is destroyed, so the caller learns, from its own stack, whether `this`
+// still exists, and returns at once without touching it when not.
+struct Witness {
+  bool alive = true;
+  Witness* below = nullptr;
+};
+class Lifeline {
+ public:
+  Lifeline() noexcept = default;
+  Lifeline(const Lifeline&) = delete;
+  Lifeline& operator=(const Lifeline&) = delete;
+  // Runs after the owner's destructor body, whose own handler calls have
+  // returned by then: what is left are calls the destruction came from.
+  ~Lifeline() {
+    for (Witness* w = top_; w; w = w->below) w->alive = false;
+  }
+  // Calls f(); true when the owner survived it. On false the caller must
+  // return without touching the owner (its members, `this`, anything).
+  template <typename F>
+  bool call(F&& f) noexcept {
+    Witness w;
+    w.below = top_;
+    top_ = &w;
+    f();
+    if (!w.alive) return false;
+    top_ = w.below;
+    return true;
+  }
+
+ private:
+  Witness* top_ = nullptr;
+};
+
+// The services of this process, so a synchronous call can see that only its
+// own thread could answer it.
+// Every member has an initialiser, so the registry is constant-initialised:
+// its function-local static needs no guard (a guard links the C++
+// exception runtime into a static build).
+struct LocalService {
+  char path[sizeof(sockaddr_un::sun_path)] = {};
+  const Loop* loop = nullptr;
+  pid_t pid = 0;
+};
+struct LocalRegistry {
+  Mutex mutex;
+  LocalService entries[LEMSG_MAX_SERVICES];
+};
+inline LocalRegistry& local_registry() noexcept {
+  static LocalRegistry reg;
+  return reg;
 }
+// An entry is removed by the slot registry_add gave, never by path: a failed
+// second advertisement of a name must not remove the first one's entry.
+inline Result registry_add(const char* path, const Loop* loop, int& slot) noexcept;
+inline void registry_remove(int slot) noexcept;
+inline bool served_by_this_thread(const char* path) noexcept;
 
 }  // namespace detail
 
-// ---- Service ----
+/// The server end of an interface. Owned by the caller, used on its Loop's
+/// thread; must outlive the messages it received. At most LEMSG_MAX_SESSIONS
+/// sessions at once; a client beyond that is refused with SessionTableFull,
+/// and one whose uid already holds LEMSG_MAX_SESSIONS_PER_UID of them with
+/// UidShareFull (uid 0 and the service's own uid are not limited: they could
+/// stop the service anyway). A connection takes a session slot only once its
+/// hello arrived: until then it waits in a table of LEMSG_MAX_HANDSHAKES
+/// (LEMSG_MAX_HANDSHAKES_PER_UID per uid) for at most LEMSG_OPEN_TIMEOUT_MS,
+/// and when that table (or the loop's watch table) is full the oldest waiting
+/// connection is closed to make room, so silent connections cannot lock
+/// other clients out. Each session, like each waiting connection, takes one
+/// of the loop's watches.
+///
+/// Lifetime: create it after its Loop and pool and destroy it before them
+/// (their destructors stop the program otherwise). Any handler may destroy
+/// the Service (or close sessions); the library touches nothing of it
+/// afterwards. A received request may outlive the Service: releasing it then
+/// answers nothing (the Service's destructor closed its session anyway).
+class Service {
+ public:
+  Service(Loop& loop, const Protocol& protocol, MessagePoolBase& pool) noexcept;
+  /// Closes every session (close handler with Ok) and hides the service.
+  /// May run inside one of its own handlers; a close handler that destroys
+  /// the Service again while this runs must do nothing (as std::optional::
+  /// reset and std::unique_ptr::reset do).
+  ~Service();
+  Service(const Service&) = delete;
+  Service& operator=(const Service&) = delete;
+
+  /// Ok when constructed fine; BadParameter (protocol id empty or too long,
+  /// max_payload above the pool's), TooBigForSocket (a frame of max_payload
+  /// bytes cannot be one datagram on this system: see detail::probe_datagram;
+  /// up to about 208 KiB always can), SystemError or TimerTableFull
+  /// otherwise. Every call below returns this error while it is not Ok.
+  Result status() const noexcept { return status_; }
+
+  /// Listens on <runtime dir>/<name>, creating a missing runtime dir with
+  /// mode 0755. Of several processes advertising one name at once exactly
+  /// one gets Ok. Ok; BadParameter (name); Busy (already advertised);
+  /// Duplicate (another live server has the name, or a file that is not a
+  /// socket does: it is never replaced); NotPermitted (a socket file we may
+  /// not probe, or options.group is not ours to give); NoRuntimeDir (the
+  /// runtime dir cannot be created or written: set LEMSG_RUNTIME_DIR or
+  /// create it owned by this user); UnsafeRuntimeDir (another user owns or
+  /// may write it, see the transport section); WatchTableFull;
+  /// ServiceTableFull; SystemError.
+  Result advertise(const char* name, const ServiceOptions& options = ServiceOptions{}) noexcept;
+  /// Stops accepting and removes the socket file; open sessions go on. Only
+  /// the process that advertised removes the file, and only while it is the
+  /// file it created: in a forked child (also when the child's exit runs the
+  /// destructor) hide() just closes the child's copy. Ok or NotFound.
+  Result hide() noexcept;
+  bool is_advertised() const noexcept { return listen_fd_ >= 0; }
+
+  void set_open_handler(OpenHandler h) noexcept { open_handler_ = std::move(h); }
+  void set_close_handler(CloseHandler h) noexcept { close_handler_ = std::move(h); }
+  void set_receive_handler(ReceiveHandler h) noexcept { receive_handler_ = std::move(h); }
+
+  /// When a session closes (for any reason), every entry of `map` whose owner
+  /// is that session's SessionRef value is removed and passed to `release`.
+  /// Ok, BadParameter, or TrackTableFull (raise LEMSG_MAX_TRACKED).
+  Result track(RefMapBase& map, TrackRelease release) noexcept;
+
+  /// Per-session context pointer. Ok or NotFound.
+  Result set_context(SessionRef s, void* ctx) noexcept;
+  /// nullptr when none or when the session does not exist.
+  void* context(SessionRef s) const noexcept;
+  /// The client's uid, gid and pid. Ok or NotFound.
+  Result credentials(SessionRef s, Credentials& out) const noexcept;
+
+  /// A message from this service's pool. Ok or PoolEmpty.
+  Result create_message(Message& out) noexcept { return status_ != Result::Ok ? status_ : pool_.create(out); }
+  /// Sends a one-way message to a session. Ok (the message is consumed);
+  /// NotFound; BadParameter (not a created message, or shared); TooLarge;
+  /// TooBigForSocket (the socket refused the datagram);
+  /// Overflow (LEMSG_MAX_OUTGOING frames already wait); Closed. On failure
+  /// the message is still the caller's.
+  Result send(SessionRef s, Message&& m) noexcept;
+  /// Answers a request with the message's payload (and fd), consuming `m`,
+  /// so a request is answered at most once. Ok; Closed when its session is
+  /// gone (harmless; the message is consumed); BadParameter when `m` is empty
+  /// (already responded), shared (copies exist), or not a request received
+  /// here; TooLarge; TooBigForSocket or SystemError when the socket refuses
+  /// the datagram (the client's request then completes with that Result and
+  /// `m` is consumed); Overflow when the response cannot even be queued (the
+  /// session is closed).
+  Result respond(Message&& m) noexcept;
+  /// Closes a session; the close handler runs with Ok. Ok or NotFound.
+  Result close(SessionRef s) noexcept;
+
+  std::size_t session_count() const noexcept { return peer_refs_.size(); }
+  /// Calls f(SessionRef) for every open session. f must not close sessions.
+  template <typename F>
+  void for_each_session(F&& f) const {
+    peer_refs_.for_each([&](const Peer* p, std::uint32_t ref) {
+      if (p->open) f(SessionRef{ref});
+    });
+  }
+  Loop& loop() noexcept { return loop_; }
+  const Protocol& protocol() const noexcept { return protocol_; }
+
+ private:
+  friend class Message;
+  struct Peer {
+    detail::Channel ch;
+    Credentials creds;
+    void* context = nullptr;
+    bool used = false;
+    bool open = false;
+    bool closing = false;
+  };
+  // A connection whose hello has not arrived: no session slot, no Peer.
+  struct Handshake {
+    int fd = -1;
+    WatchId watch;
+    Credentials creds;
+    std::int64_t deadline = 0;  // closed when the hello is not here by then
+    std::uint64_t seq = 0;      // accept order: the smallest is the oldest
+    bool used = false;
+  };
+  struct Tracked {
+    RefMapBase* map = nullptr;
+    TrackRelease release;
+  };
+
+  // Functions returning bool call user code: false means the Service was
+  // destroyed meanwhile, and the caller returns without touching it.
+  void on_listen(short revents) noexcept;
+  void pause_accepting(int error) noexcept;
+  void on_peer(std::uint32_t ref, short revents) noexcept;
+  bool share_applies(uid_t uid) const noexcept { return uid != 0 && uid != own_uid_; }
+  Result session_room(const Credentials& c) const noexcept;
+  void refuse(int fd, const Credentials& c, Result why) noexcept;
+  void add_handshake(int fd, const Credentials& c) noexcept;
+  int drop_handshake(std::uint32_t ref) noexcept;
+  void evict_handshake(std::uint32_t ref, const char* why) noexcept;
+  void on_handshake(std::uint32_t ref) noexcept;
+  Result read_hello(int fd, const Credentials& c) noexcept;
+  bool on_hello(int fd, const Credentials& c, Result hello) noexcept;
+  void on_timer() noexcept;
+  void reschedule() noexcept;
+  // A frame was sent or queued: when it started a queue, the timer must
+  // see the queue's stall deadline.
+  void watch_stall(const Peer& p) noexcept {
+    if (p.ch.out_count == 1) reschedule();
+  }
+  bool close_peer(std::uint32_t ref, Result reason) noexcept;  // false: the Service is gone
+  // The advertised name (also after hide()), else the protocol id: for logs.
+  const char* log_name() const noexcept { return path_[0] ? std::strrchr(path_, '/') + 1 : protocol_.id; }
+  bool allowed(const Credentials& c) const noexcept;
+  void answer_error(std::uint32_t session, std::uint32_t txn, Result code) noexcept;
+  static void unanswered(void* svc, std::uint32_t session, std::uint32_t txn) noexcept {
+    static_cast<Service*>(svc)->answer_error(session, txn, Result::Unanswered);
+  }
+
+  Loop& loop_;
+  Protocol protocol_;
+  MessagePoolBase& pool_;
+  Result status_ = Result::Ok;
+  ReceiveHandler receive_handler_;
+  OpenHandler open_handler_;
+  CloseHandler close_handler_;
+  ServiceOptions options_;
+  int listen_fd_ = -1;
+  WatchId listen_watch_;
+  // Out of fds (EMFILE...): the listening socket stays readable, so its
+  // watch is paused and a timer retries, backing off up to a second.
+  std::int64_t accept_retry_ = 0;       // when to listen again; 0 = not paused
+  std::uint32_t accept_backoff_ms_ = 0;  // 0 = accepting normally
+  TimerId timer_;
+  char path_[sizeof(sockaddr_un::sun_path)] = {};
+  int registry_slot_ = -1;  // this process's service table (WouldDeadlock checks)
+  int sndbuf_ = 0;          // SO_SNDBUF each session's socket needs (0: the default)
+  detail::SocketFile file_;  // the socket file advertise() made
+  pid_t owner_pid_ = 0;      // the process that made it
+  Peer peers_[LEMSG_MAX_SESSIONS];
+  RefMap<Peer, LEMSG_MAX_SESSIONS> peer_refs_;
+  Handshake handshakes_[LEMSG_MAX_HANDSHAKES];
+  RefMap<Handshake, LEMSG_MAX_HANDSHAKES> handshake_refs_;
+  std::uint64_t accept_seq_ = 0;
+  bool evict_logged_ = false;  // one warning per flood; reset when the table empties
+  uid_t own_uid_ = ::geteuid();
+  Tracked tracked_[LEMSG_MAX_TRACKED];
+  detail::Lifeline life_;
+};
+
+// -- implementation --
+
+namespace detail {
+
+inline Result registry_add(const char* path, const Loop* loop, int& slot) noexcept {
+  slot = -1;
+  LocalRegistry& reg = local_registry();
+  std::lock_guard<detail::Mutex> lock(reg.mutex);
+  const pid_t me = ::getpid();
+  for (int i = 0; i < LEMSG_MAX_SERVICES; ++i) {
+    LocalService& e = reg.entries[i];
+    // Entries a forked child inherited from its parent are free to reuse.
+    if (e.loop != nullptr && e.pid == me) continue;
+    std::snprintf(e.path, sizeof e.path, "%s", path);
+    e.loop = loop;
+    e.pid = me;
+    slot = i;
+    return Result::Ok;
+  }
+  return Result::ServiceTableFull;
+}
+
+inline void registry_remove(int slot) noexcept {
+  if (slot < 0 || slot >= LEMSG_MAX_SERVICES) return;
+  LocalRegistry& reg = local_registry();
+  std::lock_guard<detail::Mutex> lock(reg.mutex);
+  LocalService& e = reg.entries[slot];
+  if (e.pid == ::getpid()) e.loop = nullptr;
+}
+
+inline bool served_by_this_thread(const char* path) noexcept {
+  LocalRegistry& reg = local_registry();
+  std::lock_guard<detail::Mutex> lock(reg.mutex);
+  for (const LocalService& e : reg.entries)
+    if (e.loop && e.pid == ::getpid() && std::strcmp(e.path, path) == 0 && e.loop->on_owner_thread()) return true;
+  return false;
+}
+
+}  // namespace detail
 
 inline Service::Service(Loop& loop, const Protocol& protocol, MessagePoolBase& pool) noexcept
     : loop_(loop), protocol_(protocol), pool_(pool) {
@@ -3867,6 +3675,7 @@ inline void Service::on_peer(std::uint32_t ref, short revents) noexcept {
     if (h.type == wire::FrameType::Request) {
       b->kind = detail::MsgKind::Request;
       b->service = this;
+      b->unanswered = &Service::unanswered;
     } else {
       b->kind = detail::MsgKind::Received;
     }
@@ -4061,7 +3870,252 @@ inline void Service::on_timer() noexcept {
   reschedule();
 }
 
-// ---- Session ----
+// =============================================================================
+// 11. Session                                                        >>session
+// =============================================================================
+//
+// The client end: open (async; waits for a server that is not there yet),
+// open_sync (with a timeout), try_open (once); send, request (async) and
+// request_sync (with a timeout); reconnect with backoff.
+
+/// Client side: why the server end went away (Closed, BadFrame, TooLarge, Overflow).
+using SessionCloseHandler = Callable<void(Result reason)>;
+/// Result of an open that was started with Session::open().
+using OpenCallback = Callable<void(Result)>;
+/// Completion of an async request: Ok with the response, or Closed, Timeout,
+/// Unanswered or another error with an empty message.
+using ResponseHandler = Callable<void(Result, Message&)>;
+namespace detail {
+
+// The transaction ids of one Session's pending requests. An id is the
+// pending slot's index in its low bits and a sequence number above them that
+// wraps (after 2^(LEMSG_TXN_BITS - index bits) requests): a slot holds one
+// request at a time, so a new id never equals a pending one, and the ids
+// never run out. A late response to a slot's earlier request finds another
+// id there and is refused, unless the sequence wrapped in between. 0 is
+// never an id. Same interface as RefMap, so Session uses it the same way.
+template <typename T, std::size_t N, unsigned Bits = LEMSG_TXN_BITS>
+class TxnTable {
+  static constexpr std::uint32_t index_bits = index_bits_for(N);
+  static_assert(Bits <= 32 && Bits > index_bits, "LEMSG_TXN_BITS must leave room beside the pending slot index");
+  static constexpr std::uint32_t seq_mask =
+      Bits - index_bits >= 32 ? UINT32_MAX : ((std::uint32_t{1} << (Bits - index_bits)) - 1);
+  static constexpr std::uint32_t index_mask = (std::uint32_t{1} << index_bits) - 1;
+
+ public:
+  // Ok with `txn` set, BadParameter for nullptr, NoMemory when all N are pending.
+  Result add(T* obj, std::uint32_t& txn) noexcept {
+    txn = 0;
+    if (!obj) return Result::BadParameter;
+    for (std::uint32_t i = 0; i < N; ++i) {
+      if (e_[i].obj) continue;
+      do {
+        seq_ = (seq_ + 1) & seq_mask;
+        txn = (seq_ << index_bits) | i;
+      } while (txn == 0);
+      e_[i].obj = obj;
+      e_[i].txn = txn;
+      ++count_;
+      return Result::Ok;
+    }
+    return Result::NoMemory;
+  }
+  T* lookup(std::uint32_t txn) const noexcept {
+    const std::uint32_t i = txn & index_mask;
+    return (txn != 0 && i < N && e_[i].obj && e_[i].txn == txn) ? e_[i].obj : nullptr;
+  }
+  Result remove(std::uint32_t txn) noexcept {
+    if (!lookup(txn)) return Result::NotFound;
+    e_[txn & index_mask].obj = nullptr;
+    --count_;
+    return Result::Ok;
+  }
+  // f(T*, txn) for each pending id, in slot order.
+  template <typename F>
+  void for_each(F&& f) const {
+    for (std::uint32_t i = 0; i < N; ++i)
+      if (e_[i].obj) f(e_[i].obj, e_[i].txn);
+  }
+  std::size_t size() const noexcept { return count_; }
+
+ private:
+  struct Entry {
+    T* obj = nullptr;
+    std::uint32_t txn = 0;
+  };
+  Entry e_[N];
+  std::size_t count_ = 0;
+  std::uint32_t seq_ = 0;
+};
+
+}  // namespace detail
+
+/// The client end of an interface. Owned by the caller, used on its Loop's
+/// thread. At most LEMSG_MAX_PENDING requests wait at once.
+/// A Unix socket from the server that is connected to this process (it
+/// could keep the connection alive after the server dies) closes the session
+/// with BadFrame; other Unix sockets are delivered, so keep only those from
+/// a server you trust. A server that stops reading is not timed out here
+/// (unlike on the Service side): give requests a timeout.
+///
+/// Lifetime: create it after its Loop and pool and destroy it before them
+/// (their destructors stop the program otherwise). Any handler or callback
+/// may destroy the Session or close it (le_msg_DeleteSession in a close
+/// handler); the library touches nothing of it afterwards.
+class Session {
+ public:
+  Session(Loop& loop, const Protocol& protocol, MessagePoolBase& pool) noexcept;
+  /// Closes the session (pending requests complete with Closed). May run
+  /// inside one of its own handlers, even one that close() is running.
+  ~Session();
+  Session(const Session&) = delete;
+  Session& operator=(const Session&) = delete;
+
+  /// Ok when constructed fine; BadParameter, TooBigForSocket, SystemError or
+  /// TimerTableFull otherwise (as Service::status()).
+  Result status() const noexcept { return status_; }
+
+  /// Starts opening: connects now if the server is there, otherwise waits
+  /// (inotify on the runtime dir, or on the directory above it while the
+  /// runtime dir does not exist or after it was deleted; no polling) until it
+  /// appears. `cb` runs on the loop, never inside open(), with Ok each time
+  /// the session opens (again after a reconnect), or with ProtocolMismatch,
+  /// SizeMismatch, NotPermitted, UnsafeRuntimeDir (another user owns or may
+  /// write the runtime dir; see the transport section) or UntrustedServer
+  /// (see require_server_uid), which end the attempt; close() before it runs
+  /// drops it. Returns Ok (started), BadParameter, Busy (not closed), or
+  /// Closed when a handler run to finish an earlier loss of the server (see
+  /// request_sync) destroyed the Session.
+  Result open(const char* name, OpenCallback cb) noexcept;
+  /// Opens, waiting at most `timeout_ms` (> 0) for the server to appear and
+  /// answer; blocks the thread (the loop does not run meanwhile). A server
+  /// whose table is full is asked again (after 10 ms, doubling to 250 ms)
+  /// until the timeout. Ok, Timeout, ProtocolMismatch, SizeMismatch,
+  /// NotPermitted, UnsafeRuntimeDir, UntrustedServer, SessionTableFull or
+  /// UidShareFull (still full at the timeout), WouldDeadlock (the server is
+  /// served by this thread's loop), Busy, BadParameter, or Closed as for
+  /// open() (the Session is gone).
+  Result open_sync(const char* name, int timeout_ms) noexcept;
+  /// One attempt: NotFound when no server listens; otherwise as open_sync
+  /// with LEMSG_OPEN_TIMEOUT_MS for the server's answer (and for a full
+  /// server to make room; Closed included).
+  Result try_open(const char* name) noexcept;
+  /// Opens only to a server running as `uid` (from SO_PEERCRED, checked
+  /// before anything is sent to it): a server of another user, for instance
+  /// an impostor's socket, makes the open end with UntrustedServer. Use it
+  /// for a service that runs as root or as a known system user. uid_t(-1),
+  /// the default, accepts any server. Applies from the next open.
+  void require_server_uid(uid_t uid) noexcept { required_uid_ = uid; }
+  /// Closes (or stops opening). Pending requests complete with Closed before
+  /// this returns; the close handler is not called (it is for the server's
+  /// side going away), also when close() runs inside a handler while the
+  /// server's side goes away. Reconnecting stops until the next open, also
+  /// when close() is called from the close handler.
+  void close() noexcept;
+  bool is_open() const noexcept { return state_ == State::Open; }
+
+  void set_receive_handler(ReceiveHandler h) noexcept { receive_handler_ = std::move(h); }
+  void set_close_handler(SessionCloseHandler h) noexcept { close_handler_ = std::move(h); }
+  /// After the server side goes away, open again by itself: first after
+  /// `min_ms`, doubling up to `max_ms` while attempts fail, then waiting for
+  /// the socket to reappear. Off by default.
+  void set_reconnect(bool on, std::uint32_t min_ms = 50, std::uint32_t max_ms = 2000) noexcept;
+
+  /// A message from this session's pool. Ok or PoolEmpty.
+  Result create_message(Message& out) noexcept { return status_ != Result::Ok ? status_ : pool_.create(out); }
+  /// One-way send. Ok (consumed); Closed (not open); BadParameter; TooLarge;
+  /// TooBigForSocket; Overflow. On failure the message is still the caller's.
+  Result send(Message&& m) noexcept;
+  /// Sends a request; `done` runs exactly once on the loop: Ok with the
+  /// response, Closed, Timeout (after `timeout_ms`, 0 = none) or Unanswered.
+  /// Returns Ok (sent or queued; consumed), Closed, BadParameter, TooLarge,
+  /// TooBigForSocket, Overflow or PendingTableFull (then `done` is not called and the message
+  /// is still the caller's).
+  Result request(Message&& m, ResponseHandler done, std::uint32_t timeout_ms = 0) noexcept;
+  /// Sends a request and blocks until its response, at most `timeout_ms`
+  /// (> 0). Frames for other purposes that arrive meanwhile are delivered, in
+  /// order, from the loop after this returns. Ok with `response` set;
+  /// Timeout (a late response is discarded); Closed; Unanswered;
+  /// WouldDeadlock (only this thread's loop could answer); PoolEmpty;
+  /// Overflow; and the errors of request().
+  Result request_sync(Message&& m, Message& response, int timeout_ms) noexcept;
+
+  std::size_t pending_count() const noexcept { return pending_refs_.size(); }
+  /// The server's uid, gid and pid. Ok, or Closed when not open.
+  Result server_credentials(Credentials& out) const noexcept;
+  Loop& loop() noexcept { return loop_; }
+
+ private:
+  enum class State : std::uint8_t { Idle, Waiting, Handshake, Open, Backoff };
+  struct Pending {
+    ResponseHandler done;
+    std::int64_t deadline = 0;  // 0 = none
+    bool used = false;
+  };
+
+  // Functions returning bool call user code: false means the Session was
+  // destroyed meanwhile, and the caller returns without touching it.
+  Result prepare(const char* name) noexcept;
+  Result connect_checked(int& fd) noexcept;
+  void attempt() noexcept;
+  bool watch_dir() noexcept;
+  void stop_watching_dir() noexcept;
+  void on_dir_event() noexcept;
+  Result send_hello(int fd) const noexcept;
+  Result start_handshake(int fd) noexcept;
+  Result handshake_blocking(int fd, std::int64_t deadline) noexcept;
+  static bool wait_for_room(Result refused, std::int64_t deadline, std::uint32_t& pause_ms) noexcept;
+  Result finish_open(int fd) noexcept;
+  void on_socket(short revents) noexcept;
+  void on_handshake_frame() noexcept;
+  bool dispatch_frame(Message& m) noexcept;
+  bool deliver_deferred() noexcept;
+  void on_timer() noexcept;
+  void reschedule() noexcept;
+  bool lose_server(Result reason) noexcept;
+  void fail_open(Result why) noexcept;
+  void backoff() noexcept;
+  bool complete_all(Result why) noexcept;
+  Result check_outgoing(const Message& m) const noexcept;
+
+  Loop& loop_;
+  Protocol protocol_;
+  MessagePoolBase& pool_;
+  Result status_ = Result::Ok;
+  State state_ = State::Idle;
+  detail::Channel ch_;
+  TimerId timer_;
+  int dir_fd_ = -1;  // inotify
+  int dir_parent_wd_ = -1;  // its watch on the runtime dir's parent, while the dir is missing
+  WatchId dir_watch_;
+  uid_t required_uid_ = static_cast<uid_t>(-1);
+  char path_[sizeof(sockaddr_un::sun_path)] = {};
+  const char* name_ = nullptr;  // points into path_
+  OpenCallback open_cb_;
+  ReceiveHandler receive_handler_;
+  SessionCloseHandler close_handler_;
+  Credentials server_;
+  int sndbuf_ = 0;  // SO_SNDBUF the socket needs (0: the default)
+  bool server_here_ = false;  // the server was this process at open (saves a getpid per request_sync)
+  bool reconnect_ = false;
+  std::uint32_t backoff_min_ = 50;
+  std::uint32_t backoff_max_ = 2000;
+  std::uint32_t backoff_next_ = 50;
+  std::int64_t handshake_deadline_ = 0;
+  std::int64_t backoff_deadline_ = 0;
+  bool lost_pending_ = false;  // server lost inside request_sync; finish on the loop
+  Result lost_reason_ = Result::Closed;
+  Result open_failed_ = Result::Ok;  // an open that failed, reported from the loop
+  std::uint32_t close_count_ = 0;    // close() calls, so a loss sees one made by a handler
+  Pending pending_[LEMSG_MAX_PENDING];
+  detail::TxnTable<Pending, LEMSG_MAX_PENDING> pending_refs_;
+  Message deferred_[LEMSG_MAX_DEFERRED];
+  std::size_t deferred_head_ = 0;
+  std::size_t deferred_count_ = 0;
+  detail::Lifeline life_;
+};
+
+// -- implementation --
 
 inline Session::Session(Loop& loop, const Protocol& protocol, MessagePoolBase& pool) noexcept
     : loop_(loop), protocol_(protocol), pool_(pool) {
