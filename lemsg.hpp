@@ -2671,6 +2671,10 @@ struct Channel {
                  bool wait = false) noexcept;
   // Waits at most `ms` (> 0) in the next receive(wait = true).
   bool set_wait(int ms) noexcept;
+  // The one check of every received datagram (both receive paths): decodes
+  // the `len` bytes in block `b` with the fd that came (-1: none) and makes
+  // them its frame. Ok, or why it is refused (`rfd` closed then).
+  Result take_frame(MsgBlock* b, std::size_t len, int rfd, std::uint32_t max_payload, wire::Header& h) noexcept;
 
   // Frames of the last batch read with one recvmmsg(), handed out in order
   // by next(). A batch shorter than asked means the socket was empty, so the
@@ -2693,6 +2697,13 @@ struct Channel {
 inline Result send_control(int fd, wire::FrameType type, std::uint32_t txn, std::uint8_t flags, const void* payload,
                            std::uint32_t len) noexcept;
 
+// Reads the server's answer to a client's hello from `fd`. The status is the
+// transport's (WouldBlock, Closed, SystemError) or BadFrame/TooLarge for a
+// frame that is not a Welcome or Refuse (or came with an fd); when it is Ok,
+// `answer` is Ok for a Welcome, or the Result a Refuse carries (BadFrame for
+// a code this build does not know).
+inline Result read_answer(int fd, Result& answer) noexcept;
+
 // An error code from the peer must be one we know; anything else is a bad frame.
 inline bool known_result(std::int32_t code) noexcept {
   return code > 0 && code < result_count;
@@ -2711,6 +2722,31 @@ inline Result send_control(int fd, wire::FrameType type, std::uint32_t txn, std:
   wire::encode(wire::Header{type, flags, txn, len}, buf);
   if (len) std::memcpy(buf + wire::header_size, payload, len);
   return send_datagram(fd, buf, wire::header_size + len, -1);
+}
+
+inline Result read_answer(int fd, Result& answer) noexcept {
+  answer = Result::BadFrame;
+  unsigned char buf[wire::header_size + 4];
+  std::size_t len = 0;
+  int rfd = -1;
+  Result r = recv_datagram(fd, buf, sizeof buf, len, rfd);
+  if (r != Result::Ok) return r;
+  if (rfd >= 0) {
+    ::close(rfd);
+    return Result::BadFrame;
+  }
+  wire::Header h;
+  r = wire::decode(buf, len, 0, h);
+  if (r != Result::Ok) return r;
+  if (h.type == wire::FrameType::Welcome) {
+    answer = Result::Ok;
+    return Result::Ok;
+  }
+  if (h.type != wire::FrameType::Refuse) return Result::BadFrame;
+  std::int32_t code;
+  std::memcpy(&code, buf + wire::header_size, 4);
+  if (known_result(code)) answer = static_cast<Result>(code);
+  return Result::Ok;
 }
 
 inline Result Channel::send(Loop& loop, Message& m, wire::FrameType type, std::uint32_t txn,
@@ -2767,26 +2803,13 @@ inline Result Channel::next(MessagePoolBase& pool, std::uint32_t max_payload, Me
     std::size_t got = 0;
     Result r = recv_datagrams(fd, d, asked, got);
     for (std::size_t i = 0; i < got; ++i) {
+      // (A datagram the transport refused has had its fds closed already.)
       Result ri = d[i].result;
-      if (ri == Result::Ok) ri = wire::decode(held[i].blk_->header, d[i].len, max_payload, held_h[i]);
-      // The fd flag must match what arrived: an fd nobody announced is refused.
-      if (ri == Result::Ok && ((held_h[i].flags & wire::FlagFd) != 0) != (d[i].fd >= 0)) ri = Result::BadFrame;
-      if (ri == Result::Ok && d[i].fd >= 0 && refuse_unix_fds && is_unix_socket(d[i].fd)) ri = Result::BadFrame;
-      if (ri != Result::Ok || held_err != Result::Ok) {
-        // Nothing after a bad frame is delivered: the session is closing.
-        if (d[i].fd >= 0 && d[i].result == Result::Ok) ::close(d[i].fd);
-        if (held_err == Result::Ok) held_err = ri;
-        continue;
-      }
-      MsgBlock* b = held[i].blk_;
-      b->size = held_h[i].length;
-      b->fd = d[i].fd;
-      b->txn = held_h[i].txn;
-      if (held_h[i].flags & wire::FlagError) {
-        std::memcpy(&b->status, payload_of(b), 4);
-        b->size = 0;
-      }
-      held_n = i + 1;
+      if (ri == Result::Ok) ri = take_frame(held[i].blk_, d[i].len, d[i].fd, max_payload, held_h[i]);
+      // Nothing after a bad frame is delivered: the session is closing. The
+      // blocks not handed out are released below, with any fd they took.
+      if (held_err == Result::Ok && ri != Result::Ok) held_err = ri;
+      if (held_err == Result::Ok) held_n = i + 1;
     }
     for (std::size_t i = held_n; i < asked; ++i) held[i].release();
     if (r == Result::WouldBlock) drained = true;
@@ -2828,7 +2851,14 @@ inline Result Channel::receive(MessagePoolBase& pool, std::uint32_t max_payload,
   int rfd = -1;
   r = recv_datagram(fd, m.blk_->header, wire::header_size + pool.max_payload(), len, rfd, wait);
   if (r != Result::Ok) return r;
-  r = wire::decode(m.blk_->header, len, max_payload, h);
+  r = take_frame(m.blk_, len, rfd, max_payload, h);
+  if (r == Result::Ok) out = std::move(m);
+  return r;
+}
+
+inline Result Channel::take_frame(MsgBlock* b, std::size_t len, int rfd, std::uint32_t max_payload,
+                                  wire::Header& h) noexcept {
+  Result r = wire::decode(b->header, len, max_payload, h);
   // The fd flag must match what arrived: an fd nobody announced is refused.
   if (r == Result::Ok && ((h.flags & wire::FlagFd) != 0) != (rfd >= 0)) r = Result::BadFrame;
   if (r == Result::Ok && rfd >= 0 && refuse_unix_fds && is_unix_socket(rfd)) r = Result::BadFrame;
@@ -2836,16 +2866,14 @@ inline Result Channel::receive(MessagePoolBase& pool, std::uint32_t max_payload,
     if (rfd >= 0) ::close(rfd);
     return r;
   }
-  m.blk_->size = h.length;
-  m.blk_->fd = rfd;
-  m.blk_->txn = h.txn;
+  b->size = h.length;
+  b->fd = rfd;
+  b->txn = h.txn;
   if (h.flags & wire::FlagError) {
-    std::int32_t code;
-    std::memcpy(&code, payload_of(m.blk_), 4);
-    m.blk_->status = code;
-    m.blk_->size = 0;
+    // An error response carries its Result in place of a payload.
+    std::memcpy(&b->status, payload_of(b), 4);
+    b->size = 0;
   }
-  out = std::move(m);
   return Result::Ok;
 }
 
@@ -4075,8 +4103,25 @@ class Session {
   bool lose_server(Result reason) noexcept;
   void fail_open(Result why) noexcept;
   void backoff() noexcept;
+  // The one way a pending request completes (response, error, Closed,
+  // Timeout): exactly once, with `response` or an empty message (nullptr).
+  // False when the handler destroyed the Session.
+  bool complete(std::uint32_t txn, Result why, Message* response) noexcept;
   bool complete_all(Result why) noexcept;
   Result check_outgoing(const Message& m) const noexcept;
+  // What the client accepts once open (a Message, or a Response whose error
+  // code is known); marks the message's kind. Ok or BadFrame.
+  Result check_incoming(const wire::Header& h, Message& m) const noexcept;
+  // A free pending slot and its id (Ok or PendingTableFull), and back.
+  Result add_pending(std::uint32_t& txn, Pending*& slot) noexcept;
+  void drop_pending(std::uint32_t txn) noexcept;
+  // request_sync's wait, at most `left` ms: Ok when a frame may be read
+  // (`wait`: read it blocking, inside recvmsg), WouldBlock to look again,
+  // Timeout, SystemError.
+  Result wait_readable(int left, bool& wait) noexcept;
+  // The server is lost inside request_sync: the close handler and the other
+  // completions run from the loop after it returns, not inside it.
+  void lose_later(Result why) noexcept;
 
   Loop& loop_;
   Protocol protocol_;
@@ -4326,17 +4371,9 @@ inline Result Session::start_handshake(int fd) noexcept {
 }
 
 inline void Session::on_handshake_frame() noexcept {
-  unsigned char buf[wire::header_size + 4];
-  std::size_t len = 0;
-  int rfd = -1;
-  Result r = detail::recv_datagram(ch_.fd, buf, sizeof buf, len, rfd);
+  Result answer = Result::BadFrame;
+  const Result r = detail::read_answer(ch_.fd, answer);
   if (r == Result::WouldBlock) return;
-  if (rfd >= 0) {
-    ::close(rfd);
-    r = Result::BadFrame;
-  }
-  wire::Header h;
-  if (r == Result::Ok) r = wire::decode(buf, len, 0, h);
   if (r == Result::Closed) {
     // The server went away between accept and answer (or it was a stale
     // listener); look for it again.
@@ -4344,7 +4381,7 @@ inline void Session::on_handshake_frame() noexcept {
     backoff();
     return;
   }
-  if (r == Result::Ok && h.type == wire::FrameType::Welcome) {
+  if (r == Result::Ok && answer == Result::Ok) {
     LEMSG_LOG(Info, "session %s: open (server pid %ld uid %ld)", name_, static_cast<long>(server_.pid),
               static_cast<long>(server_.uid));
     state_ = State::Open;
@@ -4357,12 +4394,7 @@ inline void Session::on_handshake_frame() noexcept {
     }
     return;
   }
-  Result why = Result::BadFrame;
-  if (r == Result::Ok && h.type == wire::FrameType::Refuse) {
-    std::int32_t code;
-    std::memcpy(&code, buf + wire::header_size, 4);
-    if (detail::known_result(code)) why = static_cast<Result>(code);
-  }
+  const Result why = r == Result::Ok ? answer : Result::BadFrame;
   if ((why == Result::SessionTableFull || why == Result::UidShareFull) && reconnect_) {
     ch_.reset(loop_);
     backoff();
@@ -4381,24 +4413,10 @@ inline Result Session::handshake_blocking(int fd, std::int64_t deadline) noexcep
     if (rc < 0 && errno == EINTR) continue;
     if (rc < 0) return Result::SystemError;
     if (rc == 0) return Result::Timeout;
-    unsigned char buf[wire::header_size + 4];
-    std::size_t len = 0;
-    int rfd = -1;
-    r = detail::recv_datagram(fd, buf, sizeof buf, len, rfd);
+    Result answer = Result::BadFrame;
+    r = detail::read_answer(fd, answer);
     if (r == Result::WouldBlock) continue;
-    if (rfd >= 0) {
-      ::close(rfd);
-      return Result::BadFrame;
-    }
-    if (r != Result::Ok) return r;
-    wire::Header h;
-    r = wire::decode(buf, len, 0, h);
-    if (r != Result::Ok) return r;
-    if (h.type == wire::FrameType::Welcome) return Result::Ok;
-    if (h.type != wire::FrameType::Refuse) return Result::BadFrame;
-    std::int32_t code;
-    std::memcpy(&code, buf + wire::header_size, 4);
-    return detail::known_result(code) ? static_cast<Result>(code) : Result::BadFrame;
+    return r == Result::Ok ? answer : r;
   }
 }
 
@@ -4524,22 +4542,29 @@ inline Result Session::try_open(const char* name) noexcept {
   }
 }
 
+inline bool Session::complete(std::uint32_t txn, Result why, Message* response) noexcept {
+  Pending* p = pending_refs_.lookup(txn);
+  if (!p) return true;
+  ResponseHandler done = std::move(p->done);
+  const bool had_deadline = p->deadline != 0;
+  p->used = false;
+  Result r = pending_refs_.remove(txn);
+  (void)r;
+  if (had_deadline) reschedule();  // before the handler, which may destroy the Session
+  if (!done) return true;
+  Message none;
+  Message& m = response ? *response : none;
+  return life_.call([&] { done(why, m); });
+}
+
 inline bool Session::complete_all(Result why) noexcept {
   std::uint32_t refs[LEMSG_MAX_PENDING];
   std::size_t n = 0;
   pending_refs_.for_each([&](Pending*, std::uint32_t ref) { refs[n++] = ref; });
-  for (std::size_t i = 0; i < n; ++i) {
-    // A handler may have completed the rest already (close(), or the
-    // destructor, run inside it).
-    Pending* p = pending_refs_.lookup(refs[i]);
-    if (!p) continue;
-    ResponseHandler done = std::move(p->done);
-    p->used = false;
-    Result r = pending_refs_.remove(refs[i]);
-    (void)r;
-    Message none;
-    if (done && !life_.call([&] { done(why, none); })) return false;
-  }
+  // A handler may complete the rest itself (close(), or the destructor, run
+  // inside it): complete() skips an id no longer pending.
+  for (std::size_t i = 0; i < n; ++i)
+    if (!complete(refs[i], why, nullptr)) return false;
   return true;
 }
 
@@ -4606,17 +4631,12 @@ inline void Session::on_socket(short revents) noexcept {
       else reschedule();
       return;
     }
-    if (r == Result::Ok && h.type != wire::FrameType::Message && h.type != wire::FrameType::Response)
-      r = Result::BadFrame;
-    // An error response must carry a known error: one claiming Ok (0) is as
-    // malformed as an unknown code, or the request would "succeed" empty.
-    if (r == Result::Ok && (h.flags & wire::FlagError) && !detail::known_result(m.blk_->status)) r = Result::BadFrame;
+    if (r == Result::Ok) r = check_incoming(h, m);
     if (r != Result::Ok) {
       if (r != Result::Closed) LEMSG_LOG(Warning, "session %s: server sent a bad frame: %s", name_, to_string(r));
       (void)lose_server(r);
       return;
     }
-    m.blk_->kind = h.type == wire::FrameType::Response ? detail::MsgKind::Response : detail::MsgKind::Received;
     if (!dispatch_frame(m)) return;
   }
 }
@@ -4630,24 +4650,14 @@ inline bool Session::dispatch_frame(Message& m) noexcept {
     return true;
   }
   const std::uint32_t txn = m.blk_->txn;
-  Pending* p = pending_refs_.lookup(txn);
-  if (!p) {
+  if (!pending_refs_.lookup(txn)) {
     // Its request timed out or was closed: a late answer, discarded.
     LEMSG_LOG(Debug, "session %s: response to no pending request; discarded", name_);
     return true;
   }
-  ResponseHandler done = std::move(p->done);
-  const bool had_deadline = p->deadline != 0;
-  p->used = false;
-  Result r = pending_refs_.remove(txn);
-  (void)r;
-  if (had_deadline) reschedule();
+  // An error response completes with the Result it carries and no message.
   const Result status = m.status();
-  if (status != Result::Ok) {
-    Message none;
-    return life_.call([&] { done(status, none); });
-  }
-  return life_.call([&] { done(Result::Ok, m); });
+  return complete(txn, status, status == Result::Ok ? &m : nullptr);
 }
 
 inline bool Session::deliver_deferred() noexcept {
@@ -4678,21 +4688,15 @@ inline Result Session::request(Message&& m, ResponseHandler done, std::uint32_t 
   Result r = check_outgoing(m);
   if (r != Result::Ok) return r;
   if (!done) return Result::BadParameter;
-  Pending* slot = nullptr;
-  for (Pending& p : pending_)
-    if (!p.used) {
-      slot = &p;
-      break;
-    }
   std::uint32_t txn = 0;
-  if (!slot || pending_refs_.add(slot, txn) != Result::Ok) return Result::PendingTableFull;
+  Pending* slot = nullptr;
+  r = add_pending(txn, slot);
+  if (r != Result::Ok) return r;
   r = ch_.send(loop_, m, wire::FrameType::Request, txn, 0);
   if (r != Result::Ok) {
-    Result rr = pending_refs_.remove(txn);
-    (void)rr;
+    drop_pending(txn);
     return r;
   }
-  slot->used = true;
   slot->done = std::move(done);
   slot->deadline = timeout_ms ? detail::now_ns() + static_cast<std::int64_t>(timeout_ms) * 1000000 : 0;
   if (timeout_ms) reschedule();
@@ -4705,20 +4709,13 @@ inline Result Session::request_sync(Message&& m, Message& response, int timeout_
   Result r = check_outgoing(m);
   if (r != Result::Ok) return r;
   if (server_here_ && detail::served_by_this_thread(path_)) return Result::WouldDeadlock;
-  Pending* slot = nullptr;
-  for (Pending& p : pending_)
-    if (!p.used) {
-      slot = &p;
-      break;
-    }
   std::uint32_t txn = 0;
-  if (!slot || pending_refs_.add(slot, txn) != Result::Ok) return Result::PendingTableFull;
-  slot->used = true;
-  slot->deadline = 0;  // this call enforces its own timeout
+  Pending* slot = nullptr;
+  r = add_pending(txn, slot);
+  if (r != Result::Ok) return r;  // (this call enforces its own timeout: no deadline)
   auto finish = [&](Result res) {
-    slot->used = false;
-    Result rr = pending_refs_.remove(txn);
-    (void)rr;
+    drop_pending(txn);
+    // What was set aside meanwhile is delivered from the loop.
     if (deferred_count_ || lost_pending_) {
       Result ra = loop_.arm_timer(timer_, 0);
       (void)ra;
@@ -4727,51 +4724,30 @@ inline Result Session::request_sync(Message&& m, Message& response, int timeout_
   };
   r = ch_.send(loop_, m, wire::FrameType::Request, txn, 0);
   if (r != Result::Ok) {
-    slot->used = false;
-    Result rr = pending_refs_.remove(txn);
-    (void)rr;
+    drop_pending(txn);
     return r;
   }
   const std::int64_t deadline = detail::now_ns() + static_cast<std::int64_t>(timeout_ms) * 1000000;
   for (;;) {
     const int left = detail::ms_until(deadline);
-    if (left == 0) {
+    bool wait = false;
+    r = left == 0 ? Result::Timeout : wait_readable(left, wait);
+    if (r == Result::WouldBlock) continue;
+    if (r == Result::Timeout) {
       LEMSG_LOG(Info, "session %s: request_sync timed out after %d ms", name_, timeout_ms);
-      return finish(Result::Timeout);
+      return finish(r);
     }
-    // Nothing left to send: wait inside recvmsg, one system call per answer
-    // like a plain blocking client. Otherwise poll, to send and receive.
-    const bool wait = ch_.out_count == 0 && ch_.set_wait(left);
-    if (!wait) {
-      struct pollfd pfd = {ch_.fd, static_cast<short>(POLLIN | (ch_.out_count ? POLLOUT : 0)), 0};
-      const int rc = ::poll(&pfd, 1, left);
-      if (rc < 0 && errno == EINTR) continue;
-      if (rc < 0) return finish(Result::SystemError);
-      if (rc == 0) {
-        LEMSG_LOG(Info, "session %s: request_sync timed out after %d ms", name_, timeout_ms);
-        return finish(Result::Timeout);
-      }
-      if ((pfd.revents & POLLOUT) && ch_.flush(loop_) != Result::Ok) pfd.revents |= POLLHUP;
-      if (!(pfd.revents & (POLLIN | POLLHUP | POLLERR | POLLNVAL))) continue;
-    }
+    if (r != Result::Ok) return finish(r);
     Message in;
     wire::Header h;
     r = ch_.receive(pool_, protocol_.max_payload, in, h, wait);
     if (r == Result::WouldBlock) continue;  // no answer yet: the deadline decides
-    if (r == Result::PoolEmpty) return finish(Result::PoolEmpty);
-    if (r == Result::Ok && h.type != wire::FrameType::Message && h.type != wire::FrameType::Response)
-      r = Result::BadFrame;
-    if (r == Result::Ok && (h.flags & wire::FlagError) && !detail::known_result(in.blk_->status)) r = Result::BadFrame;
+    if (r == Result::PoolEmpty) return finish(r);
+    if (r == Result::Ok) r = check_incoming(h, in);
     if (r != Result::Ok) {
-      // Finish the loss on the loop, after this call returns: the close
-      // handler and other completions must not run inside request_sync.
-      ch_.reset(loop_);
-      state_ = State::Idle;
-      lost_pending_ = true;
-      lost_reason_ = r;
+      lose_later(r);
       return finish(Result::Closed);
     }
-    in.blk_->kind = h.type == wire::FrameType::Response ? detail::MsgKind::Response : detail::MsgKind::Received;
     if (h.type == wire::FrameType::Response && h.txn == txn) {
       const Result status = in.status();
       if (status == Result::Ok) response = std::move(in);
@@ -4779,15 +4755,62 @@ inline Result Session::request_sync(Message&& m, Message& response, int timeout_
     }
     if (deferred_count_ == LEMSG_MAX_DEFERRED) {
       LEMSG_LOG(Warning, "session %s: more than LEMSG_MAX_DEFERRED frames during request_sync; closing", name_);
-      ch_.reset(loop_);
-      state_ = State::Idle;
-      lost_pending_ = true;
-      lost_reason_ = Result::Overflow;
+      lose_later(Result::Overflow);
       return finish(Result::Overflow);
     }
     deferred_[(deferred_head_ + deferred_count_) % LEMSG_MAX_DEFERRED] = std::move(in);
     ++deferred_count_;
   }
+}
+
+inline Result Session::wait_readable(int left, bool& wait) noexcept {
+  // Nothing left to send: wait inside recvmsg, one system call per answer
+  // like a plain blocking client. Otherwise poll, to send and receive.
+  wait = ch_.out_count == 0 && ch_.set_wait(left);
+  if (wait) return Result::Ok;
+  struct pollfd pfd = {ch_.fd, static_cast<short>(POLLIN | (ch_.out_count ? POLLOUT : 0)), 0};
+  const int rc = ::poll(&pfd, 1, left);
+  if (rc < 0) return errno == EINTR ? Result::WouldBlock : Result::SystemError;
+  if (rc == 0) return Result::Timeout;
+  if ((pfd.revents & POLLOUT) && ch_.flush(loop_) != Result::Ok) pfd.revents |= POLLHUP;
+  return (pfd.revents & (POLLIN | POLLHUP | POLLERR | POLLNVAL)) ? Result::Ok : Result::WouldBlock;
+}
+
+inline void Session::lose_later(Result why) noexcept {
+  ch_.reset(loop_);
+  state_ = State::Idle;
+  lost_pending_ = true;
+  lost_reason_ = why;
+}
+
+inline Result Session::add_pending(std::uint32_t& txn, Pending*& slot) noexcept {
+  slot = nullptr;
+  for (Pending& p : pending_)
+    if (!p.used) {
+      slot = &p;
+      break;
+    }
+  if (!slot || pending_refs_.add(slot, txn) != Result::Ok) return Result::PendingTableFull;
+  slot->used = true;
+  slot->deadline = 0;
+  return Result::Ok;
+}
+
+inline void Session::drop_pending(std::uint32_t txn) noexcept {
+  Pending* p = pending_refs_.lookup(txn);
+  if (!p) return;
+  p->used = false;
+  Result r = pending_refs_.remove(txn);
+  (void)r;
+}
+
+inline Result Session::check_incoming(const wire::Header& h, Message& m) const noexcept {
+  if (h.type != wire::FrameType::Message && h.type != wire::FrameType::Response) return Result::BadFrame;
+  // An error response must carry a known error: one claiming Ok (0) is as
+  // malformed as an unknown code, or the request would "succeed" empty.
+  if ((h.flags & wire::FlagError) && !detail::known_result(m.blk_->status)) return Result::BadFrame;
+  m.blk_->kind = h.type == wire::FrameType::Response ? detail::MsgKind::Response : detail::MsgKind::Received;
+  return Result::Ok;
 }
 
 inline Result Session::server_credentials(Credentials& out) const noexcept {
@@ -4833,15 +4856,9 @@ inline void Session::on_timer() noexcept {
     if (p->deadline && p->deadline <= now) late[n++] = ref;
   });
   for (std::size_t i = 0; i < n; ++i) {
-    Pending* p = pending_refs_.lookup(late[i]);
-    if (!p) continue;
-    ResponseHandler done = std::move(p->done);
-    p->used = false;
-    Result r = pending_refs_.remove(late[i]);
-    (void)r;
+    if (!pending_refs_.lookup(late[i])) continue;  // a handler above completed it
     LEMSG_LOG(Info, "session %s: request %lu timed out", name_, static_cast<unsigned long>(late[i]));
-    Message none;
-    if (done && !life_.call([&] { done(Result::Timeout, none); })) return;
+    if (!complete(late[i], Result::Timeout, nullptr)) return;
   }
   if (state_ == State::Handshake && handshake_deadline_ <= detail::now_ns()) {
     LEMSG_LOG(Warning, "session %s: server did not answer the hello in time", name_);
