@@ -3154,6 +3154,9 @@ class Service {
   bool on_hello(int fd, const Credentials& c, Result hello) noexcept;
   void on_timer() noexcept;
   void reschedule() noexcept;
+  // Hands a received frame of session `ref` to the receive handler (a
+  // request is then the application's to answer). False: the Service is gone.
+  bool deliver(std::uint32_t ref, Message& m, bool request) noexcept;
   // A frame was sent or queued: when it started a queue, the timer must
   // see the queue's stall deadline.
   void watch_stall(const Peer& p) noexcept {
@@ -3698,29 +3701,31 @@ inline void Service::on_peer(std::uint32_t ref, short revents) noexcept {
       (void)close_peer(ref, r);
       return;
     }
-    detail::MsgBlock* b = m.blk_;
-    b->session = ref;
-    if (h.type == wire::FrameType::Request) {
-      b->kind = detail::MsgKind::Request;
-      b->service = this;
-      b->unanswered = &Service::unanswered;
-    } else {
-      b->kind = detail::MsgKind::Received;
-    }
-    if (receive_handler_) {
-      ReceiveHandler h = receive_handler_;  // a copy: the handler may replace itself
-      // Releasing a request the handler left unanswered answers it, which
-      // may close the session and run the close handler: inside the call.
-      if (!life_.call([&] {
-            h(m);
-            m.release();
-          }))
-        return;
-    } else {
-      LEMSG_LOG(Debug, "service %s: no receive handler; frame released", log_name());
-      if (!life_.call([&] { m.release(); })) return;
-    }
+    if (!deliver(ref, m, h.type == wire::FrameType::Request)) return;
   }
+}
+
+inline bool Service::deliver(std::uint32_t ref, Message& m, bool request) noexcept {
+  detail::MsgBlock* b = m.blk_;
+  b->session = ref;
+  if (request) {
+    b->kind = detail::MsgKind::Request;
+    b->service = this;
+    b->unanswered = &Service::unanswered;
+  } else {
+    b->kind = detail::MsgKind::Received;
+  }
+  if (!receive_handler_) {
+    LEMSG_LOG(Debug, "service %s: no receive handler; frame released", log_name());
+    return life_.call([&] { m.release(); });
+  }
+  ReceiveHandler h = receive_handler_;  // a copy: the handler may replace itself
+  // Releasing a request the handler left unanswered answers it, which may
+  // close the session and run the close handler: inside the call.
+  return life_.call([&] {
+    h(m);
+    m.release();
+  });
 }
 
 inline void Service::answer_error(std::uint32_t session, std::uint32_t txn, Result code) noexcept {
