@@ -189,8 +189,11 @@
 //   5. Wire format                  >>wire
 //   6. Event loop                   >>loop
 //   7. Transport                    >>transport
-//   8. Messaging                    >>messaging
-//   (9 typed interfaces and 10 the service directory are not written yet.)
+//   8. Messages                     >>message
+//   9. Channel                      >>channel
+//   10. Service                     >>service
+//   11. Session                     >>session
+//   (12 typed interfaces and 13 the service directory are not written yet.)
 
 #ifndef LEMSG_HPP
 #define LEMSG_HPP
@@ -2292,10 +2295,12 @@ inline Result recv_datagrams(int fd, Datagram* d, std::size_t count, std::size_t
 }  // namespace detail
 
 // =============================================================================
-// 8. Messaging                                                     >>messaging
+// 8. Messages                                                        >>message
 // =============================================================================
 //
-// The Legato model on Unix sockets, with no daemon ("direct mode"):
+// The Legato model on Unix sockets, with no daemon ("direct mode"), in four
+// sections: messages (this one), the channel under both ends, the Service
+// and the Session:
 //
 //   Protocol   id string + largest payload; client and server must agree on
 //              both, or the open is refused (ProtocolMismatch, SizeMismatch).
@@ -2353,7 +2358,10 @@ enum class MsgKind : std::uint8_t { Outgoing, Received, Request, Response };
 // a frame is sent straight from the block with one system call.
 struct MsgBlock {
   MessagePoolBase* pool;
-  Service* service;  // the Service a request arrived at
+  // The Service a request arrived at, and how it answers one released
+  // unanswered: this section needs nothing of the Service's.
+  void* service;
+  void (*unanswered)(void* service, std::uint32_t session, std::uint32_t txn) noexcept;
   std::uint32_t session;
   std::uint32_t txn;
   std::uint32_t size;
@@ -2369,43 +2377,6 @@ static_assert(offsetof(MsgBlock, header) + wire::header_size == sizeof(MsgBlock)
 inline unsigned char* payload_of(MsgBlock* b) noexcept { return reinterpret_cast<unsigned char*>(b) + sizeof(MsgBlock); }
 
 struct Channel;
-
-// Every call into user code goes through Lifeline::call, because any handler
-// may destroy the object that called it (Legato code deletes a session in its
-// close handler). Each call puts a Witness on the caller's stack; the
-// object's Lifeline member marks every Witness still on its chain dead when
-// it is destroyed, so the caller learns, from its own stack, whether `this`
-// still exists, and returns at once without touching it when not.
-struct Witness {
-  bool alive = true;
-  Witness* below = nullptr;
-};
-class Lifeline {
- public:
-  Lifeline() noexcept = default;
-  Lifeline(const Lifeline&) = delete;
-  Lifeline& operator=(const Lifeline&) = delete;
-  // Runs after the owner's destructor body, whose own handler calls have
-  // returned by then: what is left are calls the destruction came from.
-  ~Lifeline() {
-    for (Witness* w = top_; w; w = w->below) w->alive = false;
-  }
-  // Calls f(); true when the owner survived it. On false the caller must
-  // return without touching the owner (its members, `this`, anything).
-  template <typename F>
-  bool call(F&& f) noexcept {
-    Witness w;
-    w.below = top_;
-    top_ = &w;
-    f();
-    if (!w.alive) return false;
-    top_ = w.below;
-    return true;
-  }
-
- private:
-  Witness* top_ = nullptr;
-};
 
 }  // namespace detail
 
@@ -2497,7 +2468,7 @@ class MessagePoolBase {
   friend class Session;
   // Requests `svc` received and nobody answered yet forget it, so releasing
   // them later does not call into a Service that is gone.
-  void detach(const Service* svc) noexcept;
+  void detach(const void* svc) noexcept;
   PoolBase& blocks_;
   std::uint32_t max_payload_;
   std::size_t users_ = 0;  // Services and Sessions using this pool
@@ -2516,6 +2487,426 @@ class MessagePool : private Pool<sizeof(detail::MsgBlock) + MaxPayload, Count>, 
   using MessagePoolBase::high_water;
   using MessagePoolBase::in_use;
 };
+
+namespace detail {
+
+// What Service and Session constructors check of their protocol and pool;
+// each refusal is logged, since it only shows as status() (BadParameter).
+inline Result check_protocol(const char* who, const Protocol& protocol, const MessagePoolBase& pool) noexcept {
+  const std::size_t idlen = protocol.id ? std::strlen(protocol.id) : 0;
+  if (idlen == 0 || idlen > LEMSG_MAX_PROTOCOL_ID) {
+    LEMSG_LOG(Error, "%s: the protocol id is empty or longer than LEMSG_MAX_PROTOCOL_ID (%d): BadParameter", who,
+              LEMSG_MAX_PROTOCOL_ID);
+    return Result::BadParameter;
+  }
+  if (protocol.max_payload > pool.max_payload()) {
+    LEMSG_LOG(Error, "%s %s: the protocol's max_payload %lu is above the pool's %lu: BadParameter (use a larger MessagePool)",
+              who, protocol.id, static_cast<unsigned long>(protocol.max_payload),
+              static_cast<unsigned long>(pool.max_payload()));
+    return Result::BadParameter;
+  }
+  return Result::Ok;
+}
+
+}  // namespace detail
+
+// -- implementation --
+
+inline Message::Message(const Message& o) noexcept : blk_(o.blk_) {
+  if (blk_) {
+    Result r = blk_->pool->blocks_.add_ref(blk_);
+    LEMSG_ASSERT(r == Result::Ok);
+    (void)r;
+  }
+}
+
+inline Message& Message::operator=(const Message& o) noexcept {
+  if (this != &o) {
+    Message copy(o);
+    *this = std::move(copy);
+  }
+  return *this;
+}
+
+inline Message& Message::operator=(Message&& o) noexcept {
+  if (this != &o) {
+    release();
+    blk_ = o.blk_;
+    o.blk_ = nullptr;
+  }
+  return *this;
+}
+
+inline void Message::release() noexcept {
+  detail::MsgBlock* b = blk_;
+  if (!b) return;
+  blk_ = nullptr;
+  PoolBase& blocks = b->pool->blocks_;
+  if (blocks.ref_count(b) == 1) {
+    // Last reference: what the block still holds goes with it.
+    if (b->fd >= 0) {
+      ::close(b->fd);
+      b->fd = -1;
+    }
+    if (b->kind == detail::MsgKind::Request && !b->responded && b->service) {
+      b->responded = true;
+      b->unanswered(b->service, b->session, b->txn);
+    }
+  }
+  Result r = blocks.release(b);
+  LEMSG_ASSERT(r == Result::Ok);
+  (void)r;
+}
+
+inline bool Message::is_shared() const noexcept { return blk_ && blk_->pool->blocks_.ref_count(blk_) > 1; }
+
+inline std::uint32_t Message::capacity() const noexcept { return blk_ ? blk_->pool->max_payload() : 0; }
+
+inline Result Message::set_size(std::uint32_t n) noexcept {
+  if (!blk_ || n > capacity()) return Result::BadParameter;
+  blk_->size = n;
+  return Result::Ok;
+}
+
+inline Result Message::assign(const void* data, std::uint32_t n) noexcept {
+  if (!blk_ || n > capacity() || (n > 0 && data == nullptr)) return Result::BadParameter;
+  if (n) std::memcpy(payload(), data, n);
+  blk_->size = n;
+  return Result::Ok;
+}
+
+inline Result Message::set_fd(int fd) noexcept {
+  if (!blk_ || fd < 0 || detail::is_directory(fd)) return Result::BadParameter;
+  if (blk_->fd >= 0 && blk_->fd != fd) ::close(blk_->fd);
+  blk_->fd = fd;
+  return Result::Ok;
+}
+
+inline int Message::take_fd() noexcept {
+  if (!blk_) return -1;
+  const int fd = blk_->fd;
+  blk_->fd = -1;
+  return fd;
+}
+
+inline MessagePoolBase::~MessagePoolBase() {
+  if (users_ != 0 || blocks_.in_use() != 0)
+    LEMSG_LOG(Error,
+              "MessagePool destroyed while %lu Service/Session objects and %lu Messages use it; "
+              "destroy them first",
+              static_cast<unsigned long>(users_), static_cast<unsigned long>(blocks_.in_use()));
+  LEMSG_ASSERT(users_ == 0 && blocks_.in_use() == 0);
+}
+
+inline void MessagePoolBase::detach(const void* svc) noexcept {
+  for (std::size_t i = 0; i < blocks_.count_; ++i) {
+    if (blocks_.refs_[i] == 0) continue;
+    detail::MsgBlock* b = reinterpret_cast<detail::MsgBlock*>(blocks_.blocks_ + i * blocks_.block_size_);
+    if (b->service == svc) b->service = nullptr;
+  }
+}
+
+inline Result MessagePoolBase::create(Message& out) noexcept {
+  out.release();
+  void* p = nullptr;
+  Result r = blocks_.alloc(p);
+  if (r != Result::Ok) return r;
+  detail::MsgBlock* b = ::new (p) detail::MsgBlock;
+  b->pool = this;
+  b->service = nullptr;
+  b->unanswered = nullptr;
+  b->session = 0;
+  b->txn = 0;
+  b->size = 0;
+  b->status = 0;
+  b->fd = -1;
+  b->kind = detail::MsgKind::Outgoing;
+  b->responded = false;
+  out.blk_ = b;
+  return Result::Ok;
+}
+
+// =============================================================================
+// 9. Channel                                                         >>channel
+// =============================================================================
+//
+// One connected socket, shared by both ends: its bounded outgoing queue (at
+// most LEMSG_MAX_OUTGOING frames, then Overflow), batched reads with one
+// recvmmsg(), the receive path that turns a datagram into a Message, and the
+// control frames of the open handshake.
+
+namespace detail {
+
+// One connected socket and its outgoing queue; shared by both ends.
+struct Channel {
+  int fd = -1;
+  WatchId watch;
+  bool starved = false;  // pool was empty: reading paused until a retry
+  // The socket is in blocking mode (every loop-path call passes MSG_DONTWAIT),
+  // so request_sync can wait inside recvmsg, as a plain blocking client does.
+  bool blocking = false;
+  int rcvtimeo_ms = 0;  // SO_RCVTIMEO last set (0 = never)
+  // A Unix socket arriving as an fd is a bad frame (ServiceOptions::accept_socket_fds).
+  bool refuse_unix_fds = false;
+  // While frames wait: when the peer will have read nothing for stall_ms.
+  // Set when the queue starts, pushed back whenever it moves; 0 = empty.
+  std::int64_t stall_deadline = 0;
+  std::uint32_t stall_ms = LEMSG_STALL_TIMEOUT_MS;
+  Message out[LEMSG_MAX_OUTGOING];
+  std::size_t out_head = 0;
+  std::size_t out_count = 0;
+
+  void update_events(Loop& loop) noexcept {
+    short ev = starved ? 0 : Readable;
+    if (out_count) ev = static_cast<short>(ev | Writable);
+    Result r = loop.set_events(watch, ev);
+    (void)r;
+  }
+  // Sends or queues the frame; on any failure `m` is left untouched.
+  Result send(Loop& loop, Message& m, wire::FrameType type, std::uint32_t txn, std::uint8_t flags) noexcept;
+  // Sends what is queued. Ok (maybe some left), or Closed/SystemError.
+  Result flush(Loop& loop) noexcept;
+  // Receives one frame into a new pool message.
+  Result receive(MessagePoolBase& pool, std::uint32_t max_payload, Message& out, wire::Header& h,
+                 bool wait = false) noexcept;
+  // Waits at most `ms` (> 0) in the next receive(wait = true).
+  bool set_wait(int ms) noexcept;
+  // The one check of every received datagram (both receive paths): decodes
+  // the `len` bytes in block `b` with the fd that came (-1: none) and makes
+  // them its frame. Ok, or why it is refused (`rfd` closed then).
+  Result take_frame(MsgBlock* b, std::size_t len, int rfd, std::uint32_t max_payload, wire::Header& h) noexcept;
+
+  // Frames of the last batch read with one recvmmsg(), handed out in order
+  // by next(). A batch shorter than asked means the socket was empty, so the
+  // next call says WouldBlock without a system call until readable() again.
+  Message held[max_batch];
+  wire::Header held_h[max_batch];
+  std::size_t held_i = 0;
+  std::size_t held_n = 0;
+  Result held_err = Result::Ok;  // what ends the batch after its good frames
+  bool drained = false;
+  // Blocks the next batch asks for: 2 (enough to see the socket drained) after
+  // a short batch, doubling up to max_batch while batches come back full.
+  std::size_t want = 2;
+  void readable() noexcept { drained = false; }
+  bool has_held() const noexcept { return held_i < held_n || held_err != Result::Ok; }
+  Result next(MessagePoolBase& pool, std::uint32_t max_payload, Message& out, wire::Header& h) noexcept;
+  void reset(Loop& loop) noexcept;
+};
+
+inline Result send_control(int fd, wire::FrameType type, std::uint32_t txn, std::uint8_t flags, const void* payload,
+                           std::uint32_t len) noexcept;
+
+// Reads the server's answer to a client's hello from `fd`. The status is the
+// transport's (WouldBlock, Closed, SystemError) or BadFrame/TooLarge for a
+// frame that is not a Welcome or Refuse (or came with an fd); when it is Ok,
+// `answer` is Ok for a Welcome, or the Result a Refuse carries (BadFrame for
+// a code this build does not know).
+inline Result read_answer(int fd, Result& answer) noexcept;
+
+// An error code from the peer must be one we know; anything else is a bad frame.
+inline bool known_result(std::int32_t code) noexcept {
+  return code > 0 && code < result_count;
+}
+
+}  // namespace detail
+
+// -- implementation --
+
+namespace detail {
+
+inline Result send_control(int fd, wire::FrameType type, std::uint32_t txn, std::uint8_t flags, const void* payload,
+                           std::uint32_t len) noexcept {
+  unsigned char buf[wire::header_size + 8 + LEMSG_MAX_PROTOCOL_ID];
+  if (len > sizeof buf - wire::header_size) return Result::BadParameter;
+  wire::encode(wire::Header{type, flags, txn, len}, buf);
+  if (len) std::memcpy(buf + wire::header_size, payload, len);
+  return send_datagram(fd, buf, wire::header_size + len, -1);
+}
+
+inline Result read_answer(int fd, Result& answer) noexcept {
+  answer = Result::BadFrame;
+  unsigned char buf[wire::header_size + 4];
+  std::size_t len = 0;
+  int rfd = -1;
+  Result r = recv_datagram(fd, buf, sizeof buf, len, rfd);
+  if (r != Result::Ok) return r;
+  if (rfd >= 0) {
+    ::close(rfd);
+    return Result::BadFrame;
+  }
+  wire::Header h;
+  r = wire::decode(buf, len, 0, h);
+  if (r != Result::Ok) return r;
+  if (h.type == wire::FrameType::Welcome) {
+    answer = Result::Ok;
+    return Result::Ok;
+  }
+  if (h.type != wire::FrameType::Refuse) return Result::BadFrame;
+  std::int32_t code;
+  std::memcpy(&code, buf + wire::header_size, 4);
+  if (known_result(code)) answer = static_cast<Result>(code);
+  return Result::Ok;
+}
+
+inline Result Channel::send(Loop& loop, Message& m, wire::FrameType type, std::uint32_t txn,
+                            std::uint8_t flags) noexcept {
+  MsgBlock* b = m.blk_;
+  if (b->fd >= 0) flags = static_cast<std::uint8_t>(flags | wire::FlagFd);
+  wire::encode(wire::Header{type, flags, txn, b->size}, b->header);
+  if (out_count == 0) {
+    const Result r = send_datagram(fd, b->header, wire::header_size + b->size, b->fd);
+    if (r == Result::Ok) {
+      m.release();
+      return r;
+    }
+    if (r != Result::WouldBlock) return r;
+  }
+  if (out_count == LEMSG_MAX_OUTGOING) return Result::Overflow;
+  if (out_count == 0) stall_deadline = now_ns() + static_cast<std::int64_t>(stall_ms) * 1000000;
+  out[(out_head + out_count) % LEMSG_MAX_OUTGOING] = std::move(m);
+  ++out_count;
+  update_events(loop);
+  return Result::Ok;
+}
+
+inline Result Channel::flush(Loop& loop) noexcept {
+  bool moved = false;
+  while (out_count) {
+    Message& m = out[out_head];
+    const Result r = send_datagram(fd, m.blk_->header, wire::header_size + m.blk_->size, m.blk_->fd);
+    if (r == Result::WouldBlock) break;
+    if (r != Result::Ok) return r;
+    m.release();
+    out_head = (out_head + 1) % LEMSG_MAX_OUTGOING;
+    --out_count;
+    moved = true;
+  }
+  // The peer read something: it has a new stall timeout for what is left.
+  if (out_count == 0) stall_deadline = 0;
+  else if (moved) stall_deadline = now_ns() + static_cast<std::int64_t>(stall_ms) * 1000000;
+  update_events(loop);
+  return Result::Ok;
+}
+
+inline Result Channel::next(MessagePoolBase& pool, std::uint32_t max_payload, Message& out,
+                            wire::Header& h) noexcept {
+  if (held_i == held_n && held_err == Result::Ok && !drained) {
+    held_i = held_n = 0;
+    std::size_t asked = 0;
+    for (; asked < want; ++asked)
+      if (pool.create(held[asked]) != Result::Ok) break;
+    if (asked == 0) return Result::PoolEmpty;
+    Datagram d[max_batch];
+    for (std::size_t i = 0; i < asked; ++i)
+      d[i] = Datagram{held[i].blk_->header, wire::header_size + pool.max_payload(), 0, -1, Result::Ok};
+    std::size_t got = 0;
+    Result r = recv_datagrams(fd, d, asked, got);
+    for (std::size_t i = 0; i < got; ++i) {
+      // (A datagram the transport refused has had its fds closed already.)
+      Result ri = d[i].result;
+      if (ri == Result::Ok) ri = take_frame(held[i].blk_, d[i].len, d[i].fd, max_payload, held_h[i]);
+      // Nothing after a bad frame is delivered: the session is closing. The
+      // blocks not handed out are released below, with any fd they took.
+      if (held_err == Result::Ok && ri != Result::Ok) held_err = ri;
+      if (held_err == Result::Ok) held_n = i + 1;
+    }
+    for (std::size_t i = held_n; i < asked; ++i) held[i].release();
+    if (r == Result::WouldBlock) drained = true;
+    else if (r != Result::Ok && held_err == Result::Ok) held_err = r;
+    else drained = got < asked;
+    want = got < asked ? 2 : (want * 2 > max_batch ? max_batch : want * 2);
+  }
+  if (held_i < held_n) {
+    out = std::move(held[held_i]);
+    h = held_h[held_i];
+    ++held_i;
+    return Result::Ok;
+  }
+  if (held_err != Result::Ok) {
+    const Result r = held_err;
+    held_err = Result::Ok;
+    return r;
+  }
+  return Result::WouldBlock;
+}
+
+inline bool Channel::set_wait(int ms) noexcept {
+  if (!blocking) return false;
+  if (ms == rcvtimeo_ms) return true;  // the usual case: the same timeout as last time, no syscall
+  struct timeval tv;
+  tv.tv_sec = ms / 1000;
+  tv.tv_usec = (ms % 1000) * 1000;
+  if (::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv) != 0) return false;
+  rcvtimeo_ms = ms;
+  return true;
+}
+
+inline Result Channel::receive(MessagePoolBase& pool, std::uint32_t max_payload, Message& out,
+                               wire::Header& h, bool wait) noexcept {
+  Message m;
+  Result r = pool.create(m);
+  if (r != Result::Ok) return r;
+  std::size_t len = 0;
+  int rfd = -1;
+  r = recv_datagram(fd, m.blk_->header, wire::header_size + pool.max_payload(), len, rfd, wait);
+  if (r != Result::Ok) return r;
+  r = take_frame(m.blk_, len, rfd, max_payload, h);
+  if (r == Result::Ok) out = std::move(m);
+  return r;
+}
+
+inline Result Channel::take_frame(MsgBlock* b, std::size_t len, int rfd, std::uint32_t max_payload,
+                                  wire::Header& h) noexcept {
+  Result r = wire::decode(b->header, len, max_payload, h);
+  // The fd flag must match what arrived: an fd nobody announced is refused.
+  if (r == Result::Ok && ((h.flags & wire::FlagFd) != 0) != (rfd >= 0)) r = Result::BadFrame;
+  if (r == Result::Ok && rfd >= 0 && refuse_unix_fds && is_unix_socket(rfd)) r = Result::BadFrame;
+  if (r != Result::Ok) {
+    if (rfd >= 0) ::close(rfd);
+    return r;
+  }
+  b->size = h.length;
+  b->fd = rfd;
+  b->txn = h.txn;
+  if (h.flags & wire::FlagError) {
+    // An error response carries its Result in place of a payload.
+    std::memcpy(&b->status, payload_of(b), 4);
+    b->size = 0;
+  }
+  return Result::Ok;
+}
+
+inline void Channel::reset(Loop& loop) noexcept {
+  if (watch) {
+    Result r = loop.remove_watch(watch);
+    (void)r;
+    watch = WatchId{};
+  }
+  if (fd >= 0) ::close(fd);
+  fd = -1;
+  for (std::size_t i = 0; i < out_count; ++i) out[(out_head + i) % LEMSG_MAX_OUTGOING].release();
+  out_head = out_count = 0;
+  stall_deadline = 0;
+  for (std::size_t i = held_i; i < held_n; ++i) held[i].release();
+  held_i = held_n = 0;
+  held_err = Result::Ok;
+  drained = false;
+  starved = false;
+  blocking = false;
+  rcvtimeo_ms = 0;
+}
+
+}  // namespace detail
+
+// =============================================================================
+// 10. Service                                                        >>service
+// =============================================================================
+//
+// The server end: advertise(name) makes <runtime dir>/<name>; open, close and
+// receive handlers; per-session context and credentials; send to one
+// session; respond to requests. Connections wait in a handshake table until
+// their hello arrives, and only then take a session slot.
 
 /// Who may open a Service: the socket file's mode and group, and an
 /// optional allow-list.
@@ -2554,130 +2945,46 @@ using OpenHandler = Callable<void(SessionRef)>;
 /// good hello is closed without it.
 using CloseHandler = Callable<void(SessionRef, Result reason)>;
 using ReceiveHandler = Callable<void(Message&)>;
-/// Client side: why the server end went away (Closed, BadFrame, TooLarge, Overflow).
-using SessionCloseHandler = Callable<void(Result reason)>;
-/// Result of an open that was started with Session::open().
-using OpenCallback = Callable<void(Result)>;
-/// Completion of an async request: Ok with the response, or Closed, Timeout,
-/// Unanswered or another error with an empty message.
-using ResponseHandler = Callable<void(Result, Message&)>;
 /// Releases one entry a closing session owned in a tracked RefMap.
 using TrackRelease = Callable<void(void* obj, std::uint32_t ref)>;
 
 namespace detail {
 
-// One connected socket and its outgoing queue; shared by both ends.
-struct Channel {
-  int fd = -1;
-  WatchId watch;
-  bool starved = false;  // pool was empty: reading paused until a retry
-  // The socket is in blocking mode (every loop-path call passes MSG_DONTWAIT),
-  // so request_sync can wait inside recvmsg, as a plain blocking client does.
-  bool blocking = false;
-  int rcvtimeo_ms = 0;  // SO_RCVTIMEO last set (0 = never)
-  // A Unix socket arriving as an fd is a bad frame (ServiceOptions::accept_socket_fds).
-  bool refuse_unix_fds = false;
-  // While frames wait: when the peer will have read nothing for stall_ms.
-  // Set when the queue starts, pushed back whenever it moves; 0 = empty.
-  std::int64_t stall_deadline = 0;
-  std::uint32_t stall_ms = LEMSG_STALL_TIMEOUT_MS;
-  Message out[LEMSG_MAX_OUTGOING];
-  std::size_t out_head = 0;
-  std::size_t out_count = 0;
-
-  void update_events(Loop& loop) noexcept {
-    short ev = starved ? 0 : Readable;
-    if (out_count) ev = static_cast<short>(ev | Writable);
-    Result r = loop.set_events(watch, ev);
-    (void)r;
-  }
-  // Sends or queues the frame; on any failure `m` is left untouched.
-  Result send(Loop& loop, Message& m, wire::FrameType type, std::uint32_t txn, std::uint8_t flags) noexcept;
-  // Sends what is queued. Ok (maybe some left), or Closed/SystemError.
-  Result flush(Loop& loop) noexcept;
-  // Receives one frame into a new pool message.
-  Result receive(MessagePoolBase& pool, std::uint32_t max_payload, Message& out, wire::Header& h,
-                 bool wait = false) noexcept;
-  // Waits at most `ms` (> 0) in the next receive(wait = true).
-  bool set_wait(int ms) noexcept;
-
-  // Frames of the last batch read with one recvmmsg(), handed out in order
-  // by next(). A batch shorter than asked means the socket was empty, so the
-  // next call says WouldBlock without a system call until readable() again.
-  Message held[max_batch];
-  wire::Header held_h[max_batch];
-  std::size_t held_i = 0;
-  std::size_t held_n = 0;
-  Result held_err = Result::Ok;  // what ends the batch after its good frames
-  bool drained = false;
-  // Blocks the next batch asks for: 2 (enough to see the socket drained) after
-  // a short batch, doubling up to max_batch while batches come back full.
-  std::size_t want = 2;
-  void readable() noexcept { drained = false; }
-  bool has_held() const noexcept { return held_i < held_n || held_err != Result::Ok; }
-  Result next(MessagePoolBase& pool, std::uint32_t max_payload, Message& out, wire::Header& h) noexcept;
-  void reset(Loop& loop) noexcept;
+// Every call into user code goes through Lifeline::call, because any handler
+// may destroy the object that called it (Legato code deletes a session in its
+// close handler). Each call puts a Witness on the caller's stack; the
+// object's Lifeline member marks every Witness still on its chain dead when
+// it is destroyed, so the caller learns, from its own stack, whether `this`
+// still exists, and returns at once without touching it when not.
+struct Witness {
+  bool alive = true;
+  Witness* below = nullptr;
 };
-
-// The transaction ids of one Session's pending requests. An id is the
-// pending slot's index in its low bits and a sequence number above them that
-// wraps (after 2^(LEMSG_TXN_BITS - index bits) requests): a slot holds one
-// request at a time, so a new id never equals a pending one, and the ids
-// never run out. A late response to a slot's earlier request finds another
-// id there and is refused, unless the sequence wrapped in between. 0 is
-// never an id. Same interface as RefMap, so Session uses it the same way.
-template <typename T, std::size_t N, unsigned Bits = LEMSG_TXN_BITS>
-class TxnTable {
-  static constexpr std::uint32_t index_bits = index_bits_for(N);
-  static_assert(Bits <= 32 && Bits > index_bits, "LEMSG_TXN_BITS must leave room beside the pending slot index");
-  static constexpr std::uint32_t seq_mask =
-      Bits - index_bits >= 32 ? UINT32_MAX : ((std::uint32_t{1} << (Bits - index_bits)) - 1);
-  static constexpr std::uint32_t index_mask = (std::uint32_t{1} << index_bits) - 1;
-
+class Lifeline {
  public:
-  // Ok with `txn` set, BadParameter for nullptr, NoMemory when all N are pending.
-  Result add(T* obj, std::uint32_t& txn) noexcept {
-    txn = 0;
-    if (!obj) return Result::BadParameter;
-    for (std::uint32_t i = 0; i < N; ++i) {
-      if (e_[i].obj) continue;
-      do {
-        seq_ = (seq_ + 1) & seq_mask;
-        txn = (seq_ << index_bits) | i;
-      } while (txn == 0);
-      e_[i].obj = obj;
-      e_[i].txn = txn;
-      ++count_;
-      return Result::Ok;
-    }
-    return Result::NoMemory;
+  Lifeline() noexcept = default;
+  Lifeline(const Lifeline&) = delete;
+  Lifeline& operator=(const Lifeline&) = delete;
+  // Runs after the owner's destructor body, whose own handler calls have
+  // returned by then: what is left are calls the destruction came from.
+  ~Lifeline() {
+    for (Witness* w = top_; w; w = w->below) w->alive = false;
   }
-  T* lookup(std::uint32_t txn) const noexcept {
-    const std::uint32_t i = txn & index_mask;
-    return (txn != 0 && i < N && e_[i].obj && e_[i].txn == txn) ? e_[i].obj : nullptr;
-  }
-  Result remove(std::uint32_t txn) noexcept {
-    if (!lookup(txn)) return Result::NotFound;
-    e_[txn & index_mask].obj = nullptr;
-    --count_;
-    return Result::Ok;
-  }
-  // f(T*, txn) for each pending id, in slot order.
+  // Calls f(); true when the owner survived it. On false the caller must
+  // return without touching the owner (its members, `this`, anything).
   template <typename F>
-  void for_each(F&& f) const {
-    for (std::uint32_t i = 0; i < N; ++i)
-      if (e_[i].obj) f(e_[i].obj, e_[i].txn);
+  bool call(F&& f) noexcept {
+    Witness w;
+    w.below = top_;
+    top_ = &w;
+    f();
+    if (!w.alive) return false;
+    top_ = w.below;
+    return true;
   }
-  std::size_t size() const noexcept { return count_; }
 
  private:
-  struct Entry {
-    T* obj = nullptr;
-    std::uint32_t txn = 0;
-  };
-  Entry e_[N];
-  std::size_t count_ = 0;
-  std::uint32_t seq_ = 0;
+  Witness* top_ = nullptr;
 };
 
 // The services of this process, so a synchronous call can see that only its
@@ -2703,9 +3010,6 @@ inline LocalRegistry& local_registry() noexcept {
 inline Result registry_add(const char* path, const Loop* loop, int& slot) noexcept;
 inline void registry_remove(int slot) noexcept;
 inline bool served_by_this_thread(const char* path) noexcept;
-
-inline Result send_control(int fd, wire::FrameType type, std::uint32_t txn, std::uint8_t flags, const void* payload,
-                           std::uint32_t len) noexcept;
 
 }  // namespace detail
 
@@ -2850,16 +3154,21 @@ class Service {
   bool on_hello(int fd, const Credentials& c, Result hello) noexcept;
   void on_timer() noexcept;
   void reschedule() noexcept;
+  // Hands a received frame of session `ref` to the receive handler (a
+  // request is then the application's to answer). False: the Service is gone.
+  bool deliver(std::uint32_t ref, Message& m, bool request) noexcept;
   // A frame was sent or queued: when it started a queue, the timer must
   // see the queue's stall deadline.
   void watch_stall(const Peer& p) noexcept {
     if (p.ch.out_count == 1) reschedule();
   }
   bool close_peer(std::uint32_t ref, Result reason) noexcept;  // false: the Service is gone
+  // The advertised name (also after hide()), else the protocol id: for logs.
+  const char* log_name() const noexcept { return path_[0] ? std::strrchr(path_, '/') + 1 : protocol_.id; }
   bool allowed(const Credentials& c) const noexcept;
   void answer_error(std::uint32_t session, std::uint32_t txn, Result code) noexcept;
-  static void unanswered(Service* svc, std::uint32_t session, std::uint32_t txn) noexcept {
-    svc->answer_error(session, txn, Result::Unanswered);
+  static void unanswered(void* svc, std::uint32_t session, std::uint32_t txn) noexcept {
+    static_cast<Service*>(svc)->answer_error(session, txn, Result::Unanswered);
   }
 
   Loop& loop_;
@@ -2892,6 +3201,787 @@ class Service {
   Tracked tracked_[LEMSG_MAX_TRACKED];
   detail::Lifeline life_;
 };
+
+// -- implementation --
+
+namespace detail {
+
+inline Result registry_add(const char* path, const Loop* loop, int& slot) noexcept {
+  slot = -1;
+  LocalRegistry& reg = local_registry();
+  std::lock_guard<detail::Mutex> lock(reg.mutex);
+  const pid_t me = ::getpid();
+  for (int i = 0; i < LEMSG_MAX_SERVICES; ++i) {
+    LocalService& e = reg.entries[i];
+    // Entries a forked child inherited from its parent are free to reuse.
+    if (e.loop != nullptr && e.pid == me) continue;
+    std::snprintf(e.path, sizeof e.path, "%s", path);
+    e.loop = loop;
+    e.pid = me;
+    slot = i;
+    return Result::Ok;
+  }
+  return Result::ServiceTableFull;
+}
+
+inline void registry_remove(int slot) noexcept {
+  if (slot < 0 || slot >= LEMSG_MAX_SERVICES) return;
+  LocalRegistry& reg = local_registry();
+  std::lock_guard<detail::Mutex> lock(reg.mutex);
+  LocalService& e = reg.entries[slot];
+  if (e.pid == ::getpid()) e.loop = nullptr;
+}
+
+inline bool served_by_this_thread(const char* path) noexcept {
+  LocalRegistry& reg = local_registry();
+  std::lock_guard<detail::Mutex> lock(reg.mutex);
+  for (const LocalService& e : reg.entries)
+    if (e.loop && e.pid == ::getpid() && std::strcmp(e.path, path) == 0 && e.loop->on_owner_thread()) return true;
+  return false;
+}
+
+}  // namespace detail
+
+inline Service::Service(Loop& loop, const Protocol& protocol, MessagePoolBase& pool) noexcept
+    : loop_(loop), protocol_(protocol), pool_(pool) {
+  ++loop_.users_;
+  ++pool_.users_;
+  status_ = detail::check_protocol("service", protocol, pool);
+  if (status_ != Result::Ok) return;
+  status_ = detail::probe_datagram(wire::header_size + protocol.max_payload, sndbuf_);
+  if (status_ != Result::Ok) {
+    LEMSG_LOG(Error, "service %s: frames of %lu bytes cannot travel: %s", protocol.id,
+              static_cast<unsigned long>(wire::header_size + protocol.max_payload), to_string(status_));
+    return;
+  }
+  status_ = loop_.add_timer([this] { on_timer(); }, timer_);
+}
+
+inline Service::~Service() {
+  std::uint32_t refs[LEMSG_MAX_SESSIONS];
+  std::size_t n = 0;
+  peer_refs_.for_each([&](Peer*, std::uint32_t ref) { refs[n++] = ref; });
+  // A handler cannot destroy the Service again from here (a second
+  // destruction is the caller's bug), so the results need no check.
+  for (std::size_t i = 0; i < n; ++i) (void)close_peer(refs[i], Result::Ok);
+  std::uint32_t shakes[LEMSG_MAX_HANDSHAKES];
+  n = 0;
+  handshake_refs_.for_each([&](Handshake*, std::uint32_t ref) { shakes[n++] = ref; });
+  for (std::size_t i = 0; i < n; ++i) {
+    const int fd = drop_handshake(shakes[i]);
+    if (fd >= 0) ::close(fd);
+  }
+  Result r = hide();
+  (void)r;
+  if (timer_) r = loop_.remove_timer(timer_);
+  pool_.detach(this);
+  --pool_.users_;
+  --loop_.users_;
+}
+
+inline Result Service::advertise(const char* name, const ServiceOptions& options) noexcept {
+  if (status_ != Result::Ok) return status_;
+  if (listen_fd_ >= 0) return Result::Busy;
+  char path[sizeof path_];
+  Result r = detail::socket_path(name, path);
+  if (r != Result::Ok) return r;
+  if ((options.uid_count && !options.uids) || (options.gid_count && !options.gids)) return Result::BadParameter;
+  const char* dir = runtime_dir();
+  if (::mkdir(dir, 0755) == 0) {
+    // mkdir's mode passes through the umask (077 would shut every other user
+    // out, whatever the socket's mode): set it explicitly.
+    if (::chmod(dir, 0755) != 0)
+      LEMSG_LOG(Warning, "service %s: cannot set the mode of %s: %s", name, dir, std::strerror(errno));
+  } else if (errno != EEXIST) {
+    const int e = errno;
+    LEMSG_LOG(Error, "service %s: cannot create the runtime dir %s: %s (set LEMSG_RUNTIME_DIR, or create it owned by this user)",
+              name, dir, std::strerror(e));
+    return (e == EACCES || e == EPERM || e == EROFS || e == ENOENT) ? Result::NoRuntimeDir : Result::SystemError;
+  }
+  r = detail::check_socket_dir(path);
+  if (r == Result::NotFound) r = Result::NoRuntimeDir;  // deleted since the mkdir
+  if (r != Result::Ok) return r;
+  if (detail::served_by_this_thread(path)) return Result::Duplicate;
+  r = detail::registry_add(path, &loop_, registry_slot_);
+  if (r != Result::Ok) return r;
+  int fd = -1;
+  detail::SocketFile file;
+  r = detail::listen_at(path, options.mode, fd, options.group, &file);
+  if (r == Result::Ok) {
+    r = loop_.add_watch(fd, Readable, [this](int, short ev) { on_listen(ev); }, listen_watch_);
+    if (r != Result::Ok) {
+      bool removed = detail::remove_socket_file(path, file);
+      (void)removed;
+      ::close(fd);
+    }
+  }
+  if (r != Result::Ok) {
+    detail::registry_remove(registry_slot_);
+    registry_slot_ = -1;
+    return r;
+  }
+  std::memcpy(path_, path, sizeof path_);
+  listen_fd_ = fd;
+  file_ = file;
+  owner_pid_ = ::getpid();
+  options_ = options;
+  LEMSG_LOG(Info, "service %s: advertised at %s", log_name(), path_);
+  return Result::Ok;
+}
+
+inline Result Service::hide() noexcept {
+  if (listen_fd_ < 0) return Result::NotFound;
+  Result r = loop_.remove_watch(listen_watch_);
+  (void)r;
+  listen_watch_ = WatchId{};
+  // Removed while still listening, so no other advertiser can take the name
+  // in between; and only by the process that made it, only if it is the
+  // file it made (not a forked child's copy, not a newer server's file).
+  if (owner_pid_ == ::getpid() && !detail::remove_socket_file(path_, file_))
+    LEMSG_LOG(Info, "service %s: %s is no longer ours; left in place", log_name(), path_);
+  ::close(listen_fd_);
+  listen_fd_ = -1;
+  accept_retry_ = 0;
+  accept_backoff_ms_ = 0;
+  detail::registry_remove(registry_slot_);
+  registry_slot_ = -1;
+  return Result::Ok;
+}
+
+inline Result Service::track(RefMapBase& map, TrackRelease release) noexcept {
+  if (status_ != Result::Ok) return status_;
+  if (!release) return Result::BadParameter;
+  for (Tracked& t : tracked_) {
+    if (t.map == &map) return Result::Duplicate;
+  }
+  for (Tracked& t : tracked_) {
+    if (t.map) continue;
+    t.map = &map;
+    t.release = std::move(release);
+    return Result::Ok;
+  }
+  return Result::TrackTableFull;
+}
+
+inline Result Service::set_context(SessionRef s, void* ctx) noexcept {
+  Peer* p = peer_refs_.lookup(s.value);
+  if (!p) return Result::NotFound;
+  p->context = ctx;
+  return Result::Ok;
+}
+
+inline void* Service::context(SessionRef s) const noexcept {
+  const Peer* p = peer_refs_.lookup(s.value);
+  return p ? p->context : nullptr;
+}
+
+inline Result Service::credentials(SessionRef s, Credentials& out) const noexcept {
+  const Peer* p = peer_refs_.lookup(s.value);
+  if (!p) return Result::NotFound;
+  out = p->creds;
+  return Result::Ok;
+}
+
+inline bool Service::allowed(const Credentials& c) const noexcept {
+  if (options_.uid_count == 0 && options_.gid_count == 0) return true;
+  for (std::size_t i = 0; i < options_.uid_count; ++i)
+    if (options_.uids[i] == c.uid) return true;
+  for (std::size_t i = 0; i < options_.gid_count; ++i)
+    if (options_.gids[i] == c.gid) return true;
+  return false;
+}
+
+inline void Service::on_listen(short revents) noexcept {
+  (void)revents;
+  // Accept a bounded batch; the rest wait for the next dispatch.
+  for (int i = 0; i < 16 && listen_fd_ >= 0; ++i) {
+    const int fd = ::accept4(listen_fd_, nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC);
+    if (fd < 0) {
+      const int e = errno;
+      if (e == EMFILE || e == ENFILE || e == ENOBUFS || e == ENOMEM) pause_accepting(e);
+      else if (e != EAGAIN && e != EWOULDBLOCK && e != EINTR && e != ECONNABORTED)
+        LEMSG_LOG(Warning, "service %s: accept failed: %s", log_name(), std::strerror(e));
+      return;
+    }
+    if (accept_backoff_ms_) {
+      LEMSG_LOG(Info, "service %s: accepting again", log_name());
+      accept_backoff_ms_ = 0;
+    }
+    Credentials c;
+    Result r = detail::peer_credentials(fd, c);
+    if (r != Result::Ok) r = Result::SystemError;
+    else if (!allowed(c)) r = Result::NotPermitted;
+    else r = session_room(c);
+    if (r != Result::Ok) {
+      refuse(fd, c, r);
+      continue;
+    }
+    // A client sends its hello right after connecting, so it is usually
+    // here already; only a client that is slow (or silent) waits in the
+    // handshake table.
+    r = read_hello(fd, c);
+    if (r == Result::WouldBlock) {
+      add_handshake(fd, c);
+      continue;
+    }
+    // An open handler may have run: the rest of the backlog waits for the
+    // next dispatch (the socket stays readable).
+    if (on_hello(fd, c, r)) return;
+  }
+}
+
+inline void Service::pause_accepting(int error) noexcept {
+  // The connection stays in the backlog, so the listening socket stays
+  // readable: without a pause every poll would return at once. One warning
+  // per episode; the retries back off from 50 ms to a second.
+  if (accept_backoff_ms_ == 0) {
+    LEMSG_LOG(Warning, "service %s: accept failed: %s; pausing accepts until it succeeds", log_name(),
+              std::strerror(error));
+    accept_backoff_ms_ = 50;
+  } else {
+    accept_backoff_ms_ = accept_backoff_ms_ * 2 > 1000 ? 1000 : accept_backoff_ms_ * 2;
+  }
+  Result r = loop_.set_events(listen_watch_, 0);
+  (void)r;
+  accept_retry_ = detail::now_ns() + static_cast<std::int64_t>(accept_backoff_ms_) * 1000000;
+  reschedule();
+}
+
+inline Result Service::session_room(const Credentials& c) const noexcept {
+  if (peer_refs_.size() >= LEMSG_MAX_SESSIONS) return Result::SessionTableFull;
+  if (!share_applies(c.uid)) return Result::Ok;
+  std::size_t mine = 0;
+  peer_refs_.for_each([&](const Peer* p, std::uint32_t) {
+    if (p->creds.uid == c.uid) ++mine;
+  });
+  return mine >= LEMSG_MAX_SESSIONS_PER_UID ? Result::UidShareFull : Result::Ok;
+}
+
+inline void Service::refuse(int fd, const Credentials& c, Result why) noexcept {
+  LEMSG_LOG(Warning, "service %s: refusing pid %ld uid %ld: %s", log_name(), static_cast<long>(c.pid),
+            static_cast<long>(c.uid), to_string(why));
+  const std::int32_t code = static_cast<std::int32_t>(why);
+  Result r = detail::send_control(fd, wire::FrameType::Refuse, 0, wire::FlagError, &code, 4);
+  (void)r;
+  ::close(fd);
+}
+
+inline void Service::add_handshake(int fd, const Credentials& c) noexcept {
+  // Silent connections must not lock others out: a uid beyond its share
+  // loses its own oldest handshake, and a full table loses the oldest of all.
+  auto oldest = [&](bool same_uid, std::size_t& count) {
+    std::uint32_t ref = 0;
+    std::uint64_t seq = 0;
+    count = 0;
+    handshake_refs_.for_each([&](const Handshake* h, std::uint32_t r) {
+      if (same_uid && h->creds.uid != c.uid) return;
+      ++count;
+      if (!ref || h->seq < seq) {
+        ref = r;
+        seq = h->seq;
+      }
+    });
+    return ref;
+  };
+  std::size_t count = 0;
+  if (share_applies(c.uid)) {
+    const std::uint32_t ref = oldest(true, count);
+    if (count >= LEMSG_MAX_HANDSHAKES_PER_UID) evict_handshake(ref, "its uid's share of handshakes is full");
+  }
+  if (handshake_refs_.size() >= LEMSG_MAX_HANDSHAKES) evict_handshake(oldest(false, count), "the handshake table is full");
+  Handshake* slot = nullptr;
+  for (Handshake& h : handshakes_)
+    if (!h.used) {
+      slot = &h;
+      break;
+    }
+  std::uint32_t ref = 0;
+  if (!slot || handshake_refs_.add(slot, ref) != Result::Ok) {
+    refuse(fd, c, Result::Busy);  // only when the map's generations ran out
+    return;
+  }
+  Result r = loop_.add_watch(fd, Readable, [this, ref](int, short) { on_handshake(ref); }, slot->watch);
+  if (r == Result::WatchTableFull && handshake_refs_.size() > 1) {
+    // The loop's watches are the limit: a silent connection's watch is worth less.
+    std::uint32_t victim = 0;
+    std::uint64_t seq = 0;
+    handshake_refs_.for_each([&](const Handshake* h, std::uint32_t hr) {
+      if (hr != ref && h->used && (!victim || h->seq < seq)) {
+        victim = hr;
+        seq = h->seq;
+      }
+    });
+    if (victim) {
+      evict_handshake(victim, "the loop's watch table is full");
+      r = loop_.add_watch(fd, Readable, [this, ref](int, short) { on_handshake(ref); }, slot->watch);
+    }
+  }
+  if (r != Result::Ok) {
+    Result rr = handshake_refs_.remove(ref);
+    (void)rr;
+    refuse(fd, c, r);
+    return;
+  }
+  slot->used = true;
+  slot->fd = fd;
+  slot->creds = c;
+  slot->seq = ++accept_seq_;
+  slot->deadline = detail::now_ns() + static_cast<std::int64_t>(LEMSG_OPEN_TIMEOUT_MS) * 1000000;
+  reschedule();
+}
+
+inline int Service::drop_handshake(std::uint32_t ref) noexcept {
+  Handshake* h = handshake_refs_.lookup(ref);
+  if (!h) return -1;
+  Result r = loop_.remove_watch(h->watch);
+  (void)r;
+  r = handshake_refs_.remove(ref);
+  const int fd = h->fd;
+  h->watch = WatchId{};
+  h->fd = -1;
+  h->used = false;
+  if (handshake_refs_.size() == 0) evict_logged_ = false;
+  return fd;
+}
+
+inline void Service::evict_handshake(std::uint32_t ref, const char* why) noexcept {
+  Handshake* h = handshake_refs_.lookup(ref);
+  if (!h) return;
+  // One warning per flood, not one per connection.
+  if (!evict_logged_) {
+    LEMSG_LOG(Warning, "service %s: closing the oldest connection still without a hello (pid %ld uid %ld): %s",
+              log_name(), static_cast<long>(h->creds.pid), static_cast<long>(h->creds.uid), why);
+  } else {
+    LEMSG_LOG(Debug, "service %s: closing the oldest connection still without a hello (pid %ld uid %ld): %s",
+              log_name(), static_cast<long>(h->creds.pid), static_cast<long>(h->creds.uid), why);
+  }
+  const int fd = drop_handshake(ref);
+  evict_logged_ = true;  // until the table empties by other means
+  if (fd >= 0) ::close(fd);
+}
+
+inline void Service::on_handshake(std::uint32_t ref) noexcept {
+  Handshake* h = handshake_refs_.lookup(ref);
+  if (!h) return;
+  const Credentials c = h->creds;
+  const Result r = read_hello(h->fd, c);
+  if (r == Result::WouldBlock) return;
+  const int fd = drop_handshake(ref);
+  reschedule();  // its deadline no longer counts
+  bool opened = on_hello(fd, c, r);
+  (void)opened;
+}
+
+inline Result Service::read_hello(int fd, const Credentials& c) noexcept {
+  unsigned char buf[wire::header_size + 8 + LEMSG_MAX_PROTOCOL_ID];
+  std::size_t len = 0;
+  int rfd = -1;
+  Result r = detail::recv_datagram(fd, buf, sizeof buf, len, rfd);
+  if (r == Result::WouldBlock) return r;
+  if (rfd >= 0) {
+    ::close(rfd);
+    r = Result::BadFrame;
+  }
+  wire::Header h;
+  if (r == Result::Ok) r = wire::decode(buf, len, 0, h);
+  if (r == Result::Ok && h.type != wire::FrameType::Hello) r = Result::BadFrame;
+  std::uint32_t max = 0, idlen = 0;
+  if (r == Result::Ok) {
+    std::memcpy(&max, buf + wire::header_size, 4);
+    std::memcpy(&idlen, buf + wire::header_size + 4, 4);
+    if (idlen != h.length - 8) r = Result::BadFrame;
+  }
+  if (r != Result::Ok) {
+    if (r != Result::Closed)
+      LEMSG_LOG(Warning, "service %s: bad hello from pid %ld: %s", log_name(), static_cast<long>(c.pid),
+                to_string(r));
+    return r == Result::TooLarge ? Result::BadFrame : r;
+  }
+  if (idlen != std::strlen(protocol_.id) || std::memcmp(buf + wire::header_size + 8, protocol_.id, idlen) != 0)
+    return Result::ProtocolMismatch;
+  if (max != protocol_.max_payload) return Result::SizeMismatch;
+  return Result::Ok;
+}
+
+// Completes a handshake whose hello read as `hello`: a good one opens a
+// session (true: the open handler ran), anything else closes `fd`.
+inline bool Service::on_hello(int fd, const Credentials& c, Result hello) noexcept {
+  if (hello == Result::ProtocolMismatch || hello == Result::SizeMismatch) {
+    refuse(fd, c, hello);
+    return false;
+  }
+  if (hello != Result::Ok) {
+    ::close(fd);  // gone, or a bad hello (logged)
+    return false;
+  }
+  // The tables may have filled while this client was slow.
+  Result r = session_room(c);
+  Peer* slot = nullptr;
+  std::uint32_t ref = 0;
+  if (r == Result::Ok) {
+    for (Peer& p : peers_)
+      if (!p.used) {
+        slot = &p;
+        break;
+      }
+    if (!slot || peer_refs_.add(slot, ref) != Result::Ok) r = Result::SessionTableFull;
+  }
+  if (r == Result::Ok) {
+    r = loop_.add_watch(fd, Readable, [this, ref](int, short ev) { on_peer(ref, ev); }, slot->ch.watch);
+    if (r != Result::Ok) {
+      Result rr = peer_refs_.remove(ref);
+      (void)rr;
+    }
+  }
+  if (r != Result::Ok) {
+    refuse(fd, c, r);
+    return false;
+  }
+  slot->used = true;
+  slot->open = false;
+  slot->closing = false;
+  slot->context = nullptr;
+  slot->creds = c;
+  slot->ch.fd = fd;
+  detail::set_send_buffer(fd, sndbuf_);
+  slot->ch.refuse_unix_fds = !options_.accept_socket_fds;
+  slot->ch.stall_ms = options_.stall_timeout_ms ? options_.stall_timeout_ms : LEMSG_STALL_TIMEOUT_MS;
+  r = detail::send_control(fd, wire::FrameType::Welcome, 0, 0, nullptr, 0);
+  if (r != Result::Ok) {
+    (void)close_peer(ref, r);
+    return false;
+  }
+  slot->open = true;
+  LEMSG_LOG(Info, "service %s: session opened for pid %ld uid %ld gid %ld (%lu open)", log_name(),
+            static_cast<long>(c.pid), static_cast<long>(c.uid), static_cast<long>(c.gid),
+            static_cast<unsigned long>(peer_refs_.size()));
+  if (open_handler_) {
+    // The handler may destroy the Service: the callers return at once.
+    OpenHandler h = open_handler_;
+    (void)life_.call([&] { h(SessionRef{ref}); });
+  }
+  return true;
+}
+
+inline void Service::on_peer(std::uint32_t ref, short revents) noexcept {
+  Peer* p = peer_refs_.lookup(ref);
+  if (!p) return;
+  if (revents & POLLOUT) {
+    const Result r = p->ch.flush(loop_);
+    if (r != Result::Ok) {
+      (void)close_peer(ref, Result::Closed);
+      return;
+    }
+  }
+  if (!(revents & (POLLIN | POLLHUP | POLLERR))) return;
+  p->ch.readable();
+  // A bounded batch per dispatch keeps one busy client from starving others;
+  // frames already read from the socket are always handed out.
+  for (int i = 0; i < 16 || p->ch.has_held(); ++i) {
+    p = peer_refs_.lookup(ref);
+    if (!p || p->closing) return;
+    Message m;
+    wire::Header h;
+    Result r = p->ch.next(pool_, protocol_.max_payload, m, h);
+    if (r == Result::WouldBlock) return;
+    if (r == Result::PoolEmpty) {
+      // Leave the frame in the socket; the timer retries once blocks free up.
+      p->ch.starved = true;
+      p->ch.update_events(loop_);
+      if ((revents & POLLHUP) && !(revents & POLLIN)) (void)close_peer(ref, Result::Closed);
+      else reschedule();
+      return;
+    }
+    if (r == Result::Ok && h.type != wire::FrameType::Message && h.type != wire::FrameType::Request)
+      r = Result::BadFrame;
+    if (r != Result::Ok) {
+      if (r != Result::Closed)
+        LEMSG_LOG(Warning, "service %s: closing session of pid %ld: %s", log_name(),
+                  static_cast<long>(p->creds.pid), to_string(r));
+      (void)close_peer(ref, r);
+      return;
+    }
+    if (!deliver(ref, m, h.type == wire::FrameType::Request)) return;
+  }
+}
+
+inline bool Service::deliver(std::uint32_t ref, Message& m, bool request) noexcept {
+  detail::MsgBlock* b = m.blk_;
+  b->session = ref;
+  if (request) {
+    b->kind = detail::MsgKind::Request;
+    b->service = this;
+    b->unanswered = &Service::unanswered;
+  } else {
+    b->kind = detail::MsgKind::Received;
+  }
+  if (!receive_handler_) {
+    LEMSG_LOG(Debug, "service %s: no receive handler; frame released", log_name());
+    return life_.call([&] { m.release(); });
+  }
+  ReceiveHandler h = receive_handler_;  // a copy: the handler may replace itself
+  // Releasing a request the handler left unanswered answers it, which may
+  // close the session and run the close handler: inside the call.
+  return life_.call([&] {
+    h(m);
+    m.release();
+  });
+}
+
+inline void Service::answer_error(std::uint32_t session, std::uint32_t txn, Result code) noexcept {
+  Peer* p = peer_refs_.lookup(session);
+  if (!p || !p->open || p->closing) return;
+  Message m;
+  const std::int32_t c = static_cast<std::int32_t>(code);
+  Result r = pool_.create(m);
+  if (r == Result::Ok) {
+    r = m.assign(&c, 4);
+    if (r == Result::Ok) r = p->ch.send(loop_, m, wire::FrameType::Response, txn, wire::FlagError);
+    if (r == Result::Ok) watch_stall(*p);
+  } else if (p->ch.out_count == 0) {
+    r = detail::send_control(p->ch.fd, wire::FrameType::Response, txn, wire::FlagError, &c, 4);
+  } else {
+    r = Result::Overflow;
+  }
+  if (r == Result::WouldBlock) r = Result::Overflow;
+  // Called from Message::release(), which touches no Service afterwards.
+  if (r != Result::Ok) (void)close_peer(session, r == Result::Overflow ? Result::Overflow : Result::Closed);
+}
+
+inline Result Service::send(SessionRef s, Message&& m) noexcept {
+  if (status_ != Result::Ok) return status_;
+  if (!m || m.blk_->kind != detail::MsgKind::Outgoing || m.is_shared())
+    return Result::BadParameter;
+  if (m.size() > protocol_.max_payload) return Result::TooLarge;
+  Peer* p = peer_refs_.lookup(s.value);
+  if (!p || !p->open || p->closing) return Result::NotFound;
+  const Result r = p->ch.send(loop_, m, wire::FrameType::Message, 0, 0);
+  if (r == Result::Ok) watch_stall(*p);
+  return r;
+}
+
+inline Result Service::respond(Message&& m) noexcept {
+  if (status_ != Result::Ok) return status_;
+  detail::MsgBlock* b = m.blk_;
+  if (!b || b->kind != detail::MsgKind::Request || b->service != this) return Result::BadParameter;
+  if (b->responded) return Result::BadParameter;
+  if (m.is_shared()) return Result::BadParameter;
+  b->responded = true;
+  if (b->size > protocol_.max_payload) {
+    b->responded = false;
+    return Result::TooLarge;
+  }
+  Peer* p = peer_refs_.lookup(b->session);
+  if (!p || !p->open || p->closing) {
+    m.release();
+    return Result::Closed;
+  }
+  const std::uint32_t ref = b->session;
+  const std::uint32_t txn = b->txn;
+  const std::uint32_t size = b->size;
+  b->kind = detail::MsgKind::Outgoing;
+  const Result r = p->ch.send(loop_, m, wire::FrameType::Response, txn, 0);
+  if (r == Result::Ok) {
+    watch_stall(*p);
+    return r;
+  }
+  m.release();
+  if (r == Result::Overflow) {
+    // A peer that stopped reading is closed now: a response is never
+    // dropped silently.
+    (void)close_peer(ref, Result::Overflow);  // nothing of the Service is touched after it
+    return r;
+  }
+  // A dead peer's hang-up closes the session from the loop.
+  if (r == Result::Closed) return r;
+  // The socket refused this response (too large for its buffer, too many
+  // fds in flight, no buffer space): the client's request still completes,
+  // with the reason, and the session goes on.
+  LEMSG_LOG(Warning, "service %s: a response of %lu bytes could not be sent: %s", log_name(),
+            static_cast<unsigned long>(size), to_string(r));
+  answer_error(ref, txn, r);
+  return r;
+}
+
+inline Result Service::close(SessionRef s) noexcept {
+  Peer* p = peer_refs_.lookup(s.value);
+  if (!p || p->closing) return Result::NotFound;
+  (void)close_peer(s.value, Result::Ok);  // nothing of the Service is touched after it
+  return Result::Ok;
+}
+
+inline bool Service::close_peer(std::uint32_t ref, Result reason) noexcept {
+  Peer* p = peer_refs_.lookup(ref);
+  if (!p || p->closing) return true;
+  p->closing = true;
+  if (p->open)
+    LEMSG_LOG(Info, "service %s: session of pid %ld closed: %s", log_name(), static_cast<long>(p->creds.pid),
+              reason == Result::Ok ? "closed by this side" : to_string(reason));
+  // Stop the socket first, so nothing a handler does below can reach it.
+  p->ch.reset(loop_);
+  if (p->open && close_handler_) {
+    CloseHandler h = close_handler_;
+    // Destroyed here: the tracked maps may have gone with the Service, so
+    // they are left alone.
+    if (!life_.call([&] { h(SessionRef{ref}, reason); })) return false;
+  }
+  for (Tracked& t : tracked_) {
+    if (!t.map) continue;
+    // From a copy: a release that destroys the Service must not destroy the
+    // callable that runs, and the rest of this map's entries still go to it.
+    RefMapBase* map = t.map;
+    TrackRelease release = t.release;
+    if (!life_.call([&] {
+          map->release_owner_ptr(
+              ref, [](void* obj, std::uint32_t r, void* ctx) { (*static_cast<TrackRelease*>(ctx))(obj, r); },
+              &release);
+        }))
+      return false;
+  }
+  Result r = peer_refs_.remove(ref);
+  (void)r;
+  p->used = false;
+  p->open = false;
+  p->closing = false;
+  p->context = nullptr;
+  return true;
+}
+
+inline void Service::reschedule() noexcept {
+  std::int64_t next = 0;
+  const std::int64_t now = detail::now_ns();
+  auto consider = [&](std::int64_t t) {
+    if (t && (!next || t < next)) next = t;
+  };
+  peer_refs_.for_each([&](Peer* p, std::uint32_t) {
+    if (p->ch.starved) consider(now + 5 * 1000000);
+    consider(p->ch.stall_deadline);
+  });
+  handshake_refs_.for_each([&](Handshake* h, std::uint32_t) { consider(h->deadline); });
+  if (accept_retry_ && (!next || accept_retry_ < next)) next = accept_retry_;
+  Result r = next ? loop_.arm_timer(timer_, static_cast<std::uint32_t>(detail::ms_until(next)))
+                  : loop_.disarm_timer(timer_);
+  (void)r;
+}
+
+inline void Service::on_timer() noexcept {
+  const std::int64_t now = detail::now_ns();
+  if (accept_retry_ && accept_retry_ <= now && listen_fd_ >= 0) {
+    // Listen again: the next poll tries accept(), which pauses again if fds are still short.
+    accept_retry_ = 0;
+    Result r = loop_.set_events(listen_watch_, Readable);
+    (void)r;
+  }
+  std::uint32_t late[LEMSG_MAX_HANDSHAKES];
+  std::size_t n = 0;
+  handshake_refs_.for_each([&](Handshake* h, std::uint32_t ref) {
+    if (h->deadline <= now) late[n++] = ref;
+  });
+  for (std::size_t i = 0; i < n; ++i) {
+    LEMSG_LOG(Warning, "service %s: client sent no hello in time; closing", log_name());
+    const int fd = drop_handshake(late[i]);
+    if (fd >= 0) ::close(fd);
+  }
+  std::uint32_t stalled[LEMSG_MAX_SESSIONS];
+  std::size_t n_stalled = 0;
+  peer_refs_.for_each([&](Peer* p, std::uint32_t ref) {
+    // Whatever keeps its socket alive (a copy in another process, an fd in
+    // flight), a client that reads nothing while frames wait is gone.
+    if (p->open && p->ch.out_count && p->ch.stall_deadline && p->ch.stall_deadline <= now) stalled[n_stalled++] = ref;
+    if (p->ch.starved && pool_.available()) {
+      p->ch.starved = false;
+      p->ch.update_events(loop_);
+    }
+  });
+  for (std::size_t i = 0; i < n_stalled; ++i) {
+    const Peer* p = peer_refs_.lookup(stalled[i]);
+    if (!p) continue;  // a close handler above closed it already
+    LEMSG_LOG(Warning, "service %s: pid %ld read nothing for %lu ms while frames waited; closing", log_name(),
+              static_cast<long>(p->creds.pid), static_cast<unsigned long>(p->ch.stall_ms));
+    if (!close_peer(stalled[i], Result::Stalled)) return;  // a close handler destroyed the Service
+  }
+  reschedule();
+}
+
+// =============================================================================
+// 11. Session                                                        >>session
+// =============================================================================
+//
+// The client end: open (async; waits for a server that is not there yet),
+// open_sync (with a timeout), try_open (once); send, request (async) and
+// request_sync (with a timeout); reconnect with backoff.
+
+/// Client side: why the server end went away (Closed, BadFrame, TooLarge, Overflow).
+using SessionCloseHandler = Callable<void(Result reason)>;
+/// Result of an open that was started with Session::open().
+using OpenCallback = Callable<void(Result)>;
+/// Completion of an async request: Ok with the response, or Closed, Timeout,
+/// Unanswered or another error with an empty message.
+using ResponseHandler = Callable<void(Result, Message&)>;
+namespace detail {
+
+// The transaction ids of one Session's pending requests. An id is the
+// pending slot's index in its low bits and a sequence number above them that
+// wraps (after 2^(LEMSG_TXN_BITS - index bits) requests): a slot holds one
+// request at a time, so a new id never equals a pending one, and the ids
+// never run out. A late response to a slot's earlier request finds another
+// id there and is refused, unless the sequence wrapped in between. 0 is
+// never an id. Same interface as RefMap, so Session uses it the same way.
+template <typename T, std::size_t N, unsigned Bits = LEMSG_TXN_BITS>
+class TxnTable {
+  static constexpr std::uint32_t index_bits = index_bits_for(N);
+  static_assert(Bits <= 32 && Bits > index_bits, "LEMSG_TXN_BITS must leave room beside the pending slot index");
+  static constexpr std::uint32_t seq_mask =
+      Bits - index_bits >= 32 ? UINT32_MAX : ((std::uint32_t{1} << (Bits - index_bits)) - 1);
+  static constexpr std::uint32_t index_mask = (std::uint32_t{1} << index_bits) - 1;
+
+ public:
+  // Ok with `txn` set, BadParameter for nullptr, NoMemory when all N are pending.
+  Result add(T* obj, std::uint32_t& txn) noexcept {
+    txn = 0;
+    if (!obj) return Result::BadParameter;
+    for (std::uint32_t i = 0; i < N; ++i) {
+      if (e_[i].obj) continue;
+      do {
+        seq_ = (seq_ + 1) & seq_mask;
+        txn = (seq_ << index_bits) | i;
+      } while (txn == 0);
+      e_[i].obj = obj;
+      e_[i].txn = txn;
+      ++count_;
+      return Result::Ok;
+    }
+    return Result::NoMemory;
+  }
+  T* lookup(std::uint32_t txn) const noexcept {
+    const std::uint32_t i = txn & index_mask;
+    return (txn != 0 && i < N && e_[i].obj && e_[i].txn == txn) ? e_[i].obj : nullptr;
+  }
+  Result remove(std::uint32_t txn) noexcept {
+    if (!lookup(txn)) return Result::NotFound;
+    e_[txn & index_mask].obj = nullptr;
+    --count_;
+    return Result::Ok;
+  }
+  // f(T*, txn) for each pending id, in slot order.
+  template <typename F>
+  void for_each(F&& f) const {
+    for (std::uint32_t i = 0; i < N; ++i)
+      if (e_[i].obj) f(e_[i].obj, e_[i].txn);
+  }
+  std::size_t size() const noexcept { return count_; }
+
+ private:
+  struct Entry {
+    T* obj = nullptr;
+    std::uint32_t txn = 0;
+  };
+  Entry e_[N];
+  std::size_t count_ = 0;
+  std::uint32_t seq_ = 0;
+};
+
+}  // namespace detail
 
 /// The client end of an interface. Owned by the caller, used on its Loop's
 /// thread. At most LEMSG_MAX_PENDING requests wait at once.
@@ -3018,8 +4108,25 @@ class Session {
   bool lose_server(Result reason) noexcept;
   void fail_open(Result why) noexcept;
   void backoff() noexcept;
+  // The one way a pending request completes (response, error, Closed,
+  // Timeout): exactly once, with `response` or an empty message (nullptr).
+  // False when the handler destroyed the Session.
+  bool complete(std::uint32_t txn, Result why, Message* response) noexcept;
   bool complete_all(Result why) noexcept;
   Result check_outgoing(const Message& m) const noexcept;
+  // What the client accepts once open (a Message, or a Response whose error
+  // code is known); marks the message's kind. Ok or BadFrame.
+  Result check_incoming(const wire::Header& h, Message& m) const noexcept;
+  // A free pending slot and its id (Ok or PendingTableFull), and back.
+  Result add_pending(std::uint32_t& txn, Pending*& slot) noexcept;
+  void drop_pending(std::uint32_t txn) noexcept;
+  // request_sync's wait, at most `left` ms: Ok when a frame may be read
+  // (`wait`: read it blocking, inside recvmsg), WouldBlock to look again,
+  // Timeout, SystemError.
+  Result wait_readable(int left, bool& wait) noexcept;
+  // The server is lost inside request_sync: the close handler and the other
+  // completions run from the loop after it returns, not inside it.
+  void lose_later(Result why) noexcept;
 
   Loop& loop_;
   Protocol protocol_;
@@ -3060,995 +4167,12 @@ class Session {
 
 // -- implementation --
 
-inline Message::Message(const Message& o) noexcept : blk_(o.blk_) {
-  if (blk_) {
-    Result r = blk_->pool->blocks_.add_ref(blk_);
-    LEMSG_ASSERT(r == Result::Ok);
-    (void)r;
-  }
-}
-
-inline Message& Message::operator=(const Message& o) noexcept {
-  if (this != &o) {
-    Message copy(o);
-    *this = std::move(copy);
-  }
-  return *this;
-}
-
-inline Message& Message::operator=(Message&& o) noexcept {
-  if (this != &o) {
-    release();
-    blk_ = o.blk_;
-    o.blk_ = nullptr;
-  }
-  return *this;
-}
-
-inline void Message::release() noexcept {
-  detail::MsgBlock* b = blk_;
-  if (!b) return;
-  blk_ = nullptr;
-  PoolBase& blocks = b->pool->blocks_;
-  if (blocks.ref_count(b) == 1) {
-    // Last reference: what the block still holds goes with it.
-    if (b->fd >= 0) {
-      ::close(b->fd);
-      b->fd = -1;
-    }
-    if (b->kind == detail::MsgKind::Request && !b->responded && b->service) {
-      b->responded = true;
-      Service::unanswered(b->service, b->session, b->txn);
-    }
-  }
-  Result r = blocks.release(b);
-  LEMSG_ASSERT(r == Result::Ok);
-  (void)r;
-}
-
-inline bool Message::is_shared() const noexcept { return blk_ && blk_->pool->blocks_.ref_count(blk_) > 1; }
-
-inline std::uint32_t Message::capacity() const noexcept { return blk_ ? blk_->pool->max_payload() : 0; }
-
-inline Result Message::set_size(std::uint32_t n) noexcept {
-  if (!blk_ || n > capacity()) return Result::BadParameter;
-  blk_->size = n;
-  return Result::Ok;
-}
-
-inline Result Message::assign(const void* data, std::uint32_t n) noexcept {
-  if (!blk_ || n > capacity() || (n > 0 && data == nullptr)) return Result::BadParameter;
-  if (n) std::memcpy(payload(), data, n);
-  blk_->size = n;
-  return Result::Ok;
-}
-
-inline Result Message::set_fd(int fd) noexcept {
-  if (!blk_ || fd < 0 || detail::is_directory(fd)) return Result::BadParameter;
-  if (blk_->fd >= 0 && blk_->fd != fd) ::close(blk_->fd);
-  blk_->fd = fd;
-  return Result::Ok;
-}
-
-inline int Message::take_fd() noexcept {
-  if (!blk_) return -1;
-  const int fd = blk_->fd;
-  blk_->fd = -1;
-  return fd;
-}
-
-inline MessagePoolBase::~MessagePoolBase() {
-  if (users_ != 0 || blocks_.in_use() != 0)
-    LEMSG_LOG(Error,
-              "MessagePool destroyed while %lu Service/Session objects and %lu Messages use it; "
-              "destroy them first",
-              static_cast<unsigned long>(users_), static_cast<unsigned long>(blocks_.in_use()));
-  LEMSG_ASSERT(users_ == 0 && blocks_.in_use() == 0);
-}
-
-inline void MessagePoolBase::detach(const Service* svc) noexcept {
-  for (std::size_t i = 0; i < blocks_.count_; ++i) {
-    if (blocks_.refs_[i] == 0) continue;
-    detail::MsgBlock* b = reinterpret_cast<detail::MsgBlock*>(blocks_.blocks_ + i * blocks_.block_size_);
-    if (b->service == svc) b->service = nullptr;
-  }
-}
-
-inline Result MessagePoolBase::create(Message& out) noexcept {
-  out.release();
-  void* p = nullptr;
-  Result r = blocks_.alloc(p);
-  if (r != Result::Ok) return r;
-  detail::MsgBlock* b = ::new (p) detail::MsgBlock;
-  b->pool = this;
-  b->service = nullptr;
-  b->session = 0;
-  b->txn = 0;
-  b->size = 0;
-  b->status = 0;
-  b->fd = -1;
-  b->kind = detail::MsgKind::Outgoing;
-  b->responded = false;
-  out.blk_ = b;
-  return Result::Ok;
-}
-
-namespace detail {
-
-inline Result registry_add(const char* path, const Loop* loop, int& slot) noexcept {
-  slot = -1;
-  LocalRegistry& reg = local_registry();
-  std::lock_guard<detail::Mutex> lock(reg.mutex);
-  const pid_t me = ::getpid();
-  for (int i = 0; i < LEMSG_MAX_SERVICES; ++i) {
-    LocalService& e = reg.entries[i];
-    // Entries a forked child inherited from its parent are free to reuse.
-    if (e.loop != nullptr && e.pid == me) continue;
-    std::snprintf(e.path, sizeof e.path, "%s", path);
-    e.loop = loop;
-    e.pid = me;
-    slot = i;
-    return Result::Ok;
-  }
-  return Result::ServiceTableFull;
-}
-
-inline void registry_remove(int slot) noexcept {
-  if (slot < 0 || slot >= LEMSG_MAX_SERVICES) return;
-  LocalRegistry& reg = local_registry();
-  std::lock_guard<detail::Mutex> lock(reg.mutex);
-  LocalService& e = reg.entries[slot];
-  if (e.pid == ::getpid()) e.loop = nullptr;
-}
-
-inline bool served_by_this_thread(const char* path) noexcept {
-  LocalRegistry& reg = local_registry();
-  std::lock_guard<detail::Mutex> lock(reg.mutex);
-  for (const LocalService& e : reg.entries)
-    if (e.loop && e.pid == ::getpid() && std::strcmp(e.path, path) == 0 && e.loop->on_owner_thread()) return true;
-  return false;
-}
-
-inline Result send_control(int fd, wire::FrameType type, std::uint32_t txn, std::uint8_t flags, const void* payload,
-                           std::uint32_t len) noexcept {
-  unsigned char buf[wire::header_size + 8 + LEMSG_MAX_PROTOCOL_ID];
-  if (len > sizeof buf - wire::header_size) return Result::BadParameter;
-  wire::encode(wire::Header{type, flags, txn, len}, buf);
-  if (len) std::memcpy(buf + wire::header_size, payload, len);
-  return send_datagram(fd, buf, wire::header_size + len, -1);
-}
-
-inline Result Channel::send(Loop& loop, Message& m, wire::FrameType type, std::uint32_t txn,
-                            std::uint8_t flags) noexcept {
-  MsgBlock* b = m.blk_;
-  if (b->fd >= 0) flags = static_cast<std::uint8_t>(flags | wire::FlagFd);
-  wire::encode(wire::Header{type, flags, txn, b->size}, b->header);
-  if (out_count == 0) {
-    const Result r = send_datagram(fd, b->header, wire::header_size + b->size, b->fd);
-    if (r == Result::Ok) {
-      m.release();
-      return r;
-    }
-    if (r != Result::WouldBlock) return r;
-  }
-  if (out_count == LEMSG_MAX_OUTGOING) return Result::Overflow;
-  if (out_count == 0) stall_deadline = now_ns() + static_cast<std::int64_t>(stall_ms) * 1000000;
-  out[(out_head + out_count) % LEMSG_MAX_OUTGOING] = std::move(m);
-  ++out_count;
-  update_events(loop);
-  return Result::Ok;
-}
-
-inline Result Channel::flush(Loop& loop) noexcept {
-  bool moved = false;
-  while (out_count) {
-    Message& m = out[out_head];
-    const Result r = send_datagram(fd, m.blk_->header, wire::header_size + m.blk_->size, m.blk_->fd);
-    if (r == Result::WouldBlock) break;
-    if (r != Result::Ok) return r;
-    m.release();
-    out_head = (out_head + 1) % LEMSG_MAX_OUTGOING;
-    --out_count;
-    moved = true;
-  }
-  // The peer read something: it has a new stall timeout for what is left.
-  if (out_count == 0) stall_deadline = 0;
-  else if (moved) stall_deadline = now_ns() + static_cast<std::int64_t>(stall_ms) * 1000000;
-  update_events(loop);
-  return Result::Ok;
-}
-
-inline Result Channel::next(MessagePoolBase& pool, std::uint32_t max_payload, Message& out,
-                            wire::Header& h) noexcept {
-  if (held_i == held_n && held_err == Result::Ok && !drained) {
-    held_i = held_n = 0;
-    std::size_t asked = 0;
-    for (; asked < want; ++asked)
-      if (pool.create(held[asked]) != Result::Ok) break;
-    if (asked == 0) return Result::PoolEmpty;
-    Datagram d[max_batch];
-    for (std::size_t i = 0; i < asked; ++i)
-      d[i] = Datagram{held[i].blk_->header, wire::header_size + pool.max_payload(), 0, -1, Result::Ok};
-    std::size_t got = 0;
-    Result r = recv_datagrams(fd, d, asked, got);
-    for (std::size_t i = 0; i < got; ++i) {
-      Result ri = d[i].result;
-      if (ri == Result::Ok) ri = wire::decode(held[i].blk_->header, d[i].len, max_payload, held_h[i]);
-      // The fd flag must match what arrived: an fd nobody announced is refused.
-      if (ri == Result::Ok && ((held_h[i].flags & wire::FlagFd) != 0) != (d[i].fd >= 0)) ri = Result::BadFrame;
-      if (ri == Result::Ok && d[i].fd >= 0 && refuse_unix_fds && is_unix_socket(d[i].fd)) ri = Result::BadFrame;
-      if (ri != Result::Ok || held_err != Result::Ok) {
-        // Nothing after a bad frame is delivered: the session is closing.
-        if (d[i].fd >= 0 && d[i].result == Result::Ok) ::close(d[i].fd);
-        if (held_err == Result::Ok) held_err = ri;
-        continue;
-      }
-      MsgBlock* b = held[i].blk_;
-      b->size = held_h[i].length;
-      b->fd = d[i].fd;
-      b->txn = held_h[i].txn;
-      if (held_h[i].flags & wire::FlagError) {
-        std::memcpy(&b->status, payload_of(b), 4);
-        b->size = 0;
-      }
-      held_n = i + 1;
-    }
-    for (std::size_t i = held_n; i < asked; ++i) held[i].release();
-    if (r == Result::WouldBlock) drained = true;
-    else if (r != Result::Ok && held_err == Result::Ok) held_err = r;
-    else drained = got < asked;
-    want = got < asked ? 2 : (want * 2 > max_batch ? max_batch : want * 2);
-  }
-  if (held_i < held_n) {
-    out = std::move(held[held_i]);
-    h = held_h[held_i];
-    ++held_i;
-    return Result::Ok;
-  }
-  if (held_err != Result::Ok) {
-    const Result r = held_err;
-    held_err = Result::Ok;
-    return r;
-  }
-  return Result::WouldBlock;
-}
-
-inline bool Channel::set_wait(int ms) noexcept {
-  if (!blocking) return false;
-  if (ms == rcvtimeo_ms) return true;  // the usual case: the same timeout as last time, no syscall
-  struct timeval tv;
-  tv.tv_sec = ms / 1000;
-  tv.tv_usec = (ms % 1000) * 1000;
-  if (::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv) != 0) return false;
-  rcvtimeo_ms = ms;
-  return true;
-}
-
-inline Result Channel::receive(MessagePoolBase& pool, std::uint32_t max_payload, Message& out,
-                               wire::Header& h, bool wait) noexcept {
-  Message m;
-  Result r = pool.create(m);
-  if (r != Result::Ok) return r;
-  std::size_t len = 0;
-  int rfd = -1;
-  r = recv_datagram(fd, m.blk_->header, wire::header_size + pool.max_payload(), len, rfd, wait);
-  if (r != Result::Ok) return r;
-  r = wire::decode(m.blk_->header, len, max_payload, h);
-  // The fd flag must match what arrived: an fd nobody announced is refused.
-  if (r == Result::Ok && ((h.flags & wire::FlagFd) != 0) != (rfd >= 0)) r = Result::BadFrame;
-  if (r == Result::Ok && rfd >= 0 && refuse_unix_fds && is_unix_socket(rfd)) r = Result::BadFrame;
-  if (r != Result::Ok) {
-    if (rfd >= 0) ::close(rfd);
-    return r;
-  }
-  m.blk_->size = h.length;
-  m.blk_->fd = rfd;
-  m.blk_->txn = h.txn;
-  if (h.flags & wire::FlagError) {
-    std::int32_t code;
-    std::memcpy(&code, payload_of(m.blk_), 4);
-    m.blk_->status = code;
-    m.blk_->size = 0;
-  }
-  out = std::move(m);
-  return Result::Ok;
-}
-
-inline void Channel::reset(Loop& loop) noexcept {
-  if (watch) {
-    Result r = loop.remove_watch(watch);
-    (void)r;
-    watch = WatchId{};
-  }
-  if (fd >= 0) ::close(fd);
-  fd = -1;
-  for (std::size_t i = 0; i < out_count; ++i) out[(out_head + i) % LEMSG_MAX_OUTGOING].release();
-  out_head = out_count = 0;
-  stall_deadline = 0;
-  for (std::size_t i = held_i; i < held_n; ++i) held[i].release();
-  held_i = held_n = 0;
-  held_err = Result::Ok;
-  drained = false;
-  starved = false;
-  blocking = false;
-  rcvtimeo_ms = 0;
-}
-
-// An error code from the peer must be one we know; anything else is a bad frame.
-inline bool known_result(std::int32_t code) noexcept {
-  return code > 0 && code < result_count;
-}
-
-}  // namespace detail
-
-// ---- Service ----
-
-inline Service::Service(Loop& loop, const Protocol& protocol, MessagePoolBase& pool) noexcept
-    : loop_(loop), protocol_(protocol), pool_(pool) {
-  ++loop_.users_;
-  ++pool_.users_;
-  const std::size_t idlen = protocol.id ? std::strlen(protocol.id) : 0;
-  if (idlen == 0 || idlen > LEMSG_MAX_PROTOCOL_ID || protocol.max_payload > pool.max_payload()) {
-    status_ = Result::BadParameter;
-    return;
-  }
-  status_ = detail::probe_datagram(wire::header_size + protocol.max_payload, sndbuf_);
-  if (status_ != Result::Ok) {
-    LEMSG_LOG(Error, "service %s: frames of %lu bytes cannot travel: %s", protocol.id,
-              static_cast<unsigned long>(wire::header_size + protocol.max_payload), to_string(status_));
-    return;
-  }
-  status_ = loop_.add_timer([this] { on_timer(); }, timer_);
-}
-
-inline Service::~Service() {
-  std::uint32_t refs[LEMSG_MAX_SESSIONS];
-  std::size_t n = 0;
-  peer_refs_.for_each([&](Peer*, std::uint32_t ref) { refs[n++] = ref; });
-  // A handler cannot destroy the Service again from here (a second
-  // destruction is the caller's bug), so the results need no check.
-  for (std::size_t i = 0; i < n; ++i) (void)close_peer(refs[i], Result::Ok);
-  std::uint32_t shakes[LEMSG_MAX_HANDSHAKES];
-  n = 0;
-  handshake_refs_.for_each([&](Handshake*, std::uint32_t ref) { shakes[n++] = ref; });
-  for (std::size_t i = 0; i < n; ++i) {
-    const int fd = drop_handshake(shakes[i]);
-    if (fd >= 0) ::close(fd);
-  }
-  Result r = hide();
-  (void)r;
-  if (timer_) r = loop_.remove_timer(timer_);
-  pool_.detach(this);
-  --pool_.users_;
-  --loop_.users_;
-}
-
-inline Result Service::advertise(const char* name, const ServiceOptions& options) noexcept {
-  if (status_ != Result::Ok) return status_;
-  if (listen_fd_ >= 0) return Result::Busy;
-  char path[sizeof path_];
-  Result r = detail::socket_path(name, path);
-  if (r != Result::Ok) return r;
-  if ((options.uid_count && !options.uids) || (options.gid_count && !options.gids)) return Result::BadParameter;
-  const char* dir = runtime_dir();
-  if (::mkdir(dir, 0755) == 0) {
-    // mkdir's mode passes through the umask (077 would shut every other user
-    // out, whatever the socket's mode): set it explicitly.
-    if (::chmod(dir, 0755) != 0)
-      LEMSG_LOG(Warning, "service %s: cannot set the mode of %s: %s", name, dir, std::strerror(errno));
-  } else if (errno != EEXIST) {
-    const int e = errno;
-    LEMSG_LOG(Error, "service %s: cannot create the runtime dir %s: %s (set LEMSG_RUNTIME_DIR, or create it owned by this user)",
-              name, dir, std::strerror(e));
-    return (e == EACCES || e == EPERM || e == EROFS || e == ENOENT) ? Result::NoRuntimeDir : Result::SystemError;
-  }
-  r = detail::check_socket_dir(path);
-  if (r == Result::NotFound) r = Result::NoRuntimeDir;  // deleted since the mkdir
-  if (r != Result::Ok) return r;
-  if (detail::served_by_this_thread(path)) return Result::Duplicate;
-  r = detail::registry_add(path, &loop_, registry_slot_);
-  if (r != Result::Ok) return r;
-  int fd = -1;
-  detail::SocketFile file;
-  r = detail::listen_at(path, options.mode, fd, options.group, &file);
-  if (r == Result::Ok) {
-    r = loop_.add_watch(fd, Readable, [this](int, short ev) { on_listen(ev); }, listen_watch_);
-    if (r != Result::Ok) {
-      bool removed = detail::remove_socket_file(path, file);
-      (void)removed;
-      ::close(fd);
-    }
-  }
-  if (r != Result::Ok) {
-    detail::registry_remove(registry_slot_);
-    registry_slot_ = -1;
-    return r;
-  }
-  std::memcpy(path_, path, sizeof path_);
-  listen_fd_ = fd;
-  file_ = file;
-  owner_pid_ = ::getpid();
-  options_ = options;
-  LEMSG_LOG(Info, "service %s: advertised at %s", protocol_.id, path_);
-  return Result::Ok;
-}
-
-inline Result Service::hide() noexcept {
-  if (listen_fd_ < 0) return Result::NotFound;
-  Result r = loop_.remove_watch(listen_watch_);
-  (void)r;
-  listen_watch_ = WatchId{};
-  // Removed while still listening, so no other advertiser can take the name
-  // in between; and only by the process that made it, only if it is the
-  // file it made (not a forked child's copy, not a newer server's file).
-  if (owner_pid_ == ::getpid() && !detail::remove_socket_file(path_, file_))
-    LEMSG_LOG(Info, "service %s: %s is no longer ours; left in place", protocol_.id, path_);
-  ::close(listen_fd_);
-  listen_fd_ = -1;
-  accept_retry_ = 0;
-  accept_backoff_ms_ = 0;
-  detail::registry_remove(registry_slot_);
-  registry_slot_ = -1;
-  return Result::Ok;
-}
-
-inline Result Service::track(RefMapBase& map, TrackRelease release) noexcept {
-  if (status_ != Result::Ok) return status_;
-  if (!release) return Result::BadParameter;
-  for (Tracked& t : tracked_) {
-    if (t.map == &map) return Result::Duplicate;
-  }
-  for (Tracked& t : tracked_) {
-    if (t.map) continue;
-    t.map = &map;
-    t.release = std::move(release);
-    return Result::Ok;
-  }
-  return Result::TrackTableFull;
-}
-
-inline Result Service::set_context(SessionRef s, void* ctx) noexcept {
-  Peer* p = peer_refs_.lookup(s.value);
-  if (!p) return Result::NotFound;
-  p->context = ctx;
-  return Result::Ok;
-}
-
-inline void* Service::context(SessionRef s) const noexcept {
-  const Peer* p = peer_refs_.lookup(s.value);
-  return p ? p->context : nullptr;
-}
-
-inline Result Service::credentials(SessionRef s, Credentials& out) const noexcept {
-  const Peer* p = peer_refs_.lookup(s.value);
-  if (!p) return Result::NotFound;
-  out = p->creds;
-  return Result::Ok;
-}
-
-inline bool Service::allowed(const Credentials& c) const noexcept {
-  if (options_.uid_count == 0 && options_.gid_count == 0) return true;
-  for (std::size_t i = 0; i < options_.uid_count; ++i)
-    if (options_.uids[i] == c.uid) return true;
-  for (std::size_t i = 0; i < options_.gid_count; ++i)
-    if (options_.gids[i] == c.gid) return true;
-  return false;
-}
-
-inline void Service::on_listen(short revents) noexcept {
-  (void)revents;
-  // Accept a bounded batch; the rest wait for the next dispatch.
-  for (int i = 0; i < 16 && listen_fd_ >= 0; ++i) {
-    const int fd = ::accept4(listen_fd_, nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC);
-    if (fd < 0) {
-      const int e = errno;
-      if (e == EMFILE || e == ENFILE || e == ENOBUFS || e == ENOMEM) pause_accepting(e);
-      else if (e != EAGAIN && e != EWOULDBLOCK && e != EINTR && e != ECONNABORTED)
-        LEMSG_LOG(Warning, "service %s: accept failed: %s", protocol_.id, std::strerror(e));
-      return;
-    }
-    if (accept_backoff_ms_) {
-      LEMSG_LOG(Info, "service %s: accepting again", protocol_.id);
-      accept_backoff_ms_ = 0;
-    }
-    Credentials c;
-    Result r = detail::peer_credentials(fd, c);
-    if (r != Result::Ok) r = Result::SystemError;
-    else if (!allowed(c)) r = Result::NotPermitted;
-    else r = session_room(c);
-    if (r != Result::Ok) {
-      refuse(fd, c, r);
-      continue;
-    }
-    // A client sends its hello right after connecting, so it is usually
-    // here already; only a client that is slow (or silent) waits in the
-    // handshake table.
-    r = read_hello(fd, c);
-    if (r == Result::WouldBlock) {
-      add_handshake(fd, c);
-      continue;
-    }
-    // An open handler may have run: the rest of the backlog waits for the
-    // next dispatch (the socket stays readable).
-    if (on_hello(fd, c, r)) return;
-  }
-}
-
-inline void Service::pause_accepting(int error) noexcept {
-  // The connection stays in the backlog, so the listening socket stays
-  // readable: without a pause every poll would return at once. One warning
-  // per episode; the retries back off from 50 ms to a second.
-  if (accept_backoff_ms_ == 0) {
-    LEMSG_LOG(Warning, "service %s: accept failed: %s; pausing accepts until it succeeds", protocol_.id,
-              std::strerror(error));
-    accept_backoff_ms_ = 50;
-  } else {
-    accept_backoff_ms_ = accept_backoff_ms_ * 2 > 1000 ? 1000 : accept_backoff_ms_ * 2;
-  }
-  Result r = loop_.set_events(listen_watch_, 0);
-  (void)r;
-  accept_retry_ = detail::now_ns() + static_cast<std::int64_t>(accept_backoff_ms_) * 1000000;
-  reschedule();
-}
-
-inline Result Service::session_room(const Credentials& c) const noexcept {
-  if (peer_refs_.size() >= LEMSG_MAX_SESSIONS) return Result::SessionTableFull;
-  if (!share_applies(c.uid)) return Result::Ok;
-  std::size_t mine = 0;
-  peer_refs_.for_each([&](const Peer* p, std::uint32_t) {
-    if (p->creds.uid == c.uid) ++mine;
-  });
-  return mine >= LEMSG_MAX_SESSIONS_PER_UID ? Result::UidShareFull : Result::Ok;
-}
-
-inline void Service::refuse(int fd, const Credentials& c, Result why) noexcept {
-  LEMSG_LOG(Warning, "service %s: refusing pid %ld uid %ld: %s", protocol_.id, static_cast<long>(c.pid),
-            static_cast<long>(c.uid), to_string(why));
-  const std::int32_t code = static_cast<std::int32_t>(why);
-  Result r = detail::send_control(fd, wire::FrameType::Refuse, 0, wire::FlagError, &code, 4);
-  (void)r;
-  ::close(fd);
-}
-
-inline void Service::add_handshake(int fd, const Credentials& c) noexcept {
-  // Silent connections must not lock others out: a uid beyond its share
-  // loses its own oldest handshake, and a full table loses the oldest of all.
-  auto oldest = [&](bool same_uid, std::size_t& count) {
-    std::uint32_t ref = 0;
-    std::uint64_t seq = 0;
-    count = 0;
-    handshake_refs_.for_each([&](const Handshake* h, std::uint32_t r) {
-      if (same_uid && h->creds.uid != c.uid) return;
-      ++count;
-      if (!ref || h->seq < seq) {
-        ref = r;
-        seq = h->seq;
-      }
-    });
-    return ref;
-  };
-  std::size_t count = 0;
-  if (share_applies(c.uid)) {
-    const std::uint32_t ref = oldest(true, count);
-    if (count >= LEMSG_MAX_HANDSHAKES_PER_UID) evict_handshake(ref, "its uid's share of handshakes is full");
-  }
-  if (handshake_refs_.size() >= LEMSG_MAX_HANDSHAKES) evict_handshake(oldest(false, count), "the handshake table is full");
-  Handshake* slot = nullptr;
-  for (Handshake& h : handshakes_)
-    if (!h.used) {
-      slot = &h;
-      break;
-    }
-  std::uint32_t ref = 0;
-  if (!slot || handshake_refs_.add(slot, ref) != Result::Ok) {
-    refuse(fd, c, Result::Busy);  // only when the map's generations ran out
-    return;
-  }
-  Result r = loop_.add_watch(fd, Readable, [this, ref](int, short) { on_handshake(ref); }, slot->watch);
-  if (r == Result::WatchTableFull && handshake_refs_.size() > 1) {
-    // The loop's watches are the limit: a silent connection's watch is worth less.
-    std::uint32_t victim = 0;
-    std::uint64_t seq = 0;
-    handshake_refs_.for_each([&](const Handshake* h, std::uint32_t hr) {
-      if (hr != ref && h->used && (!victim || h->seq < seq)) {
-        victim = hr;
-        seq = h->seq;
-      }
-    });
-    if (victim) {
-      evict_handshake(victim, "the loop's watch table is full");
-      r = loop_.add_watch(fd, Readable, [this, ref](int, short) { on_handshake(ref); }, slot->watch);
-    }
-  }
-  if (r != Result::Ok) {
-    Result rr = handshake_refs_.remove(ref);
-    (void)rr;
-    refuse(fd, c, r);
-    return;
-  }
-  slot->used = true;
-  slot->fd = fd;
-  slot->creds = c;
-  slot->seq = ++accept_seq_;
-  slot->deadline = detail::now_ns() + static_cast<std::int64_t>(LEMSG_OPEN_TIMEOUT_MS) * 1000000;
-  reschedule();
-}
-
-inline int Service::drop_handshake(std::uint32_t ref) noexcept {
-  Handshake* h = handshake_refs_.lookup(ref);
-  if (!h) return -1;
-  Result r = loop_.remove_watch(h->watch);
-  (void)r;
-  r = handshake_refs_.remove(ref);
-  const int fd = h->fd;
-  h->watch = WatchId{};
-  h->fd = -1;
-  h->used = false;
-  if (handshake_refs_.size() == 0) evict_logged_ = false;
-  return fd;
-}
-
-inline void Service::evict_handshake(std::uint32_t ref, const char* why) noexcept {
-  Handshake* h = handshake_refs_.lookup(ref);
-  if (!h) return;
-  // One warning per flood, not one per connection.
-  if (!evict_logged_) {
-    LEMSG_LOG(Warning, "service %s: closing the oldest connection still without a hello (pid %ld uid %ld): %s",
-              protocol_.id, static_cast<long>(h->creds.pid), static_cast<long>(h->creds.uid), why);
-  } else {
-    LEMSG_LOG(Debug, "service %s: closing the oldest connection still without a hello (pid %ld uid %ld): %s",
-              protocol_.id, static_cast<long>(h->creds.pid), static_cast<long>(h->creds.uid), why);
-  }
-  const int fd = drop_handshake(ref);
-  evict_logged_ = true;  // until the table empties by other means
-  if (fd >= 0) ::close(fd);
-}
-
-inline void Service::on_handshake(std::uint32_t ref) noexcept {
-  Handshake* h = handshake_refs_.lookup(ref);
-  if (!h) return;
-  const Credentials c = h->creds;
-  const Result r = read_hello(h->fd, c);
-  if (r == Result::WouldBlock) return;
-  const int fd = drop_handshake(ref);
-  reschedule();  // its deadline no longer counts
-  bool opened = on_hello(fd, c, r);
-  (void)opened;
-}
-
-inline Result Service::read_hello(int fd, const Credentials& c) noexcept {
-  unsigned char buf[wire::header_size + 8 + LEMSG_MAX_PROTOCOL_ID];
-  std::size_t len = 0;
-  int rfd = -1;
-  Result r = detail::recv_datagram(fd, buf, sizeof buf, len, rfd);
-  if (r == Result::WouldBlock) return r;
-  if (rfd >= 0) {
-    ::close(rfd);
-    r = Result::BadFrame;
-  }
-  wire::Header h;
-  if (r == Result::Ok) r = wire::decode(buf, len, 0, h);
-  if (r == Result::Ok && h.type != wire::FrameType::Hello) r = Result::BadFrame;
-  std::uint32_t max = 0, idlen = 0;
-  if (r == Result::Ok) {
-    std::memcpy(&max, buf + wire::header_size, 4);
-    std::memcpy(&idlen, buf + wire::header_size + 4, 4);
-    if (idlen != h.length - 8) r = Result::BadFrame;
-  }
-  if (r != Result::Ok) {
-    if (r != Result::Closed)
-      LEMSG_LOG(Warning, "service %s: bad hello from pid %ld: %s", protocol_.id, static_cast<long>(c.pid),
-                to_string(r));
-    return r == Result::TooLarge ? Result::BadFrame : r;
-  }
-  if (idlen != std::strlen(protocol_.id) || std::memcmp(buf + wire::header_size + 8, protocol_.id, idlen) != 0)
-    return Result::ProtocolMismatch;
-  if (max != protocol_.max_payload) return Result::SizeMismatch;
-  return Result::Ok;
-}
-
-// Completes a handshake whose hello read as `hello`: a good one opens a
-// session (true: the open handler ran), anything else closes `fd`.
-inline bool Service::on_hello(int fd, const Credentials& c, Result hello) noexcept {
-  if (hello == Result::ProtocolMismatch || hello == Result::SizeMismatch) {
-    refuse(fd, c, hello);
-    return false;
-  }
-  if (hello != Result::Ok) {
-    ::close(fd);  // gone, or a bad hello (logged)
-    return false;
-  }
-  // The tables may have filled while this client was slow.
-  Result r = session_room(c);
-  Peer* slot = nullptr;
-  std::uint32_t ref = 0;
-  if (r == Result::Ok) {
-    for (Peer& p : peers_)
-      if (!p.used) {
-        slot = &p;
-        break;
-      }
-    if (!slot || peer_refs_.add(slot, ref) != Result::Ok) r = Result::SessionTableFull;
-  }
-  if (r == Result::Ok) {
-    r = loop_.add_watch(fd, Readable, [this, ref](int, short ev) { on_peer(ref, ev); }, slot->ch.watch);
-    if (r != Result::Ok) {
-      Result rr = peer_refs_.remove(ref);
-      (void)rr;
-    }
-  }
-  if (r != Result::Ok) {
-    refuse(fd, c, r);
-    return false;
-  }
-  slot->used = true;
-  slot->open = false;
-  slot->closing = false;
-  slot->context = nullptr;
-  slot->creds = c;
-  slot->ch.fd = fd;
-  detail::set_send_buffer(fd, sndbuf_);
-  slot->ch.refuse_unix_fds = !options_.accept_socket_fds;
-  slot->ch.stall_ms = options_.stall_timeout_ms ? options_.stall_timeout_ms : LEMSG_STALL_TIMEOUT_MS;
-  r = detail::send_control(fd, wire::FrameType::Welcome, 0, 0, nullptr, 0);
-  if (r != Result::Ok) {
-    (void)close_peer(ref, r);
-    return false;
-  }
-  slot->open = true;
-  if (open_handler_) {
-    // The handler may destroy the Service: the callers return at once.
-    OpenHandler h = open_handler_;
-    (void)life_.call([&] { h(SessionRef{ref}); });
-  }
-  return true;
-}
-
-inline void Service::on_peer(std::uint32_t ref, short revents) noexcept {
-  Peer* p = peer_refs_.lookup(ref);
-  if (!p) return;
-  if (revents & POLLOUT) {
-    const Result r = p->ch.flush(loop_);
-    if (r != Result::Ok) {
-      (void)close_peer(ref, Result::Closed);
-      return;
-    }
-  }
-  if (!(revents & (POLLIN | POLLHUP | POLLERR))) return;
-  p->ch.readable();
-  // A bounded batch per dispatch keeps one busy client from starving others;
-  // frames already read from the socket are always handed out.
-  for (int i = 0; i < 16 || p->ch.has_held(); ++i) {
-    p = peer_refs_.lookup(ref);
-    if (!p || p->closing) return;
-    Message m;
-    wire::Header h;
-    Result r = p->ch.next(pool_, protocol_.max_payload, m, h);
-    if (r == Result::WouldBlock) return;
-    if (r == Result::PoolEmpty) {
-      // Leave the frame in the socket; the timer retries once blocks free up.
-      p->ch.starved = true;
-      p->ch.update_events(loop_);
-      if ((revents & POLLHUP) && !(revents & POLLIN)) (void)close_peer(ref, Result::Closed);
-      else reschedule();
-      return;
-    }
-    if (r == Result::Ok && h.type != wire::FrameType::Message && h.type != wire::FrameType::Request)
-      r = Result::BadFrame;
-    if (r != Result::Ok) {
-      if (r != Result::Closed)
-        LEMSG_LOG(Warning, "service %s: closing session of pid %ld: %s", protocol_.id,
-                  static_cast<long>(p->creds.pid), to_string(r));
-      (void)close_peer(ref, r);
-      return;
-    }
-    detail::MsgBlock* b = m.blk_;
-    b->session = ref;
-    if (h.type == wire::FrameType::Request) {
-      b->kind = detail::MsgKind::Request;
-      b->service = this;
-    } else {
-      b->kind = detail::MsgKind::Received;
-    }
-    if (receive_handler_) {
-      ReceiveHandler h = receive_handler_;  // a copy: the handler may replace itself
-      // Releasing a request the handler left unanswered answers it, which
-      // may close the session and run the close handler: inside the call.
-      if (!life_.call([&] {
-            h(m);
-            m.release();
-          }))
-        return;
-    } else {
-      LEMSG_LOG(Debug, "service %s: no receive handler; frame released", protocol_.id);
-      if (!life_.call([&] { m.release(); })) return;
-    }
-  }
-}
-
-inline void Service::answer_error(std::uint32_t session, std::uint32_t txn, Result code) noexcept {
-  Peer* p = peer_refs_.lookup(session);
-  if (!p || !p->open || p->closing) return;
-  Message m;
-  const std::int32_t c = static_cast<std::int32_t>(code);
-  Result r = pool_.create(m);
-  if (r == Result::Ok) {
-    r = m.assign(&c, 4);
-    if (r == Result::Ok) r = p->ch.send(loop_, m, wire::FrameType::Response, txn, wire::FlagError);
-    if (r == Result::Ok) watch_stall(*p);
-  } else if (p->ch.out_count == 0) {
-    r = detail::send_control(p->ch.fd, wire::FrameType::Response, txn, wire::FlagError, &c, 4);
-  } else {
-    r = Result::Overflow;
-  }
-  if (r == Result::WouldBlock) r = Result::Overflow;
-  // Called from Message::release(), which touches no Service afterwards.
-  if (r != Result::Ok) (void)close_peer(session, r == Result::Overflow ? Result::Overflow : Result::Closed);
-}
-
-inline Result Service::send(SessionRef s, Message&& m) noexcept {
-  if (status_ != Result::Ok) return status_;
-  if (!m || m.blk_->kind != detail::MsgKind::Outgoing || m.is_shared())
-    return Result::BadParameter;
-  if (m.size() > protocol_.max_payload) return Result::TooLarge;
-  Peer* p = peer_refs_.lookup(s.value);
-  if (!p || !p->open || p->closing) return Result::NotFound;
-  const Result r = p->ch.send(loop_, m, wire::FrameType::Message, 0, 0);
-  if (r == Result::Ok) watch_stall(*p);
-  return r;
-}
-
-inline Result Service::respond(Message&& m) noexcept {
-  if (status_ != Result::Ok) return status_;
-  detail::MsgBlock* b = m.blk_;
-  if (!b || b->kind != detail::MsgKind::Request || b->service != this) return Result::BadParameter;
-  if (b->responded) return Result::BadParameter;
-  if (m.is_shared()) return Result::BadParameter;
-  b->responded = true;
-  if (b->size > protocol_.max_payload) {
-    b->responded = false;
-    return Result::TooLarge;
-  }
-  Peer* p = peer_refs_.lookup(b->session);
-  if (!p || !p->open || p->closing) {
-    m.release();
-    return Result::Closed;
-  }
-  const std::uint32_t ref = b->session;
-  const std::uint32_t txn = b->txn;
-  const std::uint32_t size = b->size;
-  b->kind = detail::MsgKind::Outgoing;
-  const Result r = p->ch.send(loop_, m, wire::FrameType::Response, txn, 0);
-  if (r == Result::Ok) {
-    watch_stall(*p);
-    return r;
-  }
-  m.release();
-  if (r == Result::Overflow) {
-    // A peer that stopped reading is closed now: a response is never
-    // dropped silently.
-    (void)close_peer(ref, Result::Overflow);  // nothing of the Service is touched after it
-    return r;
-  }
-  // A dead peer's hang-up closes the session from the loop.
-  if (r == Result::Closed) return r;
-  // The socket refused this response (too large for its buffer, too many
-  // fds in flight, no buffer space): the client's request still completes,
-  // with the reason, and the session goes on.
-  LEMSG_LOG(Warning, "service %s: a response of %lu bytes could not be sent: %s", protocol_.id,
-            static_cast<unsigned long>(size), to_string(r));
-  answer_error(ref, txn, r);
-  return r;
-}
-
-inline Result Service::close(SessionRef s) noexcept {
-  Peer* p = peer_refs_.lookup(s.value);
-  if (!p || p->closing) return Result::NotFound;
-  (void)close_peer(s.value, Result::Ok);  // nothing of the Service is touched after it
-  return Result::Ok;
-}
-
-inline bool Service::close_peer(std::uint32_t ref, Result reason) noexcept {
-  Peer* p = peer_refs_.lookup(ref);
-  if (!p || p->closing) return true;
-  p->closing = true;
-  // Stop the socket first, so nothing a handler does below can reach it.
-  p->ch.reset(loop_);
-  if (p->open && close_handler_) {
-    CloseHandler h = close_handler_;
-    // Destroyed here: the tracked maps may have gone with the Service, so
-    // they are left alone.
-    if (!life_.call([&] { h(SessionRef{ref}, reason); })) return false;
-  }
-  for (Tracked& t : tracked_) {
-    if (!t.map) continue;
-    // From a copy: a release that destroys the Service must not destroy the
-    // callable that runs, and the rest of this map's entries still go to it.
-    RefMapBase* map = t.map;
-    TrackRelease release = t.release;
-    if (!life_.call([&] {
-          map->release_owner_ptr(
-              ref, [](void* obj, std::uint32_t r, void* ctx) { (*static_cast<TrackRelease*>(ctx))(obj, r); },
-              &release);
-        }))
-      return false;
-  }
-  Result r = peer_refs_.remove(ref);
-  (void)r;
-  p->used = false;
-  p->open = false;
-  p->closing = false;
-  p->context = nullptr;
-  return true;
-}
-
-inline void Service::reschedule() noexcept {
-  std::int64_t next = 0;
-  const std::int64_t now = detail::now_ns();
-  auto consider = [&](std::int64_t t) {
-    if (t && (!next || t < next)) next = t;
-  };
-  peer_refs_.for_each([&](Peer* p, std::uint32_t) {
-    if (p->ch.starved) consider(now + 5 * 1000000);
-    consider(p->ch.stall_deadline);
-  });
-  handshake_refs_.for_each([&](Handshake* h, std::uint32_t) { consider(h->deadline); });
-  if (accept_retry_ && (!next || accept_retry_ < next)) next = accept_retry_;
-  Result r = next ? loop_.arm_timer(timer_, static_cast<std::uint32_t>(detail::ms_until(next)))
-                  : loop_.disarm_timer(timer_);
-  (void)r;
-}
-
-inline void Service::on_timer() noexcept {
-  const std::int64_t now = detail::now_ns();
-  if (accept_retry_ && accept_retry_ <= now && listen_fd_ >= 0) {
-    // Listen again: the next poll tries accept(), which pauses again if fds are still short.
-    accept_retry_ = 0;
-    Result r = loop_.set_events(listen_watch_, Readable);
-    (void)r;
-  }
-  std::uint32_t late[LEMSG_MAX_HANDSHAKES];
-  std::size_t n = 0;
-  handshake_refs_.for_each([&](Handshake* h, std::uint32_t ref) {
-    if (h->deadline <= now) late[n++] = ref;
-  });
-  for (std::size_t i = 0; i < n; ++i) {
-    LEMSG_LOG(Warning, "service %s: client sent no hello in time; closing", protocol_.id);
-    const int fd = drop_handshake(late[i]);
-    if (fd >= 0) ::close(fd);
-  }
-  std::uint32_t stalled[LEMSG_MAX_SESSIONS];
-  std::size_t n_stalled = 0;
-  peer_refs_.for_each([&](Peer* p, std::uint32_t ref) {
-    // Whatever keeps its socket alive (a copy in another process, an fd in
-    // flight), a client that reads nothing while frames wait is gone.
-    if (p->open && p->ch.out_count && p->ch.stall_deadline && p->ch.stall_deadline <= now) stalled[n_stalled++] = ref;
-    if (p->ch.starved && pool_.available()) {
-      p->ch.starved = false;
-      p->ch.update_events(loop_);
-    }
-  });
-  for (std::size_t i = 0; i < n_stalled; ++i) {
-    const Peer* p = peer_refs_.lookup(stalled[i]);
-    if (!p) continue;  // a close handler above closed it already
-    LEMSG_LOG(Warning, "service %s: pid %ld read nothing for %lu ms while frames waited; closing", protocol_.id,
-              static_cast<long>(p->creds.pid), static_cast<unsigned long>(p->ch.stall_ms));
-    if (!close_peer(stalled[i], Result::Stalled)) return;  // a close handler destroyed the Service
-  }
-  reschedule();
-}
-
-// ---- Session ----
-
 inline Session::Session(Loop& loop, const Protocol& protocol, MessagePoolBase& pool) noexcept
     : loop_(loop), protocol_(protocol), pool_(pool) {
   ++loop_.users_;
   ++pool_.users_;
-  const std::size_t idlen = protocol.id ? std::strlen(protocol.id) : 0;
-  if (idlen == 0 || idlen > LEMSG_MAX_PROTOCOL_ID || protocol.max_payload > pool.max_payload()) {
-    status_ = Result::BadParameter;
-    return;
-  }
+  status_ = detail::check_protocol("session", protocol, pool);
+  if (status_ != Result::Ok) return;
   status_ = detail::probe_datagram(wire::header_size + protocol.max_payload, sndbuf_);
   if (status_ != Result::Ok) {
     LEMSG_LOG(Error, "session %s: frames of %lu bytes cannot travel: %s", protocol.id,
@@ -4188,6 +4312,7 @@ inline void Session::attempt() noexcept {
     return;
   }
   if (r == Result::NotFound && watching) {
+    if (state_ != State::Waiting) LEMSG_LOG(Info, "session %s: no server at %s yet; waiting for it (inotify)", name_, path_);
     state_ = State::Waiting;
     reschedule();
     return;
@@ -4204,6 +4329,7 @@ inline void Session::attempt() noexcept {
 inline void Session::backoff() noexcept {
   stop_watching_dir();
   state_ = State::Backoff;
+  LEMSG_LOG(Debug, "session %s: next attempt at %s in %lu ms", name_, path_, static_cast<unsigned long>(backoff_next_));
   backoff_deadline_ = detail::now_ns() + static_cast<std::int64_t>(backoff_next_) * 1000000;
   backoff_next_ = backoff_next_ * 2 > backoff_max_ ? backoff_max_ : backoff_next_ * 2;
   reschedule();
@@ -4250,17 +4376,9 @@ inline Result Session::start_handshake(int fd) noexcept {
 }
 
 inline void Session::on_handshake_frame() noexcept {
-  unsigned char buf[wire::header_size + 4];
-  std::size_t len = 0;
-  int rfd = -1;
-  Result r = detail::recv_datagram(ch_.fd, buf, sizeof buf, len, rfd);
+  Result answer = Result::BadFrame;
+  const Result r = detail::read_answer(ch_.fd, answer);
   if (r == Result::WouldBlock) return;
-  if (rfd >= 0) {
-    ::close(rfd);
-    r = Result::BadFrame;
-  }
-  wire::Header h;
-  if (r == Result::Ok) r = wire::decode(buf, len, 0, h);
   if (r == Result::Closed) {
     // The server went away between accept and answer (or it was a stale
     // listener); look for it again.
@@ -4268,7 +4386,9 @@ inline void Session::on_handshake_frame() noexcept {
     backoff();
     return;
   }
-  if (r == Result::Ok && h.type == wire::FrameType::Welcome) {
+  if (r == Result::Ok && answer == Result::Ok) {
+    LEMSG_LOG(Info, "session %s: open (server pid %ld uid %ld)", name_, static_cast<long>(server_.pid),
+              static_cast<long>(server_.uid));
     state_ = State::Open;
     backoff_next_ = backoff_min_;
     reschedule();
@@ -4279,12 +4399,7 @@ inline void Session::on_handshake_frame() noexcept {
     }
     return;
   }
-  Result why = Result::BadFrame;
-  if (r == Result::Ok && h.type == wire::FrameType::Refuse) {
-    std::int32_t code;
-    std::memcpy(&code, buf + wire::header_size, 4);
-    if (detail::known_result(code)) why = static_cast<Result>(code);
-  }
+  const Result why = r == Result::Ok ? answer : Result::BadFrame;
   if ((why == Result::SessionTableFull || why == Result::UidShareFull) && reconnect_) {
     ch_.reset(loop_);
     backoff();
@@ -4303,24 +4418,10 @@ inline Result Session::handshake_blocking(int fd, std::int64_t deadline) noexcep
     if (rc < 0 && errno == EINTR) continue;
     if (rc < 0) return Result::SystemError;
     if (rc == 0) return Result::Timeout;
-    unsigned char buf[wire::header_size + 4];
-    std::size_t len = 0;
-    int rfd = -1;
-    r = detail::recv_datagram(fd, buf, sizeof buf, len, rfd);
+    Result answer = Result::BadFrame;
+    r = detail::read_answer(fd, answer);
     if (r == Result::WouldBlock) continue;
-    if (rfd >= 0) {
-      ::close(rfd);
-      return Result::BadFrame;
-    }
-    if (r != Result::Ok) return r;
-    wire::Header h;
-    r = wire::decode(buf, len, 0, h);
-    if (r != Result::Ok) return r;
-    if (h.type == wire::FrameType::Welcome) return Result::Ok;
-    if (h.type != wire::FrameType::Refuse) return Result::BadFrame;
-    std::int32_t code;
-    std::memcpy(&code, buf + wire::header_size, 4);
-    return detail::known_result(code) ? static_cast<Result>(code) : Result::BadFrame;
+    return r == Result::Ok ? answer : r;
   }
 }
 
@@ -4395,6 +4496,8 @@ inline Result Session::open_sync(const char* name, int timeout_ms) noexcept {
       watched = true;
       ino = ::inotify_init1(IN_NONBLOCK | IN_CLOEXEC);
       armed = ino >= 0 && detail::watch_socket_dir(ino, path_, parent_wd);
+      LEMSG_LOG(Info, "session %s: no server at %s yet; waiting up to %d ms (%s)", name_, path_, timeout_ms,
+                armed ? "inotify" : "checking every 20 ms");
       continue;
     }
     // Wait for the socket to appear; with nothing watched, re-check every 20 ms.
@@ -4412,7 +4515,13 @@ inline Result Session::open_sync(const char* name, int timeout_ms) noexcept {
   }
   if (ino >= 0) ::close(ino);
   // Out of time while asking a full server again: say why it was refused.
-  return r == Result::Timeout && refused != Result::Ok ? refused : r;
+  if (r == Result::Timeout && refused != Result::Ok) r = refused;
+  if (r == Result::Ok)
+    LEMSG_LOG(Info, "session %s: open (server pid %ld uid %ld)", name_, static_cast<long>(server_.pid),
+              static_cast<long>(server_.uid));
+  else if (r != Result::Closed)
+    LEMSG_LOG(Info, "session %s: open_sync after %d ms: %s", name_, timeout_ms, to_string(r));
+  return r;
 }
 
 inline Result Session::try_open(const char* name) noexcept {
@@ -4438,26 +4547,34 @@ inline Result Session::try_open(const char* name) noexcept {
   }
 }
 
+inline bool Session::complete(std::uint32_t txn, Result why, Message* response) noexcept {
+  Pending* p = pending_refs_.lookup(txn);
+  if (!p) return true;
+  ResponseHandler done = std::move(p->done);
+  const bool had_deadline = p->deadline != 0;
+  p->used = false;
+  Result r = pending_refs_.remove(txn);
+  (void)r;
+  if (had_deadline) reschedule();  // before the handler, which may destroy the Session
+  if (!done) return true;
+  Message none;
+  Message& m = response ? *response : none;
+  return life_.call([&] { done(why, m); });
+}
+
 inline bool Session::complete_all(Result why) noexcept {
   std::uint32_t refs[LEMSG_MAX_PENDING];
   std::size_t n = 0;
   pending_refs_.for_each([&](Pending*, std::uint32_t ref) { refs[n++] = ref; });
-  for (std::size_t i = 0; i < n; ++i) {
-    // A handler may have completed the rest already (close(), or the
-    // destructor, run inside it).
-    Pending* p = pending_refs_.lookup(refs[i]);
-    if (!p) continue;
-    ResponseHandler done = std::move(p->done);
-    p->used = false;
-    Result r = pending_refs_.remove(refs[i]);
-    (void)r;
-    Message none;
-    if (done && !life_.call([&] { done(why, none); })) return false;
-  }
+  // A handler may complete the rest itself (close(), or the destructor, run
+  // inside it): complete() skips an id no longer pending.
+  for (std::size_t i = 0; i < n; ++i)
+    if (!complete(refs[i], why, nullptr)) return false;
   return true;
 }
 
 inline void Session::close() noexcept {
+  if (state_ != State::Idle) LEMSG_LOG(Info, "session %s: closed by this side", name_);
   stop_watching_dir();
   ch_.reset(loop_);
   state_ = State::Idle;
@@ -4471,6 +4588,7 @@ inline void Session::close() noexcept {
 }
 
 inline bool Session::lose_server(Result reason) noexcept {
+  LEMSG_LOG(Info, "session %s: closed from the server's side: %s", name_, to_string(reason));
   ch_.reset(loop_);
   state_ = State::Idle;
   // A close() from any handler below ends the session for good: no close
@@ -4518,17 +4636,12 @@ inline void Session::on_socket(short revents) noexcept {
       else reschedule();
       return;
     }
-    if (r == Result::Ok && h.type != wire::FrameType::Message && h.type != wire::FrameType::Response)
-      r = Result::BadFrame;
-    // An error response must carry a known error: one claiming Ok (0) is as
-    // malformed as an unknown code, or the request would "succeed" empty.
-    if (r == Result::Ok && (h.flags & wire::FlagError) && !detail::known_result(m.blk_->status)) r = Result::BadFrame;
+    if (r == Result::Ok) r = check_incoming(h, m);
     if (r != Result::Ok) {
       if (r != Result::Closed) LEMSG_LOG(Warning, "session %s: server sent a bad frame: %s", name_, to_string(r));
       (void)lose_server(r);
       return;
     }
-    m.blk_->kind = h.type == wire::FrameType::Response ? detail::MsgKind::Response : detail::MsgKind::Received;
     if (!dispatch_frame(m)) return;
   }
 }
@@ -4542,24 +4655,14 @@ inline bool Session::dispatch_frame(Message& m) noexcept {
     return true;
   }
   const std::uint32_t txn = m.blk_->txn;
-  Pending* p = pending_refs_.lookup(txn);
-  if (!p) {
+  if (!pending_refs_.lookup(txn)) {
     // Its request timed out or was closed: a late answer, discarded.
     LEMSG_LOG(Debug, "session %s: response to no pending request; discarded", name_);
     return true;
   }
-  ResponseHandler done = std::move(p->done);
-  const bool had_deadline = p->deadline != 0;
-  p->used = false;
-  Result r = pending_refs_.remove(txn);
-  (void)r;
-  if (had_deadline) reschedule();
+  // An error response completes with the Result it carries and no message.
   const Result status = m.status();
-  if (status != Result::Ok) {
-    Message none;
-    return life_.call([&] { done(status, none); });
-  }
-  return life_.call([&] { done(Result::Ok, m); });
+  return complete(txn, status, status == Result::Ok ? &m : nullptr);
 }
 
 inline bool Session::deliver_deferred() noexcept {
@@ -4590,21 +4693,15 @@ inline Result Session::request(Message&& m, ResponseHandler done, std::uint32_t 
   Result r = check_outgoing(m);
   if (r != Result::Ok) return r;
   if (!done) return Result::BadParameter;
-  Pending* slot = nullptr;
-  for (Pending& p : pending_)
-    if (!p.used) {
-      slot = &p;
-      break;
-    }
   std::uint32_t txn = 0;
-  if (!slot || pending_refs_.add(slot, txn) != Result::Ok) return Result::PendingTableFull;
+  Pending* slot = nullptr;
+  r = add_pending(txn, slot);
+  if (r != Result::Ok) return r;
   r = ch_.send(loop_, m, wire::FrameType::Request, txn, 0);
   if (r != Result::Ok) {
-    Result rr = pending_refs_.remove(txn);
-    (void)rr;
+    drop_pending(txn);
     return r;
   }
-  slot->used = true;
   slot->done = std::move(done);
   slot->deadline = timeout_ms ? detail::now_ns() + static_cast<std::int64_t>(timeout_ms) * 1000000 : 0;
   if (timeout_ms) reschedule();
@@ -4617,20 +4714,13 @@ inline Result Session::request_sync(Message&& m, Message& response, int timeout_
   Result r = check_outgoing(m);
   if (r != Result::Ok) return r;
   if (server_here_ && detail::served_by_this_thread(path_)) return Result::WouldDeadlock;
-  Pending* slot = nullptr;
-  for (Pending& p : pending_)
-    if (!p.used) {
-      slot = &p;
-      break;
-    }
   std::uint32_t txn = 0;
-  if (!slot || pending_refs_.add(slot, txn) != Result::Ok) return Result::PendingTableFull;
-  slot->used = true;
-  slot->deadline = 0;  // this call enforces its own timeout
+  Pending* slot = nullptr;
+  r = add_pending(txn, slot);
+  if (r != Result::Ok) return r;  // (this call enforces its own timeout: no deadline)
   auto finish = [&](Result res) {
-    slot->used = false;
-    Result rr = pending_refs_.remove(txn);
-    (void)rr;
+    drop_pending(txn);
+    // What was set aside meanwhile is delivered from the loop.
     if (deferred_count_ || lost_pending_) {
       Result ra = loop_.arm_timer(timer_, 0);
       (void)ra;
@@ -4639,45 +4729,30 @@ inline Result Session::request_sync(Message&& m, Message& response, int timeout_
   };
   r = ch_.send(loop_, m, wire::FrameType::Request, txn, 0);
   if (r != Result::Ok) {
-    slot->used = false;
-    Result rr = pending_refs_.remove(txn);
-    (void)rr;
+    drop_pending(txn);
     return r;
   }
   const std::int64_t deadline = detail::now_ns() + static_cast<std::int64_t>(timeout_ms) * 1000000;
   for (;;) {
     const int left = detail::ms_until(deadline);
-    if (left == 0) return finish(Result::Timeout);
-    // Nothing left to send: wait inside recvmsg, one system call per answer
-    // like a plain blocking client. Otherwise poll, to send and receive.
-    const bool wait = ch_.out_count == 0 && ch_.set_wait(left);
-    if (!wait) {
-      struct pollfd pfd = {ch_.fd, static_cast<short>(POLLIN | (ch_.out_count ? POLLOUT : 0)), 0};
-      const int rc = ::poll(&pfd, 1, left);
-      if (rc < 0 && errno == EINTR) continue;
-      if (rc < 0) return finish(Result::SystemError);
-      if (rc == 0) return finish(Result::Timeout);
-      if ((pfd.revents & POLLOUT) && ch_.flush(loop_) != Result::Ok) pfd.revents |= POLLHUP;
-      if (!(pfd.revents & (POLLIN | POLLHUP | POLLERR | POLLNVAL))) continue;
+    bool wait = false;
+    r = left == 0 ? Result::Timeout : wait_readable(left, wait);
+    if (r == Result::WouldBlock) continue;
+    if (r == Result::Timeout) {
+      LEMSG_LOG(Info, "session %s: request_sync timed out after %d ms", name_, timeout_ms);
+      return finish(r);
     }
+    if (r != Result::Ok) return finish(r);
     Message in;
     wire::Header h;
     r = ch_.receive(pool_, protocol_.max_payload, in, h, wait);
     if (r == Result::WouldBlock) continue;  // no answer yet: the deadline decides
-    if (r == Result::PoolEmpty) return finish(Result::PoolEmpty);
-    if (r == Result::Ok && h.type != wire::FrameType::Message && h.type != wire::FrameType::Response)
-      r = Result::BadFrame;
-    if (r == Result::Ok && (h.flags & wire::FlagError) && !detail::known_result(in.blk_->status)) r = Result::BadFrame;
+    if (r == Result::PoolEmpty) return finish(r);
+    if (r == Result::Ok) r = check_incoming(h, in);
     if (r != Result::Ok) {
-      // Finish the loss on the loop, after this call returns: the close
-      // handler and other completions must not run inside request_sync.
-      ch_.reset(loop_);
-      state_ = State::Idle;
-      lost_pending_ = true;
-      lost_reason_ = r;
+      lose_later(r);
       return finish(Result::Closed);
     }
-    in.blk_->kind = h.type == wire::FrameType::Response ? detail::MsgKind::Response : detail::MsgKind::Received;
     if (h.type == wire::FrameType::Response && h.txn == txn) {
       const Result status = in.status();
       if (status == Result::Ok) response = std::move(in);
@@ -4685,15 +4760,62 @@ inline Result Session::request_sync(Message&& m, Message& response, int timeout_
     }
     if (deferred_count_ == LEMSG_MAX_DEFERRED) {
       LEMSG_LOG(Warning, "session %s: more than LEMSG_MAX_DEFERRED frames during request_sync; closing", name_);
-      ch_.reset(loop_);
-      state_ = State::Idle;
-      lost_pending_ = true;
-      lost_reason_ = Result::Overflow;
+      lose_later(Result::Overflow);
       return finish(Result::Overflow);
     }
     deferred_[(deferred_head_ + deferred_count_) % LEMSG_MAX_DEFERRED] = std::move(in);
     ++deferred_count_;
   }
+}
+
+inline Result Session::wait_readable(int left, bool& wait) noexcept {
+  // Nothing left to send: wait inside recvmsg, one system call per answer
+  // like a plain blocking client. Otherwise poll, to send and receive.
+  wait = ch_.out_count == 0 && ch_.set_wait(left);
+  if (wait) return Result::Ok;
+  struct pollfd pfd = {ch_.fd, static_cast<short>(POLLIN | (ch_.out_count ? POLLOUT : 0)), 0};
+  const int rc = ::poll(&pfd, 1, left);
+  if (rc < 0) return errno == EINTR ? Result::WouldBlock : Result::SystemError;
+  if (rc == 0) return Result::Timeout;
+  if ((pfd.revents & POLLOUT) && ch_.flush(loop_) != Result::Ok) pfd.revents |= POLLHUP;
+  return (pfd.revents & (POLLIN | POLLHUP | POLLERR | POLLNVAL)) ? Result::Ok : Result::WouldBlock;
+}
+
+inline void Session::lose_later(Result why) noexcept {
+  ch_.reset(loop_);
+  state_ = State::Idle;
+  lost_pending_ = true;
+  lost_reason_ = why;
+}
+
+inline Result Session::add_pending(std::uint32_t& txn, Pending*& slot) noexcept {
+  slot = nullptr;
+  for (Pending& p : pending_)
+    if (!p.used) {
+      slot = &p;
+      break;
+    }
+  if (!slot || pending_refs_.add(slot, txn) != Result::Ok) return Result::PendingTableFull;
+  slot->used = true;
+  slot->deadline = 0;
+  return Result::Ok;
+}
+
+inline void Session::drop_pending(std::uint32_t txn) noexcept {
+  Pending* p = pending_refs_.lookup(txn);
+  if (!p) return;
+  p->used = false;
+  Result r = pending_refs_.remove(txn);
+  (void)r;
+}
+
+inline Result Session::check_incoming(const wire::Header& h, Message& m) const noexcept {
+  if (h.type != wire::FrameType::Message && h.type != wire::FrameType::Response) return Result::BadFrame;
+  // An error response must carry a known error: one claiming Ok (0) is as
+  // malformed as an unknown code, or the request would "succeed" empty.
+  if ((h.flags & wire::FlagError) && !detail::known_result(m.blk_->status)) return Result::BadFrame;
+  m.blk_->kind = h.type == wire::FrameType::Response ? detail::MsgKind::Response : detail::MsgKind::Received;
+  return Result::Ok;
 }
 
 inline Result Session::server_credentials(Credentials& out) const noexcept {
@@ -4739,14 +4861,9 @@ inline void Session::on_timer() noexcept {
     if (p->deadline && p->deadline <= now) late[n++] = ref;
   });
   for (std::size_t i = 0; i < n; ++i) {
-    Pending* p = pending_refs_.lookup(late[i]);
-    if (!p) continue;
-    ResponseHandler done = std::move(p->done);
-    p->used = false;
-    Result r = pending_refs_.remove(late[i]);
-    (void)r;
-    Message none;
-    if (done && !life_.call([&] { done(Result::Timeout, none); })) return;
+    if (!pending_refs_.lookup(late[i])) continue;  // a handler above completed it
+    LEMSG_LOG(Info, "session %s: request %lu timed out", name_, static_cast<unsigned long>(late[i]));
+    if (!complete(late[i], Result::Timeout, nullptr)) return;
   }
   if (state_ == State::Handshake && handshake_deadline_ <= detail::now_ns()) {
     LEMSG_LOG(Warning, "session %s: server did not answer the hello in time", name_);

@@ -1,4 +1,4 @@
-// Section 8 (messaging), the fault tests: real processes (fork without exec),
+// Sections 8 to 11 (messaging), the fault tests: real processes (fork without exec),
 // real sockets, real kill -9. Each case carries the number of the fault it
 // covers:
 //   1  a client killed with a request pending and references held
@@ -769,7 +769,7 @@ TEST_CASE("messaging: an exhausted pool returns PoolEmpty and a side whose pool 
 
 // ---- fault 5 ----------------------------------------------------------------
 
-// Fault 5: a client that never reads. Section 8 promises: at most
+// Fault 5: a client that never reads. The messaging sections promise: at most
 // LEMSG_MAX_OUTGOING frames wait per session, then send() returns Overflow
 // and the message stays the caller's; a response that cannot be queued
 // closes that session with Overflow. Other sessions are not affected.

@@ -2351,6 +2351,77 @@ TEST_CASE("messaging: destroying a MessagePool while a Message or a Session uses
       "MessagePool destroyed while"));
 }
 
+// ---- diagnostics ----------------------------------------------------------------
+
+namespace {
+// Every line logged while it lives, at debug level.
+struct LogLines {
+  char lines[64][256];
+  int count = 0;
+  explicit LogLines() {
+    lemsg::detail::log_state().env.store(-1);  // LEMSG_LOG in the test's environment must not interfere
+    lemsg::set_log_sink(
+        [](lemsg::LogLevel, const char* line, void* ctx) {
+          LogLines* self = static_cast<LogLines*>(ctx);
+          if (self->count < 64) std::snprintf(self->lines[self->count++], 256, "%s", line);
+        },
+        this);
+    lemsg::set_log_level(lemsg::LogLevel::Debug);
+  }
+  ~LogLines() {
+    lemsg::set_log_sink(nullptr, nullptr);
+    lemsg::set_log_level(static_cast<lemsg::LogLevel>(LEMSG_LOG_LEVEL));
+    lemsg::detail::log_state().env.store(-2);
+  }
+  // True when one line holds every one of the given pieces.
+  bool has(const char* a, const char* b = "", const char* c = "") const {
+    for (int i = 0; i < count; ++i)
+      if (std::strstr(lines[i], a) && std::strstr(lines[i], b) && std::strstr(lines[i], c)) return true;
+    return false;
+  }
+};
+}  // namespace
+
+// What a new user needs on day one: at debug level the library says what it
+// decided and why, naming the service, for each open, close, wait, timeout
+// and constructor refusal.
+TEST_CASE("messaging: at debug level the library logs its waits, opens, closes, timeouts and refusals by name") {
+  testutil::RuntimeDir dir;
+  LogLines log;
+  Loop loop;
+  {
+    lemsg::MessagePool<16, 2> tiny_pool;
+    Service bad(loop, kProto, tiny_pool);
+    CHECK(bad.status() == Result::BadParameter);
+    CHECK(log.has("max_payload 64", "above the pool's 16"));
+  }
+  SmallPool pool;
+  {
+    Session s(loop, kProto, pool);
+    CHECK(s.open_sync("absent", 50) == Result::Timeout);
+    CHECK(log.has("session absent", "no server at", "waiting up to 50 ms"));
+    CHECK(log.has("session absent", "open_sync after 50 ms", "timed out"));
+    CHECK(s.try_open("absent") == Result::NotFound);
+    CHECK(std::strstr(lemsg::to_string(Result::NotFound), "no server") != nullptr);
+  }
+  Server srv(loop, pool);
+  Client c(loop, pool);
+  REQUIRE(connect(loop, srv, c, "logged"));
+  CHECK(log.has("service logged", "session opened for pid"));
+  CHECK(log.has("session logged", "open (server pid"));
+  Reply rep;
+  REQUIRE(ask(c.s, OpHold, 1, rep, 20) == Result::Ok);
+  CHECK(testutil::run_until(loop, [&] { return rep.calls == 1; }, kWaitMs));
+  CHECK(rep.result == Result::Timeout);
+  CHECK(log.has("session logged", "request", "timed out"));
+  srv.nheld = 0;
+  srv.held[0].release();
+  CHECK(srv.svc.close(srv.opened) == Result::Ok);
+  CHECK(testutil::run_until(loop, [&] { return c.closes == 1; }, kWaitMs));
+  CHECK(log.has("service logged", "session of pid", "closed by this side"));
+  CHECK(log.has("session logged", "closed from the server's side"));
+}
+
 // ---- threads ------------------------------------------------------------------
 
 // WouldDeadlock is about the thread, not the process: a synchronous client

@@ -1,4 +1,4 @@
-// Size probe for the messaging layer (section 8): a server and a client that
+// Size probe for the messaging layer (sections 8 to 11): a server and a client that
 // between them call every public messaging API: Service (advertise with an
 // allow-list, hide, open/close/receive handlers, track, context, credentials,
 // send, respond, close, for_each_session), Session (open, open_sync,
