@@ -1746,6 +1746,31 @@ inline Result check_socket_dir(const char* path) noexcept;
 /// neither can be watched.
 inline bool watch_socket_dir(int ino, const char* path, int& parent_wd) noexcept;
 
+/// open_sync's blocking wait for a socket file to appear: inotify on its
+/// directory (watch_socket_dir), made only once the server is found missing
+/// (closing an inotify instance costs milliseconds); without inotify it
+/// re-checks every 20 ms. Closes its inotify fd when it goes.
+class SocketWaiter {
+ public:
+  SocketWaiter() noexcept = default;
+  SocketWaiter(const SocketWaiter&) = delete;
+  SocketWaiter& operator=(const SocketWaiter&) = delete;
+  ~SocketWaiter() {
+    if (ino_ >= 0) ::close(ino_);
+  }
+  /// Starts watching for `path`; true when inotify watches it.
+  bool start(const char* path) noexcept;
+  /// Waits at most `ms` for the directory to change (at most 20 ms when
+  /// nothing is watched or `soon`), then moves the watch if the directory
+  /// was deleted or made, so nothing is missed before the next connect.
+  void wait(const char* path, int ms, bool soon) noexcept;
+
+ private:
+  int ino_ = -1;
+  int parent_wd_ = -1;
+  bool armed_ = false;
+};
+
 /// Connects a non-blocking socket to `path`. Ok with `fd` set; NotFound when
 /// nothing listens (no file, or a stale one); NotPermitted when the file's
 /// mode refuses us; Busy when the server's backlog is full; SystemError.
@@ -2057,6 +2082,23 @@ inline bool watch_socket_dir(int ino, const char* path, int& parent_wd) noexcept
   if (wd < 0) return false;
   parent_wd = wd;
   return true;
+}
+
+inline bool SocketWaiter::start(const char* path) noexcept {
+  ino_ = ::inotify_init1(IN_NONBLOCK | IN_CLOEXEC);
+  armed_ = ino_ >= 0 && watch_socket_dir(ino_, path, parent_wd_);
+  return armed_;
+}
+
+inline void SocketWaiter::wait(const char* path, int ms, bool soon) noexcept {
+  struct pollfd pfd = {ino_, POLLIN, 0};
+  const int rc = ::poll(&pfd, ino_ >= 0 ? 1 : 0, (!armed_ || soon) && ms > 20 ? 20 : ms);
+  if (rc > 0) {
+    alignas(struct inotify_event) char buf[1024];
+    while (::read(ino_, buf, sizeof buf) > 0) {
+    }
+  }
+  if (ino_ >= 0) armed_ = watch_socket_dir(ino_, path, parent_wd_);
 }
 
 inline Result peer_credentials(int fd, Credentials& out) noexcept {
@@ -4462,9 +4504,8 @@ inline Result Session::open_sync(const char* name, int timeout_ms) noexcept {
   if (r != Result::Ok) return r;
   if (detail::served_by_this_thread(path_)) return Result::WouldDeadlock;
   const std::int64_t deadline = detail::now_ns() + static_cast<std::int64_t>(timeout_ms) * 1000000;
-  int ino = -1;
-  int parent_wd = -1;
-  bool watched = false, armed = false;
+  detail::SocketWaiter waiter;
+  bool watched = false;
   std::uint32_t pause_ms = 10;
   Result refused = Result::Ok;  // the last full-table refusal, if any
   for (;;) {
@@ -4494,26 +4535,14 @@ inline Result Session::open_sync(const char* name, int timeout_ms) noexcept {
       // milliseconds (the kernel synchronises), far more than a whole open.
       // Connect again after the watch is set, so an appearance is not missed.
       watched = true;
-      ino = ::inotify_init1(IN_NONBLOCK | IN_CLOEXEC);
-      armed = ino >= 0 && detail::watch_socket_dir(ino, path_, parent_wd);
+      const bool armed = waiter.start(path_);
       LEMSG_LOG(Info, "session %s: no server at %s yet; waiting up to %d ms (%s)", name_, path_, timeout_ms,
                 armed ? "inotify" : "checking every 20 ms");
       continue;
     }
-    // Wait for the socket to appear; with nothing watched, re-check every 20 ms.
-    struct pollfd pfd = {ino, POLLIN, 0};
-    const int wait = detail::ms_until(deadline);
-    const int rc = ::poll(&pfd, ino >= 0 ? 1 : 0, (!armed || r == Result::Busy) && wait > 20 ? 20 : wait);
-    if (rc > 0) {
-      alignas(struct inotify_event) char buf[1024];
-      while (::read(ino, buf, sizeof buf) > 0) {
-      }
-    }
-    // The runtime dir may have been deleted (its watch is gone) or made:
-    // move the watch before connecting again, so nothing is missed.
-    if (ino >= 0) armed = detail::watch_socket_dir(ino, path_, parent_wd);
+    // A full backlog (Busy) is asked again soon, whatever the directory does.
+    waiter.wait(path_, detail::ms_until(deadline), r == Result::Busy);
   }
-  if (ino >= 0) ::close(ino);
   // Out of time while asking a full server again: say why it was refused.
   if (r == Result::Timeout && refused != Result::Ok) r = refused;
   if (r == Result::Ok)
