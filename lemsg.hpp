@@ -76,6 +76,11 @@
 //                             they wrap (never onto a pending one) after
 //                             2^bits / LEMSG_MAX_PENDING requests per slot.
 //                             Lower it only to test the wrap.
+//   LEMSG_HANDLE_GENERATIONS 0  generations a slot of the library's own handle
+//                             tables (WatchId, TimerId, SessionRef) goes
+//                             through before it wraps to the first again;
+//                             0 = all the slot index leaves room for.
+//                             Lower it only to test the wrap.
 //   LEMSG_STALL_TIMEOUT_MS 30000  a client that reads nothing this long while
 //                             frames wait for it is closed with Stalled, whatever
 //                             its socket's other holders do (ServiceOptions::
@@ -288,6 +293,9 @@
 #ifndef LEMSG_TXN_BITS
 #define LEMSG_TXN_BITS 32
 #endif
+#ifndef LEMSG_HANDLE_GENERATIONS
+#define LEMSG_HANDLE_GENERATIONS 0
+#endif
 #ifndef LEMSG_STALL_TIMEOUT_MS
 #define LEMSG_STALL_TIMEOUT_MS 30000
 #endif
@@ -312,6 +320,7 @@ static_assert(LEMSG_MAX_NAME >= 1 && LEMSG_MAX_NAME <= 64, "LEMSG_MAX_NAME must 
 static_assert(LEMSG_MAX_PROTOCOL_ID >= 1 && LEMSG_MAX_PROTOCOL_ID <= 256, "LEMSG_MAX_PROTOCOL_ID must be 1..256");
 static_assert(LEMSG_OPEN_TIMEOUT_MS >= 1, "LEMSG_OPEN_TIMEOUT_MS must be positive");
 static_assert(LEMSG_TXN_BITS >= 2 && LEMSG_TXN_BITS <= 32, "LEMSG_TXN_BITS must be 2..32");
+static_assert(LEMSG_HANDLE_GENERATIONS >= 0, "LEMSG_HANDLE_GENERATIONS must be 0 (all) or more");
 static_assert(LEMSG_STALL_TIMEOUT_MS >= 1 && LEMSG_STALL_TIMEOUT_MS <= 86400000,
               "LEMSG_STALL_TIMEOUT_MS must be 1..86400000");
 
@@ -807,7 +816,7 @@ class RefMapBase {
     std::uint32_t next;   // next free slot (FIFO), when free
   };
 
-  RefMapBase(Slot* slots, std::size_t capacity, std::uint32_t max_gen) noexcept;
+  RefMapBase(Slot* slots, std::size_t capacity, std::uint32_t max_gen, bool wrap = false) noexcept;
 
   std::uint32_t encode(std::uint32_t index, std::uint32_t gen) const noexcept {
     return ((gen << index_bits_) | index) ^ key_;
@@ -836,6 +845,7 @@ class RefMapBase {
   std::size_t high_water_ = 0;
   std::size_t retired_ = 0;
   std::uint32_t max_gen_;
+  bool wrap_;  // at max_gen_ a slot starts again at generation 1 instead of retiring
   std::uint32_t index_bits_;
   std::uint32_t key_;
   std::uint32_t free_head_;  // capacity_ when no free slot
@@ -858,15 +868,20 @@ constexpr std::uint32_t max_generation_for(std::size_t n) noexcept {
 /// reference looks up as nullptr. Not thread-safe: it belongs to one Loop.
 /// MaxGeneration (default: every value the index leaves room for) bounds the
 /// generations of a slot before it retires; tests lower it to reach the end.
+/// With Wrap, a slot that used them all starts again at generation 1 instead
+/// of retiring, so the map never runs out; a reference kept stale across all
+/// of its slot's generations could then resolve to a newer entry. The
+/// library's own handle tables wrap (a long-running service must not run
+/// out of WatchIds or SessionRefs); a user's map retires unless it asks.
 /// add(): Ok, BadParameter for nullptr, or NoMemory when the table is full (raise N).
-template <typename T, std::size_t N, std::uint32_t MaxGeneration = detail::max_generation_for(N)>
+template <typename T, std::size_t N, std::uint32_t MaxGeneration = detail::max_generation_for(N), bool Wrap = false>
 class RefMap : public RefMapBase {
   static_assert(N >= 1 && N <= (std::size_t{1} << 24), "RefMap capacity must be 1..2^24");
   static_assert(MaxGeneration >= 1 && MaxGeneration <= detail::max_generation_for(N),
                 "RefMap MaxGeneration must fit beside the slot index in 32 bits");
 
  public:
-  RefMap() noexcept : RefMapBase(slots_, N, MaxGeneration) {}
+  RefMap() noexcept : RefMapBase(slots_, N, MaxGeneration, Wrap) {}
 
   Result add(T* obj, std::uint32_t& ref, std::uint32_t owner = 0) noexcept { return add_ptr(obj, ref, owner); }
   T* lookup(std::uint32_t ref) const noexcept { return static_cast<T*>(lookup_ptr(ref)); }
@@ -894,6 +909,18 @@ class RefMap : public RefMapBase {
   Slot slots_[N];
 };
 
+namespace detail {
+// The library's own handle tables (Loop watches and timers, a Service's
+// sessions and handshakes): their generations wrap (LEMSG_HANDLE_GENERATIONS
+// of them per slot), so no number of opens, closes or timers ever uses them
+// up.
+constexpr std::uint32_t handle_generations(std::size_t n, unsigned long long want = LEMSG_HANDLE_GENERATIONS) noexcept {
+  return want == 0 || want > max_generation_for(n) ? max_generation_for(n) : static_cast<std::uint32_t>(want);
+}
+template <typename T, std::size_t N>
+using HandleMap = RefMap<T, N, handle_generations(N), true>;
+}  // namespace detail
+
 // -- implementation --
 
 inline std::uint32_t RefMapBase::next_key() noexcept {
@@ -904,10 +931,11 @@ inline std::uint32_t RefMapBase::next_key() noexcept {
   return k ^ (k >> 15);
 }
 
-inline RefMapBase::RefMapBase(Slot* slots, std::size_t capacity, std::uint32_t max_gen) noexcept
+inline RefMapBase::RefMapBase(Slot* slots, std::size_t capacity, std::uint32_t max_gen, bool wrap) noexcept
     : slots_(slots),
       capacity_(capacity),
       max_gen_(max_gen),
+      wrap_(wrap),
       index_bits_(detail::index_bits_for(capacity)),
       key_(next_key()),
       free_head_(static_cast<std::uint32_t>(capacity)),
@@ -936,7 +964,13 @@ inline Result RefMapBase::add_ptr(void* obj, std::uint32_t& ref, std::uint32_t o
     // Skip the one generation whose encoding is 0: 0 is never a reference.
     std::uint32_t gen = s.gen + 1;
     if (gen <= max_gen_ && s.gen < max_gen_ && encode(i, gen) == 0) ++gen;
-    if (gen > max_gen_ || gen <= s.gen) {
+    const bool used_up = gen > max_gen_ || gen <= s.gen;
+    if (used_up && wrap_) {
+      // Generations used up in a map that must never run out: start again.
+      gen = 1;
+      if (encode(i, gen) == 0) ++gen;
+    }
+    if (gen > max_gen_ || (used_up && !wrap_)) {
       ++retired_;  // generations used up: never hand this slot out again
       continue;
     }
@@ -1307,9 +1341,9 @@ class Loop {
   bool dispatch_posted() noexcept;
 
   Watch watches_[LEMSG_MAX_WATCHES];
-  RefMap<Watch, LEMSG_MAX_WATCHES> watch_refs_;
+  detail::HandleMap<Watch, LEMSG_MAX_WATCHES> watch_refs_;
   Timer timers_[LEMSG_MAX_TIMERS];
-  RefMap<Timer, LEMSG_MAX_TIMERS> timer_refs_;
+  detail::HandleMap<Timer, LEMSG_MAX_TIMERS> timer_refs_;
   std::uint64_t arm_seq_ = 0;
 
   // Snapshot from the last fill: which watch each pollfd entry belongs to.
@@ -3234,9 +3268,9 @@ class Service {
   detail::SocketFile file_;  // the socket file advertise() made
   pid_t owner_pid_ = 0;      // the process that made it
   Peer peers_[LEMSG_MAX_SESSIONS];
-  RefMap<Peer, LEMSG_MAX_SESSIONS> peer_refs_;
+  detail::HandleMap<Peer, LEMSG_MAX_SESSIONS> peer_refs_;
   Handshake handshakes_[LEMSG_MAX_HANDSHAKES];
-  RefMap<Handshake, LEMSG_MAX_HANDSHAKES> handshake_refs_;
+  detail::HandleMap<Handshake, LEMSG_MAX_HANDSHAKES> handshake_refs_;
   std::uint64_t accept_seq_ = 0;
   bool evict_logged_ = false;  // one warning per flood; reset when the table empties
   uid_t own_uid_ = ::geteuid();

@@ -1354,4 +1354,29 @@ TEST_CASE("loop: on_owner_thread can be asked from another thread while the loop
   CHECK(owner_there.load() == 1);
 }
 
+// A loop adds a watch per session and a timer per Service or Session: over
+// years that is more than a handle table's generations (in the tiny build,
+// LEMSG_HANDLE_GENERATIONS is 7). The tables wrap instead of running out.
+TEST_CASE("loop: watches and timers can be added and removed for ever: their handle generations wrap") {
+  Loop loop;
+  int failed = 0, stale = 0;
+  lemsg::WatchId last_watch;
+  lemsg::TimerId last_timer;
+  for (int i = 0; i < 20000 && failed == 0; ++i) {
+    lemsg::WatchId w;
+    lemsg::TimerId t;
+    if (loop.add_watch(0, 0, [](int, short) {}, w) != Result::Ok) ++failed;
+    if (loop.add_timer([] {}, t) != Result::Ok) ++failed;
+    if (last_watch && loop.remove_watch(last_watch) != Result::NotFound) ++stale;
+    if (last_timer && loop.remove_timer(last_timer) != Result::NotFound) ++stale;
+    if (loop.remove_watch(w) != Result::Ok || loop.remove_timer(t) != Result::Ok) ++failed;
+    last_watch = w;
+    last_timer = t;
+  }
+  CHECK(failed == 0);
+  CHECK(stale == 0);
+  CHECK(loop.watch_count() == 0);
+  CHECK(loop.timer_count() == 0);
+}
+
 }  // TEST_SUITE

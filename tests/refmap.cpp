@@ -476,4 +476,47 @@ TEST_CASE("refmap: a one-slot map with few generations retires after them") {
   CHECK(m.size() == 0);
 }
 
+// The library's own handle tables must never run out (a service that
+// opens and closes sessions for years): with Wrap a slot that used its last
+// generation starts again, and only a reference held stale across all of
+// them could resolve again.
+TEST_CASE("refmap: a wrapping map's slots never retire, and the last generations' references stay dead") {
+  constexpr std::uint32_t max_gen = 5;
+  lemsg::RefMap<int, 2, max_gen, true> m;
+  int keep = 1, x = 2;
+  std::uint32_t keep_ref = 0;
+  REQUIRE(m.add(&keep, keep_ref) == Result::Ok);
+  std::uint32_t recent[max_gen - 2] = {};  // the references of the last few cycles
+  int failed = 0, revived = 0, zero = 0;
+  for (int i = 0; i < 100000; ++i) {
+    std::uint32_t r = 0;
+    if (m.add(&x, r) != Result::Ok) {
+      ++failed;
+      break;
+    }
+    if (r == 0) ++zero;
+    for (std::uint32_t o : recent)
+      if (o && m.lookup(o) != nullptr) ++revived;
+    if (m.lookup(r) != &x) ++revived;  // counted as a failure too: the new one must live
+    REQUIRE(m.remove(r) == Result::Ok);
+    for (std::uint32_t k = max_gen - 3; k > 0; --k) recent[k] = recent[k - 1];
+    recent[0] = r;
+  }
+  CHECK(failed == 0);
+  CHECK(zero == 0);
+  CHECK(revived == 0);
+  CHECK(m.retired() == 0);
+  CHECK(m.lookup(keep_ref) == &keep);
+  // The default still retires (a user's map asks for Wrap).
+  lemsg::RefMap<int, 1, max_gen> retiring;
+  std::uint32_t r = 0;
+  int added = 0;
+  while (retiring.add(&x, r) == Result::Ok && added < 100) {
+    ++added;
+    REQUIRE(retiring.remove(r) == Result::Ok);
+  }
+  CHECK(added <= static_cast<int>(max_gen));
+  CHECK(retiring.retired() == 1);
+}
+
 }  // TEST_SUITE

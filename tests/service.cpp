@@ -578,6 +578,35 @@ TEST_CASE("messaging: track refuses a map twice with Duplicate and more than LEM
 
 // In a build whose loop has fewer watches than sessions, the watch table
 // fills first, and the refusal says so.
+// A service runs for years: each session takes a SessionRef and a watch on
+// either side. More opens than the handle tables have generations (in the
+// tiny build LEMSG_HANDLE_GENERATIONS is 7, so after a few dozen) must go on
+// working: the generations wrap instead of retiring every slot.
+TEST_CASE("messaging: a service opens and closes more sessions than its handle tables have generations") {
+  testutil::RuntimeDir dir;
+  Loop loop;
+  SmallPool pool;
+  Server srv(loop, pool);
+  Client c(loop, pool);
+  SessionRef last;
+  int failed = 0, stale = 0;
+  for (int round = 0; round < 300 && failed == 0; ++round) {
+    if (!connect(loop, srv, c, "many-opens")) {
+      ++failed;
+      break;
+    }
+    if (last && srv.opened == last) ++stale;  // a new session never gets an old one's handle back
+    if (last && srv.svc.context(last) != nullptr) ++stale;
+    last = srv.opened;
+    c.s.close();
+    if (!testutil::run_until(loop, [&] { return srv.closes == round + 1; }, kWaitMs)) ++failed;
+  }
+  CHECK(failed == 0);
+  CHECK(stale == 0);
+  CHECK(srv.opens == 300);
+  CHECK(srv.svc.session_count() == 0);
+}
+
 TEST_CASE("messaging: a client beyond LEMSG_MAX_SESSIONS is refused with SessionTableFull") {
   constexpr int kFill = std::min(LEMSG_MAX_SESSIONS, LEMSG_MAX_WATCHES - 1);
   constexpr Result kRefusal =
