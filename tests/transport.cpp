@@ -211,6 +211,20 @@ struct Client {
   explicit Client(const lemsg::Protocol& p = kEcho) : s(loop, p, pool) {}
 };
 
+// What an asynchronous open reported: how often its callback ran, and with what.
+struct OpenReport {
+  int calls = 0;
+  Result r = Result::BadParameter;
+};
+
+// Starts c.s.open(name), recording every run of its callback in `got`.
+Result start_open(Client& c, const char* name, OpenReport& got) {
+  return c.s.open(name, [&got](Result r) {
+    ++got.calls;
+    got.r = r;
+  });
+}
+
 }  // namespace
 
 // ---- runtime dir and socket paths ----
@@ -795,14 +809,8 @@ TEST_CASE("transport: the allow-list refuses a client whose uid and gid are not 
   CHECK(c.s.open_sync("guarded", 10000) == Result::NotPermitted);
   CHECK_FALSE(c.s.is_open());
   // The asynchronous open ends with NotPermitted as well.
-  struct Got {
-    int calls = 0;
-    Result r = Result::Ok;
-  } got;
-  REQUIRE(c.s.open("guarded", [&got](Result r) {
-    ++got.calls;
-    got.r = r;
-  }) == Result::Ok);
+  OpenReport got;
+  REQUIRE(start_open(c, "guarded", got) == Result::Ok);
   CHECK(testutil::run_until(c.loop, [&] { return got.calls > 0; }, 20000));
   CHECK(got.calls == 1);
   CHECK(got.r == Result::NotPermitted);
@@ -854,14 +862,8 @@ TEST_CASE("transport: the allow-list lets in a client whose uid or gid is listed
 TEST_CASE("transport: an asynchronous open waits for a server that starts later") {
   RuntimeDir dir;
   Client c;
-  struct Got {
-    int calls = 0;
-    Result r = Result::BadParameter;
-  } got;
-  REQUIRE(c.s.open("late", [&got](Result r) {
-    ++got.calls;
-    got.r = r;
-  }) == Result::Ok);
+  OpenReport got;
+  REQUIRE(start_open(c, "late", got) == Result::Ok);
   CHECK_FALSE(c.s.is_open());
   // Nothing there yet: the loop runs a while without an answer.
   CHECK_FALSE(testutil::run_until(c.loop, [&] { return got.calls > 0; }, 50));
@@ -919,14 +921,8 @@ TEST_CASE("transport: open_sync finds a server whose runtime dir was deleted and
 TEST_CASE("transport: an asynchronous open finds a server whose runtime dir was deleted and made again while it waited") {
   RuntimeDir dir;
   Client c;
-  struct Got {
-    int calls = 0;
-    Result r = Result::BadParameter;
-  } got;
-  REQUIRE(c.s.open("phoenix", [&got](Result r) {
-    ++got.calls;
-    got.r = r;
-  }) == Result::Ok);
+  OpenReport got;
+  REQUIRE(start_open(c, "phoenix", got) == Result::Ok);
   CHECK_FALSE(testutil::run_until(c.loop, [&] { return got.calls > 0; }, 50));  // waiting on the dir
   ServerArgs args = echo_server("phoenix", 100);
   args.remove_dir = true;
@@ -957,14 +953,8 @@ TEST_CASE("transport: open and open_sync wait for a runtime dir that does not ex
   REQUIRE(::rmdir(sub) == 0);
   {
     Client c;
-    struct Got {
-      int calls = 0;
-      Result r = Result::BadParameter;
-    } got;
-    REQUIRE(c.s.open("nodir", [&got](Result r) {
-      ++got.calls;
-      got.r = r;
-    }) == Result::Ok);
+    OpenReport got;
+    REQUIRE(start_open(c, "nodir", got) == Result::Ok);
     CHECK_FALSE(testutil::run_until(c.loop, [&] { return got.calls > 0; }, 50));
     ServerChild server(echo_server("nodir", 100));
     CHECK(testutil::run_until(c.loop, [&] { return got.calls > 0; }, 20000));
@@ -1000,14 +990,8 @@ TEST_CASE("transport: a client with another protocol id is refused and the serve
   }
   {
     Client bad(others[0]);
-    struct Got {
-      int calls = 0;
-      Result r = Result::Ok;
-    } got;
-    REQUIRE(bad.s.open("proto", [&got](Result r) {
-      ++got.calls;
-      got.r = r;
-    }) == Result::Ok);
+    OpenReport got;
+    REQUIRE(start_open(bad, "proto", got) == Result::Ok);
     CHECK(testutil::run_until(bad.loop, [&] { return got.calls > 0; }, 20000));
     CHECK(got.r == Result::ProtocolMismatch);
   }
@@ -1383,14 +1367,8 @@ TEST_CASE("transport: a client refuses a runtime dir another user owns or others
     CHECK(c.s.try_open("impostor") == Result::UnsafeRuntimeDir);
     CHECK(c.s.open_sync("impostor", 10000) == Result::UnsafeRuntimeDir);
     CHECK_FALSE(c.s.is_open());
-    struct Got {
-      int calls = 0;
-      Result r = Result::Ok;
-    } got;
-    REQUIRE(c.s.open("impostor", [&got](Result r) {
-      ++got.calls;
-      got.r = r;
-    }) == Result::Ok);
+    OpenReport got;
+    REQUIRE(start_open(c, "impostor", got) == Result::Ok);
     CHECK(testutil::run_until(c.loop, [&] { return got.calls > 0; }, 20000));
     CHECK(got.calls == 1);
     CHECK(got.r == Result::UnsafeRuntimeDir);
@@ -1426,14 +1404,8 @@ TEST_CASE("transport: a client that requires another server uid is refused with 
     CHECK(log.warnings() > warnings);
     CHECK(c.s.open_sync("root-only", 10000) == Result::UntrustedServer);
     CHECK_FALSE(c.s.is_open());
-    struct Got {
-      int calls = 0;
-      Result r = Result::Ok;
-    } got;
-    REQUIRE(c.s.open("root-only", [&got](Result r) {
-      ++got.calls;
-      got.r = r;
-    }) == Result::Ok);
+    OpenReport got;
+    REQUIRE(start_open(c, "root-only", got) == Result::Ok);
     CHECK(testutil::run_until(c.loop, [&] { return got.calls > 0; }, 20000));
     CHECK(got.calls == 1);
     CHECK(got.r == Result::UntrustedServer);

@@ -205,24 +205,10 @@ struct Harness {
 
   void server_send(const unsigned char* buf, std::size_t len, int fd) {
     if (conn < 0) return;
-    struct iovec iov = {const_cast<unsigned char*>(buf), len};
-    struct msghdr mh;
-    std::memset(&mh, 0, sizeof mh);
-    mh.msg_iov = &iov;
-    mh.msg_iovlen = 1;
-    alignas(struct cmsghdr) unsigned char control[CMSG_SPACE(sizeof(int))];
-    if (fd >= 0) {
-      std::memset(control, 0, sizeof control);
-      mh.msg_control = control;
-      mh.msg_controllen = sizeof control;
-      struct cmsghdr* c = CMSG_FIRSTHDR(&mh);
-      c->cmsg_level = SOL_SOCKET;
-      c->cmsg_type = SCM_RIGHTS;
-      c->cmsg_len = CMSG_LEN(sizeof(int));
-      std::memcpy(CMSG_DATA(c), &fd, sizeof fd);
-    }
-    (void)::sendmsg(conn, &mh, MSG_DONTWAIT | MSG_NOSIGNAL);
+    // The library's own sender: what is under test is the Session's receiving end.
+    (void)lemsg::detail::send_datagram(conn, buf, len, fd);
   }
+
 
   void send_header(wire::FrameType type, std::uint8_t flags, std::uint32_t txn, const void* payload,
                    std::uint32_t len, int fd = -1) {
