@@ -198,7 +198,8 @@
 //   9. Channel                      >>channel
 //   10. Service                     >>service
 //   11. Session                     >>session
-//   (12 typed interfaces and 13 the service directory are not written yet.)
+//   12. Typed interfaces            >>typed
+//   (13 the service directory is not written yet.)
 
 #ifndef LEMSG_HPP
 #define LEMSG_HPP
@@ -230,6 +231,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <mutex>
 #include <new>
 #include <type_traits>
@@ -474,7 +476,9 @@ namespace lemsg {
   X(UntrustedServer, "the server runs as another user than Session::require_server_uid() asks for") \
   X(Stalled, "peer read nothing for the stall timeout while frames waited (LEMSG_STALL_TIMEOUT_MS)") \
   X(UidShareFull, "this uid holds its share of the service's sessions (raise LEMSG_MAX_SESSIONS_PER_UID)") \
-  X(Reentrant, "called from inside a handler of the same loop (run, run_once and dispatch do not nest)")
+  X(Reentrant, "called from inside a handler of the same loop (run, run_once and dispatch do not nest)") \
+  X(BoundExceeded, "more elements or bytes than the String's, Array's or Bytes' bound N") \
+  X(BadReference, "a reference in the request names no object of the calling session (stale, forged or another session's)")
 
 /// Outcome of every call that can fail. Ok is 0. Ignoring one is a warning.
 enum class [[nodiscard]] Result : int {
@@ -591,11 +595,13 @@ class Pool : public PoolBase {
 /// Holds a callable with signature Sig (a lambda, functor or function
 /// pointer) in place, without heap. A callable larger than Size bytes is a
 /// compile-time error. An empty Callable is false; calling it asserts.
-template <typename Sig, std::size_t Size = LEMSG_CALLABLE_SIZE>
+template <typename Sig, std::size_t Size = LEMSG_CALLABLE_SIZE, bool Copyable = true>
 class Callable;
 
-template <typename R, typename... A, std::size_t Size>
-class Callable<R(A...), Size> {
+/// Copyable = false makes a move-only Callable, which may hold a move-only
+/// function object (one that owns a Message or a Responder).
+template <typename R, typename... A, std::size_t Size, bool Copyable>
+class Callable<R(A...), Size, Copyable> {
  public:
   Callable() noexcept = default;
   Callable(std::nullptr_t) noexcept {}
@@ -609,6 +615,8 @@ class Callable<R(A...), Size> {
                   "capture one pointer to a struct instead, or raise LEMSG_CALLABLE_SIZE");
     static_assert(alignof(Fn) <= alignof(std::max_align_t), "lemsg: handler is over-aligned");
     static_assert(std::is_nothrow_move_constructible<Fn>::value, "lemsg: handler must move without throwing");
+    static_assert(!Copyable || std::is_copy_constructible<Fn>::value,
+                  "lemsg: this handler cannot be copied (it owns a move-only object); only a response handler may");
     // A null function pointer makes an empty Callable. A function passed by
     // name (F is a function reference) is never null, and gcc's
     // -Wnonnull-compare rejects testing it, so only real pointers are tested.
@@ -624,6 +632,7 @@ class Callable<R(A...), Size> {
   Callable(const Callable& o) noexcept { copy_from(o); }
   Callable(Callable&& o) noexcept { move_from(o); }
   Callable& operator=(const Callable& o) noexcept {
+    static_assert(Copyable, "lemsg: this Callable is move-only");
     if (this != &o) {
       reset();
       copy_from(o);
@@ -662,7 +671,9 @@ class Callable<R(A...), Size> {
   template <typename Fn>
   static void manage_as(Op op, void* dst, void* src) {
     switch (op) {
-      case Op::Copy: ::new (dst) Fn(*static_cast<const Fn*>(src)); break;
+      case Op::Copy:
+        if constexpr (Copyable) ::new (dst) Fn(*static_cast<const Fn*>(src));
+        break;
       case Op::Move: ::new (dst) Fn(std::move(*static_cast<Fn*>(src))); break;
       case Op::Destroy: static_cast<Fn*>(dst)->~Fn(); break;
     }
@@ -673,6 +684,7 @@ class Callable<R(A...), Size> {
     manage_ = nullptr;
   }
   void copy_from(const Callable& o) noexcept {
+    static_assert(Copyable, "lemsg: this Callable is move-only");
     if (o.manage_) o.manage_(Op::Copy, buf_, o.buf_);
     else std::memcpy(buf_, o.buf_, Size);
     invoke_ = o.invoke_;
@@ -2453,6 +2465,7 @@ static_assert(offsetof(MsgBlock, header) + wire::header_size == sizeof(MsgBlock)
 inline unsigned char* payload_of(MsgBlock* b) noexcept { return reinterpret_cast<unsigned char*>(b) + sizeof(MsgBlock); }
 
 struct Channel;
+struct TypedAccess;
 
 }  // namespace detail
 
@@ -2508,6 +2521,7 @@ class Message {
   friend class Service;
   friend class Session;
   friend struct detail::Channel;
+  friend struct detail::TypedAccess;
   bool is_shared() const noexcept;
   detail::MsgBlock* blk_ = nullptr;
 };
@@ -3192,10 +3206,12 @@ class Service {
 
  private:
   friend class Message;
+  friend struct detail::TypedAccess;
   struct Peer {
     detail::Channel ch;
     Credentials creds;
     void* context = nullptr;
+    std::uint64_t events = 0;  // typed events this session subscribed to (bit = item index)
     bool used = false;
     bool open = false;
     bool closing = false;
@@ -3243,6 +3259,12 @@ class Service {
   const char* log_name() const noexcept { return path_[0] ? std::strrchr(path_, '/') + 1 : protocol_.id; }
   bool allowed(const Credentials& c) const noexcept;
   void answer_error(std::uint32_t session, std::uint32_t txn, Result code) noexcept;
+  // Typed interfaces: answers request `m` with an error code instead of a
+  // response (Ok, Closed or BadParameter, as respond); a session's event
+  // subscriptions, and the sessions subscribed to one (out may be nullptr).
+  Result respond_error(Message&& m, Result code) noexcept;
+  Result set_events(SessionRef s, std::uint64_t bits) noexcept;
+  std::size_t subscribers(std::uint64_t bit, SessionRef* out) const noexcept;
   static void unanswered(void* svc, std::uint32_t session, std::uint32_t txn) noexcept {
     static_cast<Service*>(svc)->answer_error(session, txn, Result::Unanswered);
   }
@@ -3717,6 +3739,7 @@ inline bool Service::on_hello(int fd, const Credentials& c, Result hello) noexce
   slot->open = false;
   slot->closing = false;
   slot->context = nullptr;
+  slot->events = 0;
   slot->creds = c;
   slot->ch.fd = fd;
   detail::set_send_buffer(fd, sndbuf_);
@@ -3879,6 +3902,38 @@ inline Result Service::respond(Message&& m) noexcept {
   return r;
 }
 
+inline Result Service::respond_error(Message&& m, Result code) noexcept {
+  detail::MsgBlock* b = m.blk_;
+  if (!b || b->kind != detail::MsgKind::Request || b->service != this || b->responded || m.is_shared() ||
+      code == Result::Ok)
+    return Result::BadParameter;
+  b->responded = true;
+  const std::uint32_t session = b->session;
+  const std::uint32_t txn = b->txn;
+  m.release();
+  const Peer* p = peer_refs_.lookup(session);
+  if (!p || !p->open || p->closing) return Result::Closed;
+  answer_error(session, txn, code);  // closes the session when even that cannot be sent
+  return Result::Ok;
+}
+
+inline Result Service::set_events(SessionRef s, std::uint64_t bits) noexcept {
+  Peer* p = peer_refs_.lookup(s.value);
+  if (!p) return Result::NotFound;
+  p->events = bits;
+  return Result::Ok;
+}
+
+inline std::size_t Service::subscribers(std::uint64_t bit, SessionRef* out) const noexcept {
+  std::size_t n = 0;
+  peer_refs_.for_each([&](const Peer* p, std::uint32_t ref) {
+    if (!p->open || p->closing || !(p->events & bit)) return;
+    if (out) out[n] = SessionRef{ref};
+    ++n;
+  });
+  return n;
+}
+
 inline Result Service::close(SessionRef s) noexcept {
   Peer* p = peer_refs_.lookup(s.value);
   if (!p || p->closing) return Result::NotFound;
@@ -3993,7 +4048,8 @@ using SessionCloseHandler = Callable<void(Result reason)>;
 using OpenCallback = Callable<void(Result)>;
 /// Completion of an async request: Ok with the response, or Closed, Timeout,
 /// Unanswered or another error with an empty message.
-using ResponseHandler = Callable<void(Result, Message&)>;
+/// Move-only: it may own a move-only object (a Responder, to relay).
+using ResponseHandler = Callable<void(Result, Message&), LEMSG_CALLABLE_SIZE, false>;
 namespace detail {
 
 // The transaction ids of one Session's pending requests. An id is the
@@ -4203,6 +4259,19 @@ class Session {
   // The server is lost inside request_sync: the close handler and the other
   // completions run from the loop after it returns, not inside it.
   void lose_later(Result why) noexcept;
+  // A typed client found the server's frame malformed: the session ends
+  // with `why`, from the loop (as lose_later), when it is still open.
+  void drop_server(Result why) noexcept {
+    if (state_ != State::Open) return;
+    LEMSG_LOG(Warning, "session %s: server sent a bad frame: %s", name_, to_string(why));
+    lose_later(why);
+    reschedule();
+  }
+  friend struct detail::TypedAccess;
+  // Typed clients: runs after every open (sync or not, reconnects too),
+  // before the open callback, to send the event subscriptions again.
+  void (*opened_hook_)(void*) noexcept = nullptr;
+  void* opened_ctx_ = nullptr;
 
   Loop& loop_;
   Protocol protocol_;
@@ -4468,6 +4537,7 @@ inline void Session::on_handshake_frame() noexcept {
     state_ = State::Open;
     backoff_next_ = backoff_min_;
     reschedule();
+    if (opened_hook_) opened_hook_(opened_ctx_);
     if (open_cb_) {
       OpenCallback cb = open_cb_;
       // The last thing done here, so whether the Session survives is moot.
@@ -4529,6 +4599,7 @@ inline Result Session::finish_open(int fd) noexcept {
   ch_.blocking = detail::clear_nonblock(fd);
   state_ = State::Open;
   backoff_next_ = backoff_min_;
+  if (opened_hook_) opened_hook_(opened_ctx_);
   return Result::Ok;
 }
 
@@ -4940,6 +5011,1623 @@ inline void Session::on_timer() noexcept {
     ch_.update_events(loop_);
   }
   reschedule();
+}
+
+
+// =============================================================================
+// 12. Typed interfaces                                                 >>typed
+// =============================================================================
+//
+// Declare an interface once, in plain C++ types in a header that client and
+// server share, and call it like functions: no code generator, no heap.
+//
+//   struct Signal { std::int32_t rssi; std::uint8_t bars; };      // plain structs:
+//   struct Sms { lemsg::String<20> to; lemsg::String<160> text; }; // each field once
+//   struct SmsId { std::uint32_t id; };
+//   struct Registration { bool registered; lemsg::String<16> network; };
+//
+//   LEMSG_METHOD(GetSignal, lemsg::Void, Signal);   // request -> response
+//   LEMSG_METHOD(SendSms, Sms, SmsId);
+//   LEMSG_ONEWAY(SetLed, Led);                      // request, no response
+//   LEMSG_EVENT(RegistrationChanged, Registration); // server -> subscribed clients
+//   struct Modem : lemsg::Interface<GetSignal, SendSms, SetLed, RegistrationChanged> {
+//     static constexpr const char* name = "acme.modem";
+//   };
+//
+//   // server                                   // client
+//   lemsg::TypedService<Modem> svc(loop, pool);  lemsg::TypedClient<Modem> modem(loop, pool);
+//   svc.set_handler<GetSignal>(                  modem.open_sync("modem", 2000);
+//     [](lemsg::Responder<GetSignal>& r,         Signal s;
+//        lemsg::Void&) { r.reply({-71, 3}); });  modem.call<GetSignal>({}, s, 1000);
+//   svc.advertise("modem");                      modem.subscribe<RegistrationChanged>(
+//   svc.emit<RegistrationChanged>({true, ...});    [](Registration& r) { ... });
+//
+// A LEMSG_METHOD(Name, Req, Resp) is `struct Name : lemsg::Method<Req, Resp>
+// { static constexpr const char* name = "Name"; }`; write that by hand when
+// a type has a comma in it. Items are numbered in the order the Interface
+// lists them (at most 255; at most 64 events).
+//
+// Field types (each bound is fixed at compile time):
+//   bool, std::int8_t .. std::int64_t, std::uint8_t .. std::uint64_t
+//   float, double        IEEE bits as they are: NaN and +-Inf round-trip
+//   enums                as their underlying type; values are not checked
+//   Flags<E>             a bitmask of the enum E's values
+//   String<N>            at most N bytes, no NUL inside, NUL-terminated
+//   Array<T, N>          at most N elements of a field type; Bytes<N> of bytes
+//   Optional<T>          a field type or nothing
+//   nested structs       aggregates of field types, at most 24 fields each
+//   Fd                   an owned file descriptor; at most one per message
+//   Ref<Tag>             a reference the server made for this session (below)
+//   Void                 no fields
+// Plain `char`, `long double`, pointers, references, raw arrays and structs
+// with base classes are refused at compile time.
+//
+// Version safety: the protocol id is "<name>#<16 hex digits>", the digits an
+// FNV-1a hash, computed at compile time, of every item in order (its kind,
+// its name, and each field's type and bounds, nested structs included).
+// A client built against a declaration that differs in any of these is
+// refused at open with ProtocolMismatch. Field names do not travel and are
+// not hashed: renaming a field is compatible; reordering fields is not.
+// The protocol's largest payload is computed from the bounds (max_payload).
+//
+// Encoding, byte by byte (little-endian throughout, no padding, no
+// alignment; only the used bytes of strings and arrays travel):
+//   bool                 1 byte, 0 or 1 (anything else is malformed)
+//   intN/uintN, enums, Flags  N/8 bytes, two's complement
+//   float / double       4 / 8 bytes: the IEEE-754 bit pattern
+//   String<N>, Array<T,N>, Bytes<N>  a count, then the elements: the count
+//                        is 1 byte when N < 256, 2 when N < 65536, else 4;
+//                        a String's count is its length in bytes, no NUL
+//   Optional<T>          1 byte, 0 (absent) or 1 (present, then T)
+//   Fd                   1 byte, 0 (none) or 1 (the message carries the fd)
+//   Ref<Tag>             4 bytes, the reference's value
+//   struct               its fields in declaration order
+// A frame's payload is:
+//   client -> server, request or one-way: [item index: 1 byte][request]
+//   client -> server, subscriptions:      [0xFF][event bits: 8 bytes]
+//   server -> client, response:           [response]
+//   server -> client, event:              [item index: 1 byte][event]
+// Decoding checks every count against its bound and against the bytes that
+// came, and refuses trailing bytes, an unknown index, an item sent the wrong
+// way or as the wrong frame type, and an fd that nothing declares: the
+// sending peer's session is closed with BadFrame and the reason logged, and
+// no handler sees any part of that frame.
+//
+// References: the server binds a RefMap per Tag (bind_refs), makes references
+// for the calling session (make_ref, owner = that session) and the entries go
+// when the session closes. A request whose Ref fields do not all name a live
+// entry of the calling session (another session's, a stale, a forged one) is
+// refused before its handler runs: a method completes with BadReference, a
+// one-way is dropped and logged. The session stays open.
+//
+// Memory: handlers, subscriptions and pending completions live inside the
+// TypedService and TypedClient objects; encoding writes straight into the
+// message's pooled block (a response into its request's block). Decoded
+// values live on the dispatching thread's stack: budget the size of the
+// largest request, response or event struct there.
+
+namespace detail {
+template <typename... T>
+struct TypeList {};
+template <typename T, typename Enable = void>
+struct Codec;
+struct TypedAccess;
+}  // namespace detail
+
+/// No fields: the request or response of an item that carries nothing.
+struct Void {};
+
+/// At most N bytes of text (no NUL inside), stored NUL-terminated.
+template <std::size_t N>
+class String {
+  static_assert(N >= 1 && N <= (std::size_t{1} << 24), "String<N>: N must be 1..16 MiB");
+
+ public:
+  static constexpr std::size_t bound = N;
+  String() noexcept {}
+  /// From a string literal that fits (checked at compile time).
+  template <std::size_t M>
+  String(const char (&s)[M]) noexcept {  // NOLINT: implicit, so `{"text"}` initialises a field
+    static_assert(M >= 1 && M - 1 <= N, "lemsg: this literal is longer than the String's bound");
+    Result r = assign(s, std::strlen(s));
+    (void)r;
+  }
+  /// Copies `s`: Ok, BoundExceeded (longer than N) or BadParameter (nullptr,
+  /// or a NUL inside); on failure the string is unchanged.
+  Result assign(const char* s) noexcept { return s ? assign(s, std::strlen(s)) : Result::BadParameter; }
+  Result assign(const char* s, std::size_t n) noexcept {
+    if (n > N) return Result::BoundExceeded;
+    if (n && (!s || std::memchr(s, 0, n))) return Result::BadParameter;
+    if (n) std::memcpy(data_, s, n);
+    data_[n] = 0;
+    size_ = static_cast<std::uint32_t>(n);
+    return Result::Ok;
+  }
+  void clear() noexcept { data_[0] = 0, size_ = 0; }
+  const char* c_str() const noexcept { return data_; }
+  std::size_t size() const noexcept { return size_; }
+  bool empty() const noexcept { return size_ == 0; }
+  friend bool operator==(const String& a, const char* b) noexcept { return b && std::strcmp(a.data_, b) == 0; }
+  friend bool operator!=(const String& a, const char* b) noexcept { return !(a == b); }
+  friend bool operator==(const String& a, const String& b) noexcept {
+    return a.size_ == b.size_ && std::memcmp(a.data_, b.data_, a.size_) == 0;
+  }
+
+ private:
+  template <typename, typename>
+  friend struct detail::Codec;
+  char data_[N + 1] = {};
+  std::uint32_t size_ = 0;
+};
+
+/// At most N elements of a field type, with their count.
+template <typename T, std::size_t N>
+class Array {
+  static_assert(N >= 1 && N <= (std::size_t{1} << 24), "Array<T, N>: N must be 1..16 Mi");
+
+ public:
+  static constexpr std::size_t bound = N;
+  Array() noexcept {}
+  /// Appends a copy: Ok, or BoundExceeded when N are there.
+  Result push_back(const T& v) noexcept {
+    if (count_ == N) return Result::BoundExceeded;
+    items_[count_++] = v;
+    return Result::Ok;
+  }
+  /// Sets the count (new elements keep what their storage held). Ok or BoundExceeded.
+  Result resize(std::size_t n) noexcept {
+    if (n > N) return Result::BoundExceeded;
+    count_ = static_cast<std::uint32_t>(n);
+    return Result::Ok;
+  }
+  void clear() noexcept { count_ = 0; }
+  std::size_t size() const noexcept { return count_; }
+  bool empty() const noexcept { return count_ == 0; }
+  /// Element i < size() (not checked, as for a C array).
+  T& operator[](std::size_t i) noexcept { return items_[i]; }
+  const T& operator[](std::size_t i) const noexcept { return items_[i]; }
+  T* data() noexcept { return items_; }
+  const T* data() const noexcept { return items_; }
+  T* begin() noexcept { return items_; }
+  T* end() noexcept { return items_ + count_; }
+  const T* begin() const noexcept { return items_; }
+  const T* end() const noexcept { return items_ + count_; }
+
+ private:
+  template <typename, typename>
+  friend struct detail::Codec;
+  T items_[N];
+  std::uint32_t count_ = 0;
+};
+
+/// At most N bytes, with their count: a byte buffer.
+template <std::size_t N>
+class Bytes : public Array<std::uint8_t, N> {
+ public:
+  Bytes() noexcept {}
+  /// Copies `n` bytes: Ok, BoundExceeded (n > N; unchanged) or BadParameter (nullptr).
+  Result assign(const void* p, std::size_t n) noexcept {
+    if (n > N) return Result::BoundExceeded;
+    if (n && !p) return Result::BadParameter;
+    if (n) std::memcpy(this->data(), p, n);
+    return this->resize(n);
+  }
+};
+
+/// A field type, or nothing.
+template <typename T>
+class Optional {
+ public:
+  Optional() noexcept {}
+  Optional(const T& v) noexcept : value_(v), has_(true) {}  // NOLINT: implicit, as std::optional
+  bool has_value() const noexcept { return has_; }
+  explicit operator bool() const noexcept { return has_; }
+  /// The value (meaningful only when has_value()).
+  T& operator*() noexcept { return value_; }
+  const T& operator*() const noexcept { return value_; }
+  T* operator->() noexcept { return &value_; }
+  const T* operator->() const noexcept { return &value_; }
+  /// Makes it present and returns the value to fill in.
+  T& emplace() noexcept {
+    value_ = T{};
+    has_ = true;
+    return value_;
+  }
+  void reset() noexcept {
+    value_ = T{};
+    has_ = false;
+  }
+
+ private:
+  template <typename, typename>
+  friend struct detail::Codec;
+  T value_{};
+  bool has_ = false;
+};
+
+/// A bitmask of an enum's values (Legato's BITMASK): travels as the enum's
+/// underlying type.
+template <typename E>
+class Flags {
+  static_assert(std::is_enum<E>::value, "Flags<E>: E must be an enum");
+
+ public:
+  using Bits = std::make_unsigned_t<std::underlying_type_t<E>>;
+  constexpr Flags() noexcept {}
+  constexpr Flags(E e) noexcept : bits_(static_cast<Bits>(e)) {}  // NOLINT: implicit, so `Flags<E> f = E::A`
+  constexpr explicit Flags(Bits b, int) noexcept : bits_(b) {}
+  constexpr bool has(E e) const noexcept { return (bits_ & static_cast<Bits>(e)) == static_cast<Bits>(e); }
+  constexpr Flags& set(E e) noexcept { return bits_ = static_cast<Bits>(bits_ | static_cast<Bits>(e)), *this; }
+  constexpr Flags& unset(E e) noexcept { return bits_ = static_cast<Bits>(bits_ & ~static_cast<Bits>(e)), *this; }
+  constexpr Bits bits() const noexcept { return bits_; }
+  friend constexpr Flags operator|(Flags a, Flags b) noexcept { return Flags(static_cast<Bits>(a.bits_ | b.bits_), 0); }
+  friend constexpr bool operator==(Flags a, Flags b) noexcept { return a.bits_ == b.bits_; }
+  friend constexpr bool operator!=(Flags a, Flags b) noexcept { return a.bits_ != b.bits_; }
+
+ private:
+  template <typename, typename>
+  friend struct detail::Codec;
+  Bits bits_ = 0;
+};
+
+/// An owned file descriptor (Legato's `file`): closed when the Fd goes.
+/// Sending encodes a duplicate (the sender keeps its own); a received one
+/// is the receiver's to keep (release()) or to let close. At most one per
+/// message (a compile-time check).
+class Fd {
+ public:
+  Fd() noexcept {}
+  explicit Fd(int fd) noexcept : fd_(fd) {}
+  Fd(Fd&& o) noexcept : fd_(o.fd_) { o.fd_ = -1; }
+  Fd& operator=(Fd&& o) noexcept {
+    if (this != &o) reset(o.release());
+    return *this;
+  }
+  Fd(const Fd&) = delete;
+  Fd& operator=(const Fd&) = delete;
+  ~Fd() { reset(); }
+  int get() const noexcept { return fd_; }
+  bool valid() const noexcept { return fd_ >= 0; }
+  /// Gives the descriptor up (the caller closes it); -1 when none.
+  int release() noexcept {
+    const int fd = fd_;
+    fd_ = -1;
+    return fd;
+  }
+  /// Closes the one held and takes `fd` (-1: none).
+  void reset(int fd = -1) noexcept {
+    if (fd_ >= 0 && fd_ != fd) ::close(fd_);
+    fd_ = fd;
+  }
+
+ private:
+  int fd_ = -1;
+};
+
+/// A reference to one of the server's objects, made for one session
+/// (TypedService::make_ref). `Tag` names the kind of object; the client may
+/// leave it incomplete. 0 is never a valid reference.
+template <typename Tag>
+struct Ref {
+  using TagType = Tag;
+  std::uint32_t value = 0;
+  Ref() noexcept {}
+  explicit Ref(std::uint32_t v) noexcept : value(v) {}
+  explicit operator bool() const noexcept { return value != 0; }
+  friend bool operator==(Ref a, Ref b) noexcept { return a.value == b.value; }
+  friend bool operator!=(Ref a, Ref b) noexcept { return a.value != b.value; }
+};
+
+enum class ItemKind : std::uint8_t { Method = 1, OneWay = 2, Event = 3 };
+
+/// A method: Req from the client, Resp back. Derive a named struct (or use LEMSG_METHOD).
+template <typename Req, typename Resp>
+struct Method {
+  using Request = Req;
+  using Response = Resp;
+  static constexpr ItemKind kind = ItemKind::Method;
+};
+/// A one-way call: Req from the client, no response.
+template <typename Req>
+struct OneWay {
+  using Request = Req;
+  using Response = Void;
+  static constexpr ItemKind kind = ItemKind::OneWay;
+};
+/// An event: Payload from the server to each session subscribed to it.
+template <typename Payload>
+struct Event {
+  using Request = Payload;
+  using Response = Void;
+  static constexpr ItemKind kind = ItemKind::Event;
+};
+
+#define LEMSG_METHOD(Name, Req, Resp)                  \
+  struct Name : ::lemsg::Method<Req, Resp> {           \
+    static constexpr const char* name = #Name;         \
+  }
+#define LEMSG_ONEWAY(Name, Req)                        \
+  struct Name : ::lemsg::OneWay<Req> {                 \
+    static constexpr const char* name = #Name;         \
+  }
+#define LEMSG_EVENT(Name, Payload)                     \
+  struct Name : ::lemsg::Event<Payload> {              \
+    static constexpr const char* name = #Name;         \
+  }
+
+/// The items of an interface, in order. Derive the interface from it and
+/// give it `static constexpr const char* name` (1..47 characters).
+template <typename... Items>
+struct Interface {
+  static_assert(sizeof...(Items) >= 1 && sizeof...(Items) <= 255, "an Interface has 1..255 items");
+  using ItemList = detail::TypeList<Items...>;
+};
+
+/// What a typed Service knows of the interface I, all computed at compile
+/// time: the protocol id and hash, the largest payload, item indexes.
+template <typename I>
+struct InterfaceInfo;
+
+/// Who called a one-way item.
+struct Caller {
+  SessionRef session;
+};
+
+/// The right to answer one call of method M, exactly once. Move it to
+/// answer later; dropping it unanswered completes the client's call with
+/// Unanswered. It stays valid after its TypedService is gone (answering then
+/// returns Closed). One pointer in size.
+template <typename M>
+class Responder {
+ public:
+  Responder() noexcept = default;
+  Responder(Responder&&) noexcept = default;
+  Responder& operator=(Responder&&) noexcept = default;
+  Responder(const Responder&) = delete;
+  Responder& operator=(const Responder&) = delete;
+
+  /// True while the call is still owed an answer.
+  explicit operator bool() const noexcept { return msg_.needs_response(); }
+  SessionRef session() const noexcept { return msg_.session(); }
+  /// The caller's uid, gid and pid. Ok, or Closed when the session is gone.
+  Result credentials(Credentials& out) const noexcept;
+  /// Answers with `resp` (encoded into the request's own block). Ok; Closed
+  /// (the session is gone); BadParameter (already answered); SystemError
+  /// (an Fd could not be duplicated); the errors of Service::respond. The
+  /// call is answered afterwards whatever the Result.
+  Result reply(const typename M::Response& resp) noexcept;
+  /// Completes the client's call with `code` (not Ok) instead of a response.
+  /// Ok, Closed, or BadParameter (already answered, or code is Ok).
+  Result fail(Result code) noexcept;
+
+ private:
+  template <typename>
+  friend class TypedService;
+  explicit Responder(Message&& m) noexcept : msg_(std::move(m)) {}
+  Message msg_;
+};
+
+/// Handler of method M: the right to answer, and the decoded request (the
+/// handler may take an Fd out of it).
+template <typename M>
+using MethodHandler = Callable<void(Responder<M>&, typename M::Request&)>;
+/// Handler of one-way item M.
+template <typename M>
+using OneWayHandler = Callable<void(const Caller&, typename M::Request&)>;
+/// Handler of event E on a client.
+template <typename E>
+using EventHandler = Callable<void(typename E::Request&)>;
+
+namespace detail {
+// A tuple of one T per index, with no <tuple>.
+template <std::size_t K, typename T>
+struct Slot {
+  T value;
+};
+template <typename Seq, typename... T>
+struct Slots;
+template <std::size_t... K, typename... T>
+struct Slots<std::index_sequence<K...>, T...> : Slot<K, T>... {};
+template <std::size_t K, typename T>
+T& slot_at(Slot<K, T>& s) noexcept {
+  return s.value;
+}
+struct NoHandler {};
+template <typename M>
+using ServerHandlerOf = std::conditional_t<
+    M::kind == ItemKind::Method, MethodHandler<M>,
+    std::conditional_t<M::kind == ItemKind::OneWay, OneWayHandler<M>, NoHandler>>;
+template <typename M>
+using ClientHandlerOf = std::conditional_t<M::kind == ItemKind::Event, EventHandler<M>, NoHandler>;
+template <typename I, template <typename> class Of, typename L = typename I::ItemList>
+struct HandlerSlots;
+template <typename I, template <typename> class Of, typename... Items>
+struct HandlerSlots<I, Of, TypeList<Items...>> {
+  using type = Slots<std::index_sequence_for<Items...>, Of<Items>...>;
+};
+}  // namespace detail
+
+/// The server end of interface I: a Service whose frames are decoded and
+/// dispatched to one handler per item. Owned by the caller, used on its
+/// Loop's thread; the pool must hold InterfaceInfo<I>::max_payload bytes
+/// per message (MessagePool<InterfaceInfo<I>::max_payload, Count>).
+/// service() gives the Service for open and close handlers, credentials,
+/// contexts, close() and options; do not set its receive handler.
+template <typename I>
+class TypedService {
+ public:
+  using Info = InterfaceInfo<I>;
+  TypedService(Loop& loop, MessagePoolBase& pool) noexcept;
+  TypedService(const TypedService&) = delete;
+  TypedService& operator=(const TypedService&) = delete;
+
+  /// As Service::status().
+  Result status() const noexcept { return svc_.status(); }
+  /// As Service::advertise() and hide().
+  Result advertise(const char* name, const ServiceOptions& options = ServiceOptions{}) noexcept {
+    return svc_.advertise(name, options);
+  }
+  Result hide() noexcept { return svc_.hide(); }
+  Service& service() noexcept { return svc_; }
+
+  /// Sets the handler of method or one-way item M (replacing any before).
+  /// A method: void(Responder<M>&, Request&); it answers through the
+  /// Responder, now or later. A one-way item: void(const Caller&, Request&).
+  /// An item without a handler: a method completes with Unanswered, a
+  /// one-way frame is dropped (both logged at debug level).
+  template <typename M, typename F>
+  void set_handler(F&& f) noexcept;
+
+  /// Sends event E to every session subscribed to it, now (queued for a
+  /// client that is not reading; a subscriber whose queue is full has its
+  /// session closed with Overflow, and the others get the event). Ok, or the
+  /// first error met (PoolEmpty, SystemError...), the rest still served.
+  template <typename E>
+  Result emit(const typename E::Request& event) noexcept;
+  /// How many sessions are subscribed to event E.
+  template <typename E>
+  std::size_t subscriber_count() const noexcept;
+
+  /// Lets Ref<Tag> fields resolve through `map`: make_ref adds to it, and
+  /// when a session closes its entries are removed and passed to `release`
+  /// (as Service::track). At most LEMSG_MAX_TRACKED maps, one per Tag.
+  /// Ok, Duplicate (Tag already bound), or the errors of Service::track.
+  template <typename Tag>
+  Result bind_refs(RefMapBase& map, TrackRelease release) noexcept;
+  /// Adds `obj` to Tag's map, owned by session `s`: Ok with `out` set,
+  /// NotFound (Tag not bound, or no such session), NoMemory (map full),
+  /// BadParameter (nullptr).
+  template <typename Tag>
+  Result make_ref(SessionRef s, Tag* obj, Ref<Tag>& out) noexcept;
+  /// The object of a reference (nullptr when it does not resolve). Inside a
+  /// handler, every Ref field of the request resolves to the caller's own.
+  template <typename Tag>
+  Tag* object(Ref<Tag> ref) const noexcept;
+  /// Removes a reference's entry: Ok or NotFound.
+  template <typename Tag>
+  Result drop_ref(Ref<Tag> ref) noexcept;
+
+ private:
+  template <std::size_t K>
+  void dispatch(Message& m, bool request) noexcept;
+  template <std::size_t... K>
+  void dispatch_index(std::size_t index, Message& m, bool request, std::index_sequence<K...>) noexcept;
+  void on_frame(Message& m) noexcept;
+  // Closes the sender's session with BadFrame. False: the Service is gone.
+  bool refuse_frame(SessionRef s, const char* why) noexcept;
+  template <typename Tag>
+  RefMapBase* map_for() const noexcept;
+  template <typename T>
+  bool refs_resolve(SessionRef s, T& value) const noexcept;
+
+  struct Binding {
+    const void* tag = nullptr;
+    RefMapBase* map = nullptr;
+  };
+  Service svc_;
+  typename detail::HandlerSlots<I, detail::ServerHandlerOf>::type handlers_;
+  Binding refs_[LEMSG_MAX_TRACKED];
+};
+
+/// The client end of interface I: a Session with typed calls and events.
+/// Owned by the caller, used on its Loop's thread; the pool must hold
+/// InterfaceInfo<I>::max_payload bytes per message. session() gives the
+/// Session for open, close, reconnect and its close handler; do not set its
+/// receive handler. Subscriptions are kept here and sent again each time the
+/// session opens (also after a reconnect), so a client that outlives a server
+/// restart keeps its events.
+template <typename I>
+class TypedClient {
+ public:
+  using Info = InterfaceInfo<I>;
+  TypedClient(Loop& loop, MessagePoolBase& pool) noexcept;
+  TypedClient(const TypedClient&) = delete;
+  TypedClient& operator=(const TypedClient&) = delete;
+
+  Result status() const noexcept { return session_.status(); }
+  Session& session() noexcept { return session_; }
+  /// As Session::open, open_sync, try_open, close and is_open.
+  Result open(const char* name, OpenCallback cb = nullptr) noexcept { return session_.open(name, std::move(cb)); }
+  Result open_sync(const char* name, int timeout_ms) noexcept { return session_.open_sync(name, timeout_ms); }
+  Result try_open(const char* name) noexcept { return session_.try_open(name); }
+  void close() noexcept { session_.close(); }
+  bool is_open() const noexcept { return session_.is_open(); }
+
+  /// Calls method M and waits at most `timeout_ms` (> 0). Ok with `resp`
+  /// filled; BadFrame (a malformed response: the session is closed); the
+  /// errors of Session::request_sync, and of the server's Responder::fail.
+  /// On any error `resp` is reset to its empty value.
+  template <typename M>
+  Result call(const typename M::Request& req, typename M::Response& resp, int timeout_ms) noexcept;
+  /// Calls method M; done(Result, Response&) runs exactly once on the loop,
+  /// as for Session::request (BadFrame for a malformed response, which also
+  /// closes the session). `done` may capture up to LEMSG_CALLABLE_SIZE minus
+  /// one pointer, and may own move-only objects (a Responder, to relay).
+  /// Returns as Session::request (then `done` is not called).
+  template <typename M, typename F>
+  Result call_async(const typename M::Request& req, F&& done, std::uint32_t timeout_ms = 0) noexcept;
+  /// Sends one-way item M. As Session::send.
+  template <typename M>
+  Result send(const typename M::Request& req) noexcept;
+  /// Subscribes to event E: handler(Payload&) runs for each one. Ok (sent,
+  /// or remembered until the session opens), or the error sending it
+  /// (Overflow, PoolEmpty...; then nothing changed).
+  template <typename E, typename F>
+  Result subscribe(F&& handler) noexcept;
+  /// Stops event E. Ok, or the error sending it (then still subscribed).
+  template <typename E>
+  Result unsubscribe() noexcept;
+  template <typename E>
+  bool is_subscribed() const noexcept {
+    return (subscribed_ >> Info::template index_of<E>) & 1u;
+  }
+
+ private:
+  template <typename M>
+  Result encode_request(const typename M::Request& req, Message& out) noexcept;
+  Result send_subscriptions(std::uint64_t bits) noexcept;
+  static void opened(void* self) noexcept;
+  void on_event(Message& m) noexcept;
+  template <std::size_t... K>
+  void event_index(std::size_t index, Message& m, std::index_sequence<K...>) noexcept;
+  template <std::size_t K>
+  void deliver_event(Message& m) noexcept;
+  void refuse_frame(const char* why) noexcept;
+
+  Session session_;
+  typename detail::HandlerSlots<I, detail::ClientHandlerOf>::type handlers_;
+  std::uint64_t subscribed_ = 0;
+};
+
+/// A MessagePool sized for interface I: Count messages of its largest payload.
+template <typename I, std::size_t Count>
+using TypedPool = MessagePool<InterfaceInfo<I>::max_payload, Count>;
+
+// -- implementation --
+
+namespace detail {
+
+// ---- aggregate reflection: a struct's fields, written once, found by the
+// compiler. count_fields<T> is the most initialisers T{...} takes (each one
+// converts to anything); apply_fields binds that many with a structured
+// binding, which fails to compile when the count is wrong (a raw array or a
+// base class), so a miscount never goes unnoticed.
+struct AnyField {
+  template <typename U>
+  operator U() const noexcept;  // declared only: used in decltype
+};
+template <typename T, typename Seq, typename = void>
+struct InitsWith : std::false_type {};
+template <typename T, std::size_t... K>
+struct InitsWith<T, std::index_sequence<K...>, std::void_t<decltype(T{(static_cast<void>(K), AnyField{})...})>>
+    : std::true_type {};
+constexpr std::size_t max_fields = 24;
+template <typename T, std::size_t N = 0>
+constexpr std::size_t count_fields() noexcept {
+  if constexpr (N < max_fields + 1 && InitsWith<T, std::make_index_sequence<N + 1>>::value)
+    return count_fields<T, N + 1>();
+  else
+    return N;
+}
+
+template <typename T, typename F>
+decltype(auto) apply_fields(T& t, F&& f) {
+  constexpr std::size_t n = count_fields<std::remove_const_t<T>>();
+  static_assert(n <= max_fields, "lemsg: a struct has at most 24 fields; nest structs for more");
+  // clang-format off
+  if constexpr (n == 0) { (void)t; return f(); }
+  else if constexpr (n == 1) { auto& [a] = t; return f(a); }
+  else if constexpr (n == 2) { auto& [a, b] = t; return f(a, b); }
+  else if constexpr (n == 3) { auto& [a, b, c] = t; return f(a, b, c); }
+  else if constexpr (n == 4) { auto& [a, b, c, d] = t; return f(a, b, c, d); }
+  else if constexpr (n == 5) { auto& [a, b, c, d, e] = t; return f(a, b, c, d, e); }
+  else if constexpr (n == 6) { auto& [a, b, c, d, e, g] = t; return f(a, b, c, d, e, g); }
+  else if constexpr (n == 7) { auto& [a, b, c, d, e, g, h] = t; return f(a, b, c, d, e, g, h); }
+  else if constexpr (n == 8) { auto& [a, b, c, d, e, g, h, i] = t; return f(a, b, c, d, e, g, h, i); }
+  else if constexpr (n == 9) { auto& [a, b, c, d, e, g, h, i, j] = t; return f(a, b, c, d, e, g, h, i, j); }
+  else if constexpr (n == 10) { auto& [a, b, c, d, e, g, h, i, j, k] = t; return f(a, b, c, d, e, g, h, i, j, k); }
+  else if constexpr (n == 11) { auto& [a, b, c, d, e, g, h, i, j, k, l] = t; return f(a, b, c, d, e, g, h, i, j, k, l); }
+  else if constexpr (n == 12) { auto& [a, b, c, d, e, g, h, i, j, k, l, m] = t; return f(a, b, c, d, e, g, h, i, j, k, l, m); }
+  else if constexpr (n == 13) { auto& [a, b, c, d, e, g, h, i, j, k, l, m, o] = t; return f(a, b, c, d, e, g, h, i, j, k, l, m, o); }
+  else if constexpr (n == 14) { auto& [a, b, c, d, e, g, h, i, j, k, l, m, o, p] = t; return f(a, b, c, d, e, g, h, i, j, k, l, m, o, p); }
+  else if constexpr (n == 15) { auto& [a, b, c, d, e, g, h, i, j, k, l, m, o, p, q] = t; return f(a, b, c, d, e, g, h, i, j, k, l, m, o, p, q); }
+  else if constexpr (n == 16) { auto& [a, b, c, d, e, g, h, i, j, k, l, m, o, p, q, r] = t; return f(a, b, c, d, e, g, h, i, j, k, l, m, o, p, q, r); }
+  else if constexpr (n == 17) { auto& [a, b, c, d, e, g, h, i, j, k, l, m, o, p, q, r, s] = t; return f(a, b, c, d, e, g, h, i, j, k, l, m, o, p, q, r, s); }
+  else if constexpr (n == 18) { auto& [a, b, c, d, e, g, h, i, j, k, l, m, o, p, q, r, s, u] = t; return f(a, b, c, d, e, g, h, i, j, k, l, m, o, p, q, r, s, u); }
+  else if constexpr (n == 19) { auto& [a, b, c, d, e, g, h, i, j, k, l, m, o, p, q, r, s, u, v] = t; return f(a, b, c, d, e, g, h, i, j, k, l, m, o, p, q, r, s, u, v); }
+  else if constexpr (n == 20) { auto& [a, b, c, d, e, g, h, i, j, k, l, m, o, p, q, r, s, u, v, w] = t; return f(a, b, c, d, e, g, h, i, j, k, l, m, o, p, q, r, s, u, v, w); }
+  else if constexpr (n == 21) { auto& [a, b, c, d, e, g, h, i, j, k, l, m, o, p, q, r, s, u, v, w, x] = t; return f(a, b, c, d, e, g, h, i, j, k, l, m, o, p, q, r, s, u, v, w, x); }
+  else if constexpr (n == 22) { auto& [a, b, c, d, e, g, h, i, j, k, l, m, o, p, q, r, s, u, v, w, x, y] = t; return f(a, b, c, d, e, g, h, i, j, k, l, m, o, p, q, r, s, u, v, w, x, y); }
+  else if constexpr (n == 23) { auto& [a, b, c, d, e, g, h, i, j, k, l, m, o, p, q, r, s, u, v, w, x, y, z] = t; return f(a, b, c, d, e, g, h, i, j, k, l, m, o, p, q, r, s, u, v, w, x, y, z); }
+  else { auto& [a, b, c, d, e, g, h, i, j, k, l, m, o, p, q, r, s, u, v, w, x, y, z, a2] = t; return f(a, b, c, d, e, g, h, i, j, k, l, m, o, p, q, r, s, u, v, w, x, y, z, a2); }
+  // clang-format on
+}
+struct FieldTypes {
+  template <typename... X>
+  TypeList<X...> operator()(X&...) const noexcept {
+    return {};
+  }
+};
+template <typename T>
+using FieldsOf = decltype(apply_fields(std::declval<T&>(), FieldTypes{}));
+
+template <std::size_t K, typename L>
+struct TypeAtImpl;
+template <std::size_t K, typename H, typename... T>
+struct TypeAtImpl<K, TypeList<H, T...>> : TypeAtImpl<K - 1, TypeList<T...>> {};
+template <typename H, typename... T>
+struct TypeAtImpl<0, TypeList<H, T...>> {
+  using type = H;
+};
+template <std::size_t K, typename L>
+using TypeAt = typename TypeAtImpl<K, L>::type;
+
+// ---- the declaration hash: 64-bit FNV-1a over a description of each item.
+struct Fnv {
+  std::uint64_t v = 14695981039346656037ull;
+  constexpr void byte(std::uint8_t b) noexcept {
+    v ^= b;
+    v *= 1099511628211ull;
+  }
+  constexpr void num(std::uint64_t n) noexcept {
+    for (int i = 0; i < 8; ++i) byte(static_cast<std::uint8_t>(n >> (8 * i)));
+  }
+  constexpr void str(const char* s) noexcept {
+    for (; *s; ++s) byte(static_cast<std::uint8_t>(*s));
+    byte(0);
+  }
+};
+
+// ---- the encoder and decoder: bounds-checked cursors over the payload.
+struct Writer {
+  unsigned char* p;
+  unsigned char* end;
+  int fd = -1;  // the Fd field's descriptor (borrowed), -1 when none
+  bool ok = true;
+  void raw(const void* src, std::size_t n) noexcept {
+    if (static_cast<std::size_t>(end - p) < n) {
+      ok = false;
+      return;
+    }
+    if (n) std::memcpy(p, src, n);
+    p += n;
+  }
+  template <typename U>
+  void uint(U v) noexcept {
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+    raw(&v, sizeof v);
+#else
+    unsigned char b[sizeof(U)];
+    for (std::size_t i = 0; i < sizeof(U); ++i) b[i] = static_cast<unsigned char>(v >> (8 * i));
+    raw(b, sizeof b);
+#endif
+  }
+};
+struct Reader {
+  const unsigned char* p;
+  const unsigned char* end;
+  int fd = -1;  // the frame's descriptor until a Fd field takes it
+  bool ok = true;
+  bool raw(void* dst, std::size_t n) noexcept {
+    if (!ok || static_cast<std::size_t>(end - p) < n) return ok = false;
+    if (n) std::memcpy(dst, p, n);
+    p += n;
+    return true;
+  }
+  template <typename U>
+  U uint() noexcept {
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+    U v = 0;
+    raw(&v, sizeof v);
+    return v;
+#else
+    unsigned char b[sizeof(U)] = {};
+    raw(b, sizeof b);
+    U v = 0;
+    for (std::size_t i = 0; i < sizeof(U); ++i) v = static_cast<U>(v | (static_cast<U>(b[i]) << (8 * i)));
+    return v;
+#endif
+  }
+};
+
+// The count in front of a String, Array or Bytes: as few bytes as N needs.
+template <std::size_t N>
+using CountType = std::conditional_t<(N < 256), std::uint8_t, std::conditional_t<(N < 65536), std::uint16_t, std::uint32_t>>;
+
+template <typename>
+constexpr bool always_false = false;
+
+// Codec<T>: max_size (bytes at most), fds (Fd fields), has_refs, feed()
+// (the hash), put(), get() and each_ref(). The primary template refuses.
+template <typename T, typename Enable>
+struct Codec {
+  static_assert(always_false<T>,
+                "lemsg: this type cannot be a typed-interface field (use fixed-width integers, bool, float, "
+                "double, enums, Flags, String, Array, Bytes, Optional, Fd, Ref or a struct of those)");
+};
+
+// Fixed-width integers. Plain char is refused: its signedness differs
+// between the host and ARM.
+template <typename T>
+struct Codec<T, std::enable_if_t<std::is_integral<T>::value && !std::is_same<T, bool>::value>> {
+  static_assert(!std::is_same<T, char>::value, "lemsg: use std::int8_t, std::uint8_t or String<N> instead of char");
+  using U = std::make_unsigned_t<T>;
+  static constexpr std::size_t max_size = sizeof(T);
+  static constexpr std::size_t fds = 0;
+  static constexpr bool has_refs = false;
+  static constexpr void feed(Fnv& h) noexcept {
+    h.byte(std::is_signed<T>::value ? 'i' : 'u');
+    h.byte(sizeof(T));
+  }
+  static void put(Writer& w, const T& v) noexcept { w.uint(static_cast<U>(v)); }
+  static void get(Reader& r, T& v) noexcept { v = static_cast<T>(r.uint<U>()); }
+};
+
+template <>
+struct Codec<bool> {
+  static constexpr std::size_t max_size = 1;
+  static constexpr std::size_t fds = 0;
+  static constexpr bool has_refs = false;
+  static constexpr void feed(Fnv& h) noexcept { h.byte('b'); }
+  static void put(Writer& w, const bool& v) noexcept { w.uint(static_cast<std::uint8_t>(v ? 1 : 0)); }
+  static void get(Reader& r, bool& v) noexcept {
+    const std::uint8_t b = r.uint<std::uint8_t>();
+    if (b > 1) r.ok = false;
+    v = b == 1;
+  }
+};
+
+template <typename T>
+struct Codec<T, std::enable_if_t<std::is_floating_point<T>::value>> {
+  static_assert(sizeof(T) == 4 || sizeof(T) == 8, "lemsg: only float and double travel");
+  using U = std::conditional_t<sizeof(T) == 4, std::uint32_t, std::uint64_t>;
+  static_assert(std::numeric_limits<T>::is_iec559, "lemsg: float and double must be IEEE-754 here");
+  static constexpr std::size_t max_size = sizeof(T);
+  static constexpr std::size_t fds = 0;
+  static constexpr bool has_refs = false;
+  static constexpr void feed(Fnv& h) noexcept {
+    h.byte('f');
+    h.byte(sizeof(T));
+  }
+  static void put(Writer& w, const T& v) noexcept {
+    U bits;
+    std::memcpy(&bits, &v, sizeof bits);
+    w.uint(bits);
+  }
+  static void get(Reader& r, T& v) noexcept {
+    const U bits = r.uint<U>();
+    std::memcpy(&v, &bits, sizeof v);
+  }
+};
+
+template <typename T>
+struct Codec<T, std::enable_if_t<std::is_enum<T>::value>> {
+  using U = std::make_unsigned_t<std::underlying_type_t<T>>;
+  static constexpr std::size_t max_size = sizeof(U);
+  static constexpr std::size_t fds = 0;
+  static constexpr bool has_refs = false;
+  static constexpr void feed(Fnv& h) noexcept {
+    h.byte('e');
+    h.byte(sizeof(U));
+  }
+  static void put(Writer& w, const T& v) noexcept { w.uint(static_cast<U>(v)); }
+  static void get(Reader& r, T& v) noexcept { v = static_cast<T>(r.uint<U>()); }
+};
+
+template <typename E>
+struct Codec<Flags<E>> {
+  using U = typename Flags<E>::Bits;
+  static constexpr std::size_t max_size = sizeof(U);
+  static constexpr std::size_t fds = 0;
+  static constexpr bool has_refs = false;
+  static constexpr void feed(Fnv& h) noexcept {
+    h.byte('m');
+    h.byte(sizeof(U));
+  }
+  static void put(Writer& w, const Flags<E>& v) noexcept { w.uint(v.bits_); }
+  static void get(Reader& r, Flags<E>& v) noexcept { v.bits_ = r.uint<U>(); }
+};
+
+template <std::size_t N>
+struct Codec<String<N>> {
+  using C = CountType<N>;
+  static constexpr std::size_t max_size = sizeof(C) + N;
+  static constexpr std::size_t fds = 0;
+  static constexpr bool has_refs = false;
+  static constexpr void feed(Fnv& h) noexcept {
+    h.byte('s');
+    h.num(N);
+  }
+  static void put(Writer& w, const String<N>& v) noexcept {
+    w.uint(static_cast<C>(v.size_));
+    w.raw(v.data_, v.size_);
+  }
+  static void get(Reader& r, String<N>& v) noexcept {
+    const std::size_t n = r.uint<C>();
+    if (n > N || !r.raw(v.data_, n) || std::memchr(v.data_, 0, n)) {
+      r.ok = false;
+      v.clear();
+      return;
+    }
+    v.data_[n] = 0;
+    v.size_ = static_cast<std::uint32_t>(n);
+  }
+};
+
+template <typename T, std::size_t N>
+struct Codec<Array<T, N>> {
+  using C = CountType<N>;
+  using E = Codec<T>;
+  static_assert(E::fds == 0, "lemsg: an Fd cannot be an array element (one Fd per message)");
+  static constexpr bool bytes = std::is_same<T, std::uint8_t>::value || std::is_same<T, std::int8_t>::value;
+  static constexpr std::size_t max_size = sizeof(C) + N * E::max_size;
+  static constexpr std::size_t fds = 0;
+  static constexpr bool has_refs = E::has_refs;
+  static constexpr void feed(Fnv& h) noexcept {
+    h.byte('a');
+    h.num(N);
+    E::feed(h);
+  }
+  static void put(Writer& w, const Array<T, N>& v) noexcept {
+    w.uint(static_cast<C>(v.count_));
+    if constexpr (bytes) {
+      w.raw(v.items_, v.count_);
+    } else {
+      for (std::uint32_t i = 0; i < v.count_; ++i) E::put(w, v.items_[i]);
+    }
+  }
+  static void get(Reader& r, Array<T, N>& v) noexcept {
+    const std::size_t n = r.uint<C>();
+    v.count_ = 0;
+    if (n > N) {
+      r.ok = false;
+      return;
+    }
+    if constexpr (bytes) {
+      if (!r.raw(v.items_, n)) return;
+    } else {
+      // Each element needs a byte at least, except in an array of empty
+      // structs: a count beyond the bytes left is refused before the loop.
+      if (E::max_size && n > static_cast<std::size_t>(r.end - r.p)) {
+        r.ok = false;
+        return;
+      }
+      for (std::size_t i = 0; i < n && r.ok; ++i) E::get(r, v.items_[i]);
+      if (!r.ok) return;
+    }
+    v.count_ = static_cast<std::uint32_t>(n);
+  }
+  template <typename F>
+  static void each_ref(Array<T, N>& v, F& f) noexcept {
+    for (std::uint32_t i = 0; i < v.count_; ++i) E::each_ref(v.items_[i], f);
+  }
+};
+
+template <std::size_t N>
+struct Codec<Bytes<N>> : Codec<Array<std::uint8_t, N>> {
+  static constexpr void feed(Fnv& h) noexcept {
+    h.byte('y');
+    h.num(N);
+  }
+};
+
+template <typename T>
+struct Codec<Optional<T>> {
+  using E = Codec<T>;
+  static constexpr std::size_t max_size = 1 + E::max_size;
+  static constexpr std::size_t fds = E::fds;
+  static constexpr bool has_refs = E::has_refs;
+  static constexpr void feed(Fnv& h) noexcept {
+    h.byte('?');
+    E::feed(h);
+  }
+  static void put(Writer& w, const Optional<T>& v) noexcept {
+    w.uint(static_cast<std::uint8_t>(v.has_ ? 1 : 0));
+    if (v.has_) E::put(w, v.value_);
+  }
+  static void get(Reader& r, Optional<T>& v) noexcept {
+    const std::uint8_t b = r.uint<std::uint8_t>();
+    v.has_ = b == 1;
+    if (b > 1) r.ok = false;
+    if (b == 1) E::get(r, v.value_);
+  }
+  template <typename F>
+  static void each_ref(Optional<T>& v, F& f) noexcept {
+    if (v.has_) E::each_ref(v.value_, f);
+  }
+};
+
+template <>
+struct Codec<Fd> {
+  static constexpr std::size_t max_size = 1;
+  static constexpr std::size_t fds = 1;
+  static constexpr bool has_refs = false;
+  static constexpr void feed(Fnv& h) noexcept { h.byte('F'); }
+  static void put(Writer& w, const Fd& v) noexcept {
+    w.uint(static_cast<std::uint8_t>(v.valid() ? 1 : 0));
+    if (v.valid()) w.fd = v.get();
+  }
+  static void get(Reader& r, Fd& v) noexcept {
+    const std::uint8_t b = r.uint<std::uint8_t>();
+    v.reset();
+    if (b > 1 || (b == 1 && r.fd < 0)) r.ok = false;
+    if (b == 1 && r.ok) {
+      v.reset(r.fd);
+      r.fd = -1;
+    }
+  }
+};
+
+template <typename Tag>
+struct Codec<Ref<Tag>> {
+  static constexpr std::size_t max_size = 4;
+  static constexpr std::size_t fds = 0;
+  static constexpr bool has_refs = true;
+  static constexpr void feed(Fnv& h) noexcept { h.byte('r'); }
+  static void put(Writer& w, const Ref<Tag>& v) noexcept { w.uint(v.value); }
+  static void get(Reader& r, Ref<Tag>& v) noexcept { v.value = r.uint<std::uint32_t>(); }
+  template <typename F>
+  static void each_ref(Ref<Tag>& v, F& f) noexcept {
+    f(v);
+  }
+};
+
+template <typename L>
+struct FieldCodecs;
+template <typename... X>
+struct FieldCodecs<TypeList<X...>> {
+  static constexpr std::size_t max_size = (std::size_t{0} + ... + Codec<X>::max_size);
+  static constexpr std::size_t fds = (std::size_t{0} + ... + Codec<X>::fds);
+  static constexpr bool has_refs = (false || ... || Codec<X>::has_refs);
+  static constexpr void feed(Fnv& h) noexcept { (Codec<X>::feed(h), ...); }
+};
+
+// A struct: its fields in order. Leaf types above are not aggregates.
+template <typename T>
+struct Codec<T, std::enable_if_t<std::is_class<T>::value && std::is_aggregate<T>::value>> {
+  static_assert(!std::is_polymorphic<T>::value, "lemsg: a typed-interface struct cannot have virtual functions");
+  using Fields = FieldsOf<T>;
+  static constexpr std::size_t max_size = FieldCodecs<Fields>::max_size;
+  static constexpr std::size_t fds = FieldCodecs<Fields>::fds;
+  static constexpr bool has_refs = FieldCodecs<Fields>::has_refs;
+  static constexpr void feed(Fnv& h) noexcept {
+    h.byte('{');
+    FieldCodecs<Fields>::feed(h);
+    h.byte('}');
+  }
+  static void put(Writer& w, const T& v) noexcept {
+    apply_fields(v, [&](const auto&... f) { (Codec<std::decay_t<decltype(f)>>::put(w, f), ...); });
+  }
+  static void get(Reader& r, T& v) noexcept {
+    apply_fields(v, [&](auto&... f) { ((r.ok ? Codec<std::decay_t<decltype(f)>>::get(r, f) : void()), ...); });
+  }
+  template <typename F>
+  static void each_ref(T& v, F& f) noexcept {
+    apply_fields(v, [&](auto&... x) {
+      (
+          [&](auto& one) {
+            using C = Codec<std::decay_t<decltype(one)>>;
+            if constexpr (C::has_refs) C::each_ref(one, f);
+          }(x),
+          ...);
+    });
+  }
+};
+
+// One frame's payload: the item index (when `index` >= 0) and the value.
+// The Fd, if any, is attached as a duplicate. Ok, or SystemError (dup),
+// BadParameter (the fd is a directory), TooLarge (cannot happen when the
+// pool holds the interface's max_payload).
+template <typename T>
+Result encode(Message& m, int index, const T& value) noexcept {
+  unsigned char* p = static_cast<unsigned char*>(m.payload());
+  Writer w{p, p + m.capacity()};
+  if (index >= 0) w.uint(static_cast<std::uint8_t>(index));
+  Codec<T>::put(w, value);
+  if (!w.ok) return Result::TooLarge;
+  Result r = m.set_size(static_cast<std::uint32_t>(w.p - p));
+  if (r == Result::Ok && w.fd >= 0) {
+    const int dup = ::fcntl(w.fd, F_DUPFD_CLOEXEC, 0);
+    if (dup < 0) {
+      LEMSG_LOG(Warning, "typed: cannot duplicate an Fd field's descriptor: %s", std::strerror(errno));
+      return Result::SystemError;
+    }
+    r = m.set_fd(dup);
+    if (r != Result::Ok) ::close(dup);
+  }
+  return r;
+}
+
+// Decodes the payload from byte `offset` into `value`, taking the frame's
+// fd. False for anything malformed: the value is then reset, every fd closed.
+template <typename T>
+bool decode(Message& m, std::size_t offset, T& value) noexcept {
+  const unsigned char* p = static_cast<const unsigned char*>(m.payload());
+  Reader r{p + offset, p + m.size(), m.take_fd()};
+  if (offset > m.size()) r.ok = false;
+  if (r.ok) Codec<T>::get(r, value);
+  if (r.ok && r.p != r.end) r.ok = false;  // trailing bytes
+  if (r.fd >= 0) {
+    ::close(r.fd);  // an fd nothing declared
+    r.ok = false;
+  }
+  if (!r.ok) value = T{};
+  return r.ok;
+}
+
+constexpr std::size_t cstr_len(const char* s) noexcept {
+  std::size_t n = 0;
+  while (s[n]) ++n;
+  return n;
+}
+
+template <typename M, typename = void>
+struct HasName : std::false_type {};
+template <typename M>
+struct HasName<M, std::void_t<decltype(M::name)>> : std::true_type {};
+
+template <typename L>
+struct ItemsInfo;
+template <typename... Items>
+struct ItemsInfo<TypeList<Items...>> {
+  static_assert((HasName<Items>::value && ...),
+                "lemsg: every item needs `static constexpr const char* name` (LEMSG_METHOD, LEMSG_ONEWAY and "
+                "LEMSG_EVENT write it)");
+  static_assert(((Codec<typename Items::Request>::fds <= 1 && Codec<typename Items::Response>::fds <= 1) && ...),
+                "lemsg: at most one Fd per message");
+  static constexpr std::size_t count = sizeof...(Items);
+  static constexpr std::size_t max2(std::size_t a, std::size_t b) noexcept { return a > b ? a : b; }
+  static constexpr std::size_t max_payload() noexcept {
+    std::size_t m = 9;  // the subscription frame
+    ((m = max2(m, 1 + Codec<typename Items::Request>::max_size)), ...);
+    ((m = max2(m, Codec<typename Items::Response>::max_size)), ...);
+    return m;
+  }
+  static constexpr std::uint64_t event_bits() noexcept {
+    std::uint64_t bits = 0;
+    std::size_t i = 0;
+    ((bits |= (Items::kind == ItemKind::Event ? (std::uint64_t{1} << (i < 64 ? i : 0)) : 0), ++i), ...);
+    return bits;
+  }
+  static constexpr std::size_t event_count() noexcept {
+    return (std::size_t{0} + ... + (Items::kind == ItemKind::Event ? 1 : 0));
+  }
+  static constexpr bool events_first_64() noexcept {
+    std::size_t i = 0;
+    bool ok = true;
+    ((ok = ok && (Items::kind != ItemKind::Event || i < 64), ++i), ...);
+    return ok;
+  }
+  static constexpr void feed(Fnv& h) noexcept {
+    ((h.byte(static_cast<std::uint8_t>(Items::kind)), h.str(Items::name), Codec<typename Items::Request>::feed(h),
+      Codec<typename Items::Response>::feed(h)),
+     ...);
+  }
+  template <typename M>
+  static constexpr std::size_t index_of() noexcept {
+    std::size_t i = 0, found = count;
+    ((std::is_same<M, Items>::value ? (found = i, ++i) : ++i), ...);
+    return found;
+  }
+};
+
+struct IdText {
+  char text[LEMSG_MAX_PROTOCOL_ID + 1] = {};
+};
+
+template <typename I>
+constexpr std::uint64_t interface_hash() noexcept {
+  Fnv h;
+  h.str("lemsg.typed.1");
+  h.str(I::name);
+  ItemsInfo<typename I::ItemList>::feed(h);
+  return h.v;
+}
+
+template <typename I>
+constexpr IdText interface_id() noexcept {
+  IdText id;
+  std::size_t n = 0;
+  for (const char* s = I::name; *s; ++s) id.text[n++] = *s;
+  id.text[n++] = '#';
+  const std::uint64_t h = interface_hash<I>();
+  for (int i = 15; i >= 0; --i) id.text[n++] = "0123456789abcdef"[(h >> (4 * i)) & 0xf];
+  return id;
+}
+
+// What the typed classes need of Message, Service and Session internals.
+struct TypedAccess {
+  static int fd_of(const Message& m) noexcept { return m.blk_ ? m.blk_->fd : -1; }
+  static Service* service_of(const Message& m) noexcept {
+    return m.blk_ && m.blk_->kind == MsgKind::Request ? static_cast<Service*>(m.blk_->service) : nullptr;
+  }
+  static bool close_peer(Service& s, SessionRef ref, Result why) noexcept { return s.close_peer(ref.value, why); }
+  static Result respond_error(Service& s, Message&& m, Result code) noexcept { return s.respond_error(std::move(m), code); }
+  static Result set_events(Service& s, SessionRef ref, std::uint64_t bits) noexcept { return s.set_events(ref, bits); }
+  static std::size_t subscribers(const Service& s, std::uint64_t bit, SessionRef* out) noexcept {
+    return s.subscribers(bit, out);
+  }
+  static void set_open_hook(Session& s, void (*hook)(void*) noexcept, void* ctx) noexcept {
+    s.opened_hook_ = hook;
+    s.opened_ctx_ = ctx;
+  }
+  static void drop_server(Session& s, Result why) noexcept { s.drop_server(why); }
+  static const char* name(const Session& s) noexcept { return s.name_ ? s.name_ : s.protocol_.id; }
+  static const char* name(const Service& s) noexcept { return s.log_name(); }
+};
+
+constexpr std::uint8_t subscribe_index = 0xFF;
+
+}  // namespace detail
+
+template <typename I>
+struct InterfaceInfo {
+ private:
+  using Items = detail::ItemsInfo<typename I::ItemList>;
+  static_assert(detail::cstr_len(I::name) >= 1 && detail::cstr_len(I::name) + 17 <= LEMSG_MAX_PROTOCOL_ID,
+                "lemsg: an interface name is 1..LEMSG_MAX_PROTOCOL_ID - 17 characters");
+  static_assert(Items::events_first_64(), "lemsg: events must be among an interface's first 64 items");
+
+ public:
+  /// The declaration's hash, and the protocol id "<name>#<hash in hex>".
+  static constexpr std::uint64_t hash = detail::interface_hash<I>();
+  static constexpr detail::IdText id = detail::interface_id<I>();
+  /// The largest payload of any frame of this interface.
+  static constexpr std::uint32_t max_payload = static_cast<std::uint32_t>(Items::max_payload());
+  static_assert(Items::max_payload() <= (std::size_t{1} << 24), "lemsg: an interface's largest frame is above 16 MiB");
+  static constexpr std::size_t item_count = Items::count;
+  /// Bit i is set when item i is an event.
+  static constexpr std::uint64_t event_bits = Items::event_bits();
+  /// Item M's index (a compile-time error when M is not an item of I).
+  template <typename M>
+  static constexpr std::size_t index_of = Items::template index_of<M>();
+  static Protocol protocol() noexcept { return Protocol{id.text, max_payload}; }
+};
+
+/// The largest encoding of a field type, and the encoding of one value.
+template <typename T>
+constexpr std::size_t max_encoded_size() noexcept {
+  return detail::Codec<T>::max_size;
+}
+
+// ---- Responder
+
+template <typename M>
+Result Responder<M>::credentials(Credentials& out) const noexcept {
+  Service* svc = detail::TypedAccess::service_of(msg_);
+  if (!svc) return Result::Closed;
+  return svc->credentials(msg_.session(), out) == Result::Ok ? Result::Ok : Result::Closed;
+}
+
+template <typename M>
+Result Responder<M>::reply(const typename M::Response& resp) noexcept {
+  if (!msg_.needs_response()) return Result::BadParameter;
+  Service* svc = detail::TypedAccess::service_of(msg_);
+  if (!svc) {
+    msg_.release();
+    return Result::Closed;
+  }
+  const Result r = detail::encode(msg_, -1, resp);
+  if (r != Result::Ok) {
+    // The client still hears of it: its call completes with the reason.
+    (void)detail::TypedAccess::respond_error(*svc, std::move(msg_), r);
+    return r;
+  }
+  return svc->respond(std::move(msg_));
+}
+
+template <typename M>
+Result Responder<M>::fail(Result code) noexcept {
+  if (code == Result::Ok || !msg_.needs_response()) return Result::BadParameter;
+  Service* svc = detail::TypedAccess::service_of(msg_);
+  if (!svc) {
+    msg_.release();
+    return Result::Closed;
+  }
+  return detail::TypedAccess::respond_error(*svc, std::move(msg_), code);
+}
+
+// ---- TypedService
+
+template <typename I>
+TypedService<I>::TypedService(Loop& loop, MessagePoolBase& pool) noexcept : svc_(loop, Info::protocol(), pool) {
+  svc_.set_receive_handler([this](Message& m) { on_frame(m); });
+}
+
+template <typename I>
+template <typename M, typename F>
+void TypedService<I>::set_handler(F&& f) noexcept {
+  constexpr std::size_t k = Info::template index_of<M>;
+  static_assert(k < Info::item_count, "lemsg: set_handler<M>: M is not an item of this interface");
+  static_assert(M::kind != ItemKind::Event, "lemsg: set_handler<M>: M is an event (the server emits it)");
+  detail::slot_at<k>(handlers_) = detail::ServerHandlerOf<M>(std::forward<F>(f));
+}
+
+template <typename I>
+bool TypedService<I>::refuse_frame(SessionRef s, const char* why) noexcept {
+  LEMSG_LOG(Warning, "service %s: a client sent a bad typed frame (%s); closing its session: BadFrame",
+            detail::TypedAccess::name(svc_), why);
+  return detail::TypedAccess::close_peer(svc_, s, Result::BadFrame);
+}
+
+template <typename I>
+void TypedService<I>::on_frame(Message& m) noexcept {
+  const SessionRef s = m.session();
+  const bool request = m.needs_response();
+  const unsigned char* p = static_cast<const unsigned char*>(m.payload());
+  if (m.size() < 1) {
+    (void)refuse_frame(s, "empty payload");
+    return;
+  }
+  if (p[0] == detail::subscribe_index) {
+    std::uint64_t bits = 0;
+    if (request || m.size() != 9 || m.has_fd()) {
+      (void)refuse_frame(s, "malformed subscription");
+      return;
+    }
+    std::memcpy(&bits, p + 1, 8);
+#if !(defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__)
+    bits = __builtin_bswap64(bits);
+#endif
+    if (bits & ~Info::event_bits) {
+      (void)refuse_frame(s, "subscription to an item that is not an event");
+      return;
+    }
+    (void)detail::TypedAccess::set_events(svc_, s, bits);
+    return;
+  }
+  if (p[0] >= Info::item_count) {
+    (void)refuse_frame(s, "unknown item index");
+    return;
+  }
+  dispatch_index(p[0], m, request, std::make_index_sequence<Info::item_count>{});
+}
+
+template <typename I>
+template <std::size_t... K>
+void TypedService<I>::dispatch_index(std::size_t index, Message& m, bool request,
+                                     std::index_sequence<K...>) noexcept {
+  (void)((index == K ? (dispatch<K>(m, request), true) : false) || ...);
+}
+
+template <typename I>
+template <std::size_t K>
+void TypedService<I>::dispatch(Message& m, bool request) noexcept {
+  using M = detail::TypeAt<K, typename I::ItemList>;
+  const SessionRef s = m.session();
+  if constexpr (M::kind == ItemKind::Event) {
+    (void)request;
+    (void)refuse_frame(s, "an event sent by a client");
+  } else {
+    if (request != (M::kind == ItemKind::Method)) {
+      (void)refuse_frame(s, request ? "a one-way item sent as a request" : "a method sent without a response");
+      return;
+    }
+    typename M::Request req{};
+    if (!detail::decode(m, 1, req)) {
+      (void)refuse_frame(s, M::name);
+      return;
+    }
+    if constexpr (detail::Codec<typename M::Request>::has_refs) {
+      if (!refs_resolve(s, req)) {
+        LEMSG_LOG(Warning, "service %s: %s names an object that is not this session's: BadReference",
+                  detail::TypedAccess::name(svc_), M::name);
+        if constexpr (M::kind == ItemKind::Method)
+          (void)detail::TypedAccess::respond_error(svc_, std::move(m), Result::BadReference);
+        return;
+      }
+    }
+    // A copy: the handler may replace itself (or destroy this service).
+    auto h = detail::slot_at<K>(handlers_);
+    if (!h) {
+      LEMSG_LOG(Debug, "service %s: no handler for %s", detail::TypedAccess::name(svc_), M::name);
+      return;
+    }
+    if constexpr (M::kind == ItemKind::Method) {
+      Responder<M> r(std::move(m));
+      h(r, req);
+    } else {
+      const Caller c{s};
+      h(c, req);
+    }
+  }
+}
+
+template <typename I>
+template <typename E>
+Result TypedService<I>::emit(const typename E::Request& event) noexcept {
+  constexpr std::size_t k = Info::template index_of<E>;
+  static_assert(k < Info::item_count && E::kind == ItemKind::Event, "lemsg: emit<E>: E is not an event of this interface");
+  SessionRef to[LEMSG_MAX_SESSIONS];
+  const std::size_t n = detail::TypedAccess::subscribers(svc_, std::uint64_t{1} << k, to);
+  if (n == 0) return Result::Ok;
+  Message first;
+  Result r = svc_.create_message(first);
+  if (r == Result::Ok) r = detail::encode(first, static_cast<int>(k), event);
+  if (r != Result::Ok) return r;
+  Result worst = Result::Ok;
+  for (std::size_t i = 0; i < n; ++i) {
+    Message m;
+    if (i + 1 == n) {
+      m = std::move(first);  // the last subscriber gets the encoded block itself
+    } else {
+      r = svc_.create_message(m);
+      if (r == Result::Ok) r = m.assign(first.payload(), first.size());
+      if (r == Result::Ok && first.has_fd()) {
+        // Each subscriber's message closes its own descriptor once sent.
+        const int dup = ::fcntl(detail::TypedAccess::fd_of(first), F_DUPFD_CLOEXEC, 0);
+        r = dup < 0 ? Result::SystemError : m.set_fd(dup);
+        if (r != Result::Ok && dup >= 0) ::close(dup);
+      }
+    }
+    if (r == Result::Ok) r = svc_.send(to[i], std::move(m));
+    if (r == Result::Overflow) {
+      LEMSG_LOG(Warning, "service %s: a subscriber does not read its events; closing its session: Overflow",
+                detail::TypedAccess::name(svc_));
+      if (!detail::TypedAccess::close_peer(svc_, to[i], Result::Overflow)) return r;
+    }
+    if (r != Result::Ok && worst == Result::Ok) worst = r;
+  }
+  return worst;
+}
+
+template <typename I>
+template <typename E>
+std::size_t TypedService<I>::subscriber_count() const noexcept {
+  constexpr std::size_t k = Info::template index_of<E>;
+  static_assert(k < Info::item_count && E::kind == ItemKind::Event, "lemsg: E is not an event of this interface");
+  return detail::TypedAccess::subscribers(svc_, std::uint64_t{1} << k, nullptr);
+}
+
+namespace detail {
+template <typename Tag>
+struct TagKey {
+  static constexpr char key = 0;
+};
+}  // namespace detail
+
+template <typename I>
+template <typename Tag>
+RefMapBase* TypedService<I>::map_for() const noexcept {
+  for (const Binding& b : refs_)
+    if (b.tag == &detail::TagKey<Tag>::key) return b.map;
+  return nullptr;
+}
+
+template <typename I>
+template <typename Tag>
+Result TypedService<I>::bind_refs(RefMapBase& map, TrackRelease release) noexcept {
+  if (map_for<Tag>()) return Result::Duplicate;
+  for (Binding& b : refs_) {
+    if (b.tag) continue;
+    const Result r = svc_.track(map, std::move(release));
+    if (r != Result::Ok) return r;
+    b.tag = &detail::TagKey<Tag>::key;
+    b.map = &map;
+    return Result::Ok;
+  }
+  return Result::TrackTableFull;
+}
+
+template <typename I>
+template <typename Tag>
+Result TypedService<I>::make_ref(SessionRef s, Tag* obj, Ref<Tag>& out) noexcept {
+  out = Ref<Tag>{};
+  RefMapBase* map = map_for<Tag>();
+  Credentials c;
+  if (!map || svc_.credentials(s, c) != Result::Ok) return Result::NotFound;
+  return map->add_ptr(obj, out.value, s.value);
+}
+
+template <typename I>
+template <typename Tag>
+Tag* TypedService<I>::object(Ref<Tag> ref) const noexcept {
+  RefMapBase* map = map_for<Tag>();
+  return map ? static_cast<Tag*>(map->lookup_ptr(ref.value)) : nullptr;
+}
+
+template <typename I>
+template <typename Tag>
+Result TypedService<I>::drop_ref(Ref<Tag> ref) noexcept {
+  RefMapBase* map = map_for<Tag>();
+  return map ? map->remove(ref.value) : Result::NotFound;
+}
+
+template <typename I>
+template <typename T>
+bool TypedService<I>::refs_resolve(SessionRef s, T& value) const noexcept {
+  bool ok = true;
+  auto check = [&](auto& ref) {
+    using Tag = typename std::decay_t<decltype(ref)>::TagType;
+    const RefMapBase* map = map_for<Tag>();
+    if (!map || !map->lookup_ptr(ref.value) || map->owner_of(ref.value) != s.value) ok = false;
+  };
+  detail::Codec<T>::each_ref(value, check);
+  return ok;
+}
+
+// ---- TypedClient
+
+template <typename I>
+TypedClient<I>::TypedClient(Loop& loop, MessagePoolBase& pool) noexcept : session_(loop, Info::protocol(), pool) {
+  session_.set_receive_handler([this](Message& m) { on_event(m); });
+  detail::TypedAccess::set_open_hook(session_, &TypedClient::opened, this);
+}
+
+template <typename I>
+void TypedClient<I>::opened(void* self) noexcept {
+  TypedClient* c = static_cast<TypedClient*>(self);
+  if (!c->subscribed_) return;
+  const Result r = c->send_subscriptions(c->subscribed_);
+  if (r != Result::Ok)
+    LEMSG_LOG(Warning, "session %s: could not send the event subscriptions again: %s",
+              detail::TypedAccess::name(c->session_), to_string(r));
+}
+
+template <typename I>
+Result TypedClient<I>::send_subscriptions(std::uint64_t bits) noexcept {
+  Message m;
+  Result r = session_.create_message(m);
+  if (r != Result::Ok) return r;
+  unsigned char* p = static_cast<unsigned char*>(m.payload());
+  p[0] = detail::subscribe_index;
+#if !(defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__)
+  bits = __builtin_bswap64(bits);
+#endif
+  std::memcpy(p + 1, &bits, 8);
+  r = m.set_size(9);
+  if (r == Result::Ok) r = session_.send(std::move(m));
+  return r;
+}
+
+template <typename I>
+template <typename M>
+Result TypedClient<I>::encode_request(const typename M::Request& req, Message& out) noexcept {
+  constexpr std::size_t k = Info::template index_of<M>;
+  static_assert(k < Info::item_count, "lemsg: M is not an item of this interface");
+  Result r = session_.create_message(out);
+  if (r == Result::Ok) r = detail::encode(out, static_cast<int>(k), req);
+  return r;
+}
+
+template <typename I>
+template <typename M>
+Result TypedClient<I>::call(const typename M::Request& req, typename M::Response& resp, int timeout_ms) noexcept {
+  static_assert(M::kind == ItemKind::Method, "lemsg: call<M>: M is not a method (send<M> for a one-way item)");
+  resp = typename M::Response{};
+  Message m, answer;
+  Result r = encode_request<M>(req, m);
+  if (r == Result::Ok) r = session_.request_sync(std::move(m), answer, timeout_ms);
+  if (r == Result::Ok && !detail::decode(answer, 0, resp)) {
+    refuse_frame(M::name);
+    r = Result::BadFrame;
+  }
+  return r;
+}
+
+template <typename I>
+template <typename M, typename F>
+Result TypedClient<I>::call_async(const typename M::Request& req, F&& done, std::uint32_t timeout_ms) noexcept {
+  static_assert(M::kind == ItemKind::Method, "lemsg: call_async<M>: M is not a method");
+  static_assert(std::is_invocable<std::decay_t<F>&, Result, typename M::Response&>::value,
+                "lemsg: call_async<M>: done must be callable as done(Result, Response&)");
+  Message m;
+  Result r = encode_request<M>(req, m);
+  if (r != Result::Ok) return r;
+  return session_.request(
+      std::move(m),
+      [self = this, f = std::forward<F>(done)](Result why, Message& answer) mutable {
+        typename M::Response resp{};
+        if (why == Result::Ok && !detail::decode(answer, 0, resp)) {
+          self->refuse_frame(M::name);
+          why = Result::BadFrame;
+        }
+        f(why, resp);
+      },
+      timeout_ms);
+}
+
+template <typename I>
+template <typename M>
+Result TypedClient<I>::send(const typename M::Request& req) noexcept {
+  static_assert(M::kind == ItemKind::OneWay, "lemsg: send<M>: M is not a one-way item");
+  Message m;
+  Result r = encode_request<M>(req, m);
+  if (r == Result::Ok) r = session_.send(std::move(m));
+  return r;
+}
+
+template <typename I>
+template <typename E, typename F>
+Result TypedClient<I>::subscribe(F&& handler) noexcept {
+  constexpr std::size_t k = Info::template index_of<E>;
+  static_assert(k < Info::item_count && E::kind == ItemKind::Event, "lemsg: subscribe<E>: E is not an event");
+  const std::uint64_t bits = subscribed_ | (std::uint64_t{1} << k);
+  if (session_.is_open() && bits != subscribed_) {
+    const Result r = send_subscriptions(bits);
+    if (r != Result::Ok) return r;
+  }
+  detail::slot_at<k>(handlers_) = EventHandler<E>(std::forward<F>(handler));
+  subscribed_ = bits;
+  return Result::Ok;
+}
+
+template <typename I>
+template <typename E>
+Result TypedClient<I>::unsubscribe() noexcept {
+  constexpr std::size_t k = Info::template index_of<E>;
+  static_assert(k < Info::item_count && E::kind == ItemKind::Event, "lemsg: unsubscribe<E>: E is not an event");
+  const std::uint64_t bits = subscribed_ & ~(std::uint64_t{1} << k);
+  if (session_.is_open() && bits != subscribed_) {
+    const Result r = send_subscriptions(bits);
+    if (r != Result::Ok) return r;
+  }
+  subscribed_ = bits;
+  detail::slot_at<k>(handlers_) = nullptr;
+  return Result::Ok;
+}
+
+template <typename I>
+void TypedClient<I>::refuse_frame(const char* why) noexcept {
+  LEMSG_LOG(Warning, "session %s: the server sent a bad typed frame (%s); closing: BadFrame",
+            detail::TypedAccess::name(session_), why);
+  detail::TypedAccess::drop_server(session_, Result::BadFrame);
+}
+
+template <typename I>
+void TypedClient<I>::on_event(Message& m) noexcept {
+  const unsigned char* p = static_cast<const unsigned char*>(m.payload());
+  if (m.size() < 1 || p[0] >= Info::item_count) {
+    refuse_frame("unknown item index");
+    return;
+  }
+  event_index(p[0], m, std::make_index_sequence<Info::item_count>{});
+}
+
+template <typename I>
+template <std::size_t... K>
+void TypedClient<I>::event_index(std::size_t index, Message& m, std::index_sequence<K...>) noexcept {
+  (void)((index == K ? (deliver_event<K>(m), true) : false) || ...);
+}
+
+template <typename I>
+template <std::size_t K>
+void TypedClient<I>::deliver_event(Message& m) noexcept {
+  using M = detail::TypeAt<K, typename I::ItemList>;
+  if constexpr (M::kind != ItemKind::Event) {
+    (void)m;
+    refuse_frame("a message that is not an event");
+  } else {
+    typename M::Request ev{};
+    if (!detail::decode(m, 1, ev)) {
+      refuse_frame(M::name);
+      return;
+    }
+    // Not subscribed (any more): an event sent before the server heard so.
+    if (!((subscribed_ >> K) & 1u)) return;
+    EventHandler<M> h = detail::slot_at<K>(handlers_);  // a copy: it may unsubscribe itself
+    if (h) h(ev);
+  }
 }
 
 }  // namespace lemsg
