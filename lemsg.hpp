@@ -5490,7 +5490,7 @@ class TypedService {
 
   /// Lets Ref<Tag> fields resolve through `map`: make_ref adds to it, and
   /// when a session closes its entries are removed and passed to `release`
-  /// (as Service::track). At most LEMSG_MAX_TRACKED maps, one per Tag.
+  /// (as Service::track; nullptr: just removed). At most LEMSG_MAX_TRACKED maps, one per Tag.
   /// Ok, Duplicate (Tag already bound), or the errors of Service::track.
   template <typename Tag>
   Result bind_refs(RefMapBase& map, TrackRelease release) noexcept;
@@ -6370,6 +6370,7 @@ Result TypedService<I>::emit(const typename E::Request& event) noexcept {
     Message m;
     if (i + 1 == n) {
       m = std::move(first);  // the last subscriber gets the encoded block itself
+      r = Result::Ok;
     } else {
       r = svc_.create_message(m);
       if (r == Result::Ok) r = m.assign(first.payload(), first.size());
@@ -6420,6 +6421,8 @@ Result TypedService<I>::bind_refs(RefMapBase& map, TrackRelease release) noexcep
   if (map_for<Tag>()) return Result::Duplicate;
   for (Binding& b : refs_) {
     if (b.tag) continue;
+    // Without a release function the entries are just removed.
+    if (!release) release = [](void*, std::uint32_t) {};
     const Result r = svc_.track(map, std::move(release));
     if (r != Result::Ok) return r;
     b.tag = &detail::TagKey<Tag>::key;

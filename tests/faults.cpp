@@ -1229,4 +1229,132 @@ TEST_CASE("messaging: 10,000 request/response cycles allocate nothing on either 
   CHECK(testutil::wait_exit(server, kWaitMs) == 0);
 }
 
+// The typed layer (section 12) after initialisation: 2,000 typed calls
+// (each making and resolving a reference), one-way items and events,
+// counted on both sides.
+namespace nohandtyped {
+struct Obj;
+struct Req {
+  lemsg::String<16> name;
+  lemsg::Array<std::uint32_t, 8> values;
+  lemsg::Optional<lemsg::Ref<Obj>> previous;
+};
+struct Resp {
+  lemsg::Ref<Obj> ref;
+  std::uint32_t sum;
+};
+struct Tick {
+  std::uint32_t n;
+};
+LEMSG_METHOD(Make, Req, Resp);
+LEMSG_ONEWAY(Ping, Tick);
+LEMSG_EVENT(Ticked, Tick);
+struct Api : lemsg::Interface<Make, Ping, Ticked> {
+  static constexpr const char* name = "lemsg.test.noheap";
+};
+using Pool = lemsg::TypedPool<Api, 16>;
+}  // namespace nohandtyped
+
+struct nohandtyped::Obj {
+  std::uint32_t sum = 0;
+};
+
+TEST_CASE("typed: 2,000 typed calls with references, one-way items and events allocate nothing on either side after initialisation") {
+  using namespace nohandtyped;
+  testutil::RuntimeDir dir;
+  constexpr int kCycles = 2000;
+  testutil::Pipe ready;
+  testutil::Pipe report;
+  const pid_t server = testutil::spawn([&] {
+    die_with_parent();
+    Loop loop;
+    Pool pool;
+    lemsg::TypedService<Api> svc(loop, pool);
+    lemsg::RefMap<Obj, 4> objs;
+    Obj store[4];
+    int opens = 0, closes = 0, pings = 0;
+    svc.service().set_open_handler([&](SessionRef) { ++opens; });
+    svc.service().set_close_handler([&](SessionRef, Result) { ++closes; });
+    if (svc.bind_refs<Obj>(objs, nullptr) != Result::Ok) return 9;
+    svc.set_handler<Make>([&](lemsg::Responder<Make>& r, Req& q) {
+      if (q.previous) {  // resolved before this ran: it is this session's
+        svc.object(*q.previous)->sum = 0;
+        (void)svc.drop_ref(*q.previous);
+      }
+      Obj* o = nullptr;
+      for (Obj& x : store)
+        if (!o && x.sum == 0) o = &x;
+      if (!o) return;  // Unanswered: the client counts it as a failure
+      std::uint32_t sum = 1;
+      for (std::uint32_t v : q.values) sum += v;
+      Resp out{};
+      out.sum = sum;
+      if (svc.make_ref(r.session(), o, out.ref) != Result::Ok) return;
+      o->sum = sum;
+      (void)r.reply(out);
+    });
+    svc.set_handler<Ping>([&](const lemsg::Caller&, Tick& t) {
+      ++pings;
+      (void)svc.emit<Ticked>(Tick{t.n});
+    });
+    if (svc.advertise("no-heap-typed") != Result::Ok) return 10;
+    ready.put('a');
+    if (!testutil::run_until(loop, [&] { return opens == 1; }, kWaitMs)) return 11;
+    g_allocations.store(0);
+    g_counting.store(1);
+    const bool closed = testutil::run_until(loop, [&] { return closes == 1; }, kChildLifeMs);
+    g_counting.store(0);
+    const long n = g_allocations.load();
+    const long served = pings;
+    if (write(report.fd[1], &n, sizeof n) != static_cast<ssize_t>(sizeof n)) return 12;
+    if (write(report.fd[1], &served, sizeof served) != static_cast<ssize_t>(sizeof served)) return 13;
+    return closed ? 0 : 14;
+  });
+  REQUIRE(server > 0);
+  REQUIRE(ready.get(kWaitMs) == 'a');
+
+  Loop loop;
+  Pool pool;
+  lemsg::TypedClient<Api> c(loop, pool);
+  long ticks = 0;
+  REQUIRE(c.subscribe<Ticked>([&](Tick&) { ++ticks; }) == Result::Ok);
+  REQUIRE(c.open_sync("no-heap-typed", kWaitMs) == Result::Ok);
+
+  int failures = 0;
+  Result first_error = Result::Ok;
+  Req req{};
+  REQUIRE(req.name.assign("counter") == Result::Ok);
+  g_allocations.store(0);
+  g_counting.store(1);
+  for (int i = 0; i < kCycles; ++i) {
+    (void)req.values.resize(static_cast<std::size_t>(i % 9));
+    for (std::uint32_t& v : req.values) v = static_cast<std::uint32_t>(i);
+    Resp resp;
+    Result r = c.call<Make>(req, resp, kWaitMs);
+    if (r == Result::Ok && resp.sum != 1 + static_cast<std::uint32_t>(i) * static_cast<std::uint32_t>(i % 9)) r = Result::BadFrame;
+    if (r == Result::Ok) req.previous = resp.ref;
+    if (r == Result::Ok) r = c.send<Ping>(Tick{static_cast<std::uint32_t>(i)});
+    if (r != Result::Ok && failures++ == 0) first_error = r;
+    // Events that came while call() waited are delivered from the loop.
+    const Result ran = loop.run_once(0);
+    if (ran != Result::Ok && ran != Result::Timeout && failures++ == 0) first_error = ran;
+  }
+  const bool all_ticks = testutil::run_until(loop, [&] { return ticks == kCycles; }, kWaitMs);
+  g_counting.store(0);
+  const long client_allocations = g_allocations.load();
+  CHECK(failures == 0);
+  CHECK(first_error == Result::Ok);
+  CHECK(all_ticks);
+  CHECK(client_allocations == 0);
+
+  c.close();
+  long server_allocations = -1;
+  long served = -1;
+  CHECK(read_exact(report.fd[0], &server_allocations, sizeof server_allocations, kWaitMs));
+  CHECK(read_exact(report.fd[0], &served, sizeof served, kWaitMs));
+  CHECK(server_allocations == 0);
+  CHECK(served == kCycles);
+  CHECK(testutil::wait_exit(server, kWaitMs) == 0);
+}
+
 }  // TEST_SUITE
