@@ -6,6 +6,12 @@
 //   - round trips, 64 B and 1 KiB: a raw blocking send/recv ping-pong, the
 //     same over non-blocking sockets and poll() (what any event-loop design
 //     such as lemsg pays), and lemsg request_sync;
+//   - the typed layer (section 12): a 64 B TypedClient::call<Echo64> to a
+//     TypedService, in the same group as the 64 B request_sync, against
+//     which it is compared. The frames carry the same bytes: a 16-byte
+//     header and 64 bytes of payload each way. Request payload: the item
+//     index (1 B), the Bytes<62> count (1 B) and 62 bytes; response payload:
+//     the Bytes<63> count (1 B) and 63 bytes (the request's 62 and one more);
 //   - pipelined throughput with kWindow frames in flight: raw blocking, raw
 //     poll(), and lemsg Session::request;
 //   - session open: lemsg open_sync + close, against a raw connect + one
@@ -22,7 +28,7 @@
 //                                   measurement, for strace -c or a profiler:
 //                                   raw-rtt, poll-rtt, lemsg-rtt, raw-pipelined,
 //                                   poll-pipelined, lemsg-pipelined, raw-open,
-//                                   lemsg-open
+//                                   lemsg-open, typed-rtt
 //   BENCH_CPU=<n> build/host/bench  every process on CPU n, as on a single-core
 //                                   modem: steadier figures on a busy machine
 //
@@ -59,6 +65,17 @@ constexpr std::size_t kLarge = 1024;
 static_assert(kWindow <= LEMSG_MAX_PENDING && kWindow <= LEMSG_MAX_OUTGOING, "the window must fit lemsg's tables");
 
 const lemsg::Protocol kProto{"lemsg.bench", kMaxPayload};
+
+// The typed interface: one method whose request and response each encode to
+// exactly kSmall payload bytes (see the top of the file).
+constexpr std::size_t kTypedData = kSmall - 2;  // minus the item index and the count
+LEMSG_METHOD(Echo64, lemsg::Bytes<kTypedData>, lemsg::Bytes<kTypedData + 1>);
+struct BenchTyped : lemsg::Interface<Echo64> {
+  static constexpr const char* name = "lemsg.bench.typed";
+};
+static_assert(1 + lemsg::max_encoded_size<Echo64::Request>() == kSmall, "a 64-byte request payload");
+static_assert(lemsg::max_encoded_size<Echo64::Response>() == kSmall, "a 64-byte response payload");
+static_assert(lemsg::InterfaceInfo<BenchTyped>::max_payload <= kMaxPayload, "the bench's pools hold it");
 
 int g_failures = 0;
 
@@ -218,6 +235,33 @@ int lemsg_server(testutil::Pipe& ready, testutil::Pipe& stop) {
   return loop.run() == Result::Ok ? 0 : 4;
 }
 
+// The typed server: a TypedService whose Echo64 handler answers with the
+// request's bytes and one more (their count), encoded into the request's
+// block. Same pool as lemsg_server's; leaves as lemsg_server does.
+int typed_server(testutil::Pipe& ready, testutil::Pipe& stop) {
+  die_with_parent();
+  stop.close_write();
+  static lemsg::Loop loop;
+  static lemsg::MessagePool<kMaxPayload, 64> pool;
+  static lemsg::TypedService<BenchTyped> svc(loop, pool);
+  svc.set_handler<Echo64>([](lemsg::Responder<Echo64>& r, Echo64::Request& req) {
+    Echo64::Response resp;
+    Result x = resp.assign(req.data(), req.size());
+    if (x == Result::Ok) x = resp.push_back(static_cast<std::uint8_t>(req.size()));
+    if (x == Result::Ok) x = r.reply(resp);
+    if (x != Result::Ok) std::fprintf(stderr, "bench typed server: reply: %s\n", lemsg::to_string(x));
+  });
+  const Result r = svc.advertise("bench-typed");
+  if (r != Result::Ok) {
+    std::fprintf(stderr, "bench typed server: advertise: %s\n", lemsg::to_string(r));
+    return 2;
+  }
+  lemsg::WatchId stop_watch;
+  if (loop.add_watch(stop.fd[0], lemsg::Readable, [](int, short) { loop.stop(); }, stop_watch) != Result::Ok) return 3;
+  ready.put('t');
+  return loop.run() == Result::Ok ? 0 : 4;
+}
+
 // ---- raw clients ----------------------------------------------------------------
 
 // A raw connection; `nonblocking` for the poll() baseline.
@@ -361,6 +405,39 @@ double lemsg_rtt(Client& c, std::size_t size, int n) {
   return (now_us() - t0) / n;
 }
 
+// The typed client: the same loop and pool layout as Client.
+struct TypedUser {
+  lemsg::Loop loop;
+  lemsg::MessagePool<kMaxPayload, 64> pool;
+  lemsg::TypedClient<BenchTyped> client{loop, pool};
+};
+
+// One typed call: the request is built as a user would (fill the struct),
+// then call<> encodes it; the response is decoded into a struct and checked.
+bool typed_round_trip(TypedUser& c, std::uint32_t seq) {
+  Echo64::Request req;
+  Echo64::Response resp;
+  fill(req.data(), kTypedData, seq);
+  Result r = req.resize(kTypedData);
+  if (r == Result::Ok) r = c.client.call<Echo64>(req, resp, kTimeoutMs);
+  if (r != Result::Ok) {
+    fail("typed call %u: %s", seq, lemsg::to_string(r));
+    return false;
+  }
+  if (resp.size() != kTypedData + 1 || !check(resp.data(), kTypedData, seq) || resp[kTypedData] != kTypedData) {
+    fail("typed call %u: wrong response (%zu bytes)", seq, resp.size());
+    return false;
+  }
+  return true;
+}
+
+double typed_rtt(TypedUser& c, int n) {
+  const double t0 = now_us();
+  for (int i = 0; i < n; ++i)
+    if (!typed_round_trip(c, static_cast<std::uint32_t>(i))) return 0;
+  return (now_us() - t0) / n;
+}
+
 // Asynchronous requests, kWindow in flight: each completion sends the next.
 struct Pipeline {
   Client* c;
@@ -455,6 +532,7 @@ enum Figure {
   RawPipe64, PollPipe64, LemsgPipe64,
   RawPipe1K, PollPipe1K, LemsgPipe1K,
   RawOpen, LemsgOpen,
+  TypedRtt64,
   kFigures
 };
 
@@ -486,17 +564,19 @@ int main(int argc, char** argv) {
   const pid_t raw_open_srv = testutil::spawn([&] { return raw_server("raw-open", ready, stop); });
   const pid_t raw_poll_srv = testutil::spawn([&] { return raw_poll_server(ready, stop); });
   const pid_t lemsg_srv = testutil::spawn([&] { return lemsg_server(ready, stop); });
+  const pid_t typed_srv = testutil::spawn([&] { return typed_server(ready, stop); });
   bool up = true;
-  for (int i = 0; i < 4; ++i) up = up && ready.get(kTimeoutMs) >= 0;
+  for (int i = 0; i < 5; ++i) up = up && ready.get(kTimeoutMs) >= 0;
   // The raw servers block in accept or recv for ever: kill them. The lemsg
-  // server must leave by itself, with status 0, when the stop pipe closes.
-  int lemsg_status = -1;
+  // servers must leave by themselves, with status 0, when the stop pipe closes.
+  int lemsg_status = -1, typed_status = -1;
   auto stop_children = [&] {
     testutil::kill9(raw_echo);
     testutil::kill9(raw_open_srv);
     testutil::kill9(raw_poll_srv);
     stop.close_write();
     lemsg_status = testutil::wait_exit(lemsg_srv, kTimeoutMs);
+    typed_status = testutil::wait_exit(typed_srv, kTimeoutMs);
   };
   if (!up) {
     std::fprintf(stderr, "bench: the servers did not start\n");
@@ -505,11 +585,14 @@ int main(int argc, char** argv) {
   }
 
   Client c;
+  TypedUser t;
   const int raw = raw_connect("raw-echo", false);
   const int rawp = raw_connect("raw-poll", true);
   Result r = c.session.open_sync("bench", kTimeoutMs);
-  if (raw < 0 || rawp < 0 || r != Result::Ok) {
-    std::fprintf(stderr, "bench: cannot connect (raw %d, poll %d, lemsg %s)\n", raw, rawp, lemsg::to_string(r));
+  const Result rt = t.client.open_sync("bench-typed", kTimeoutMs);
+  if (raw < 0 || rawp < 0 || r != Result::Ok || rt != Result::Ok) {
+    std::fprintf(stderr, "bench: cannot connect (raw %d, poll %d, lemsg %s, typed %s)\n", raw, rawp,
+                 lemsg::to_string(r), lemsg::to_string(rt));
     stop_children();
     return 1;
   }
@@ -525,10 +608,12 @@ int main(int argc, char** argv) {
     int kind;  // 0 rtt, 1 pipelined, 2 open
     int fd;    // raw socket, or -1 for lemsg
     std::size_t size;
+    bool typed = false;  // lemsg's typed layer (a round trip of kSmall)
   };
   const Case cases[] = {
       {"raw-rtt", RawRtt64, 0, raw, kSmall},         {"poll-rtt", PollRtt64, 0, rawp, kSmall},
-      {"lemsg-rtt", LemsgRtt64, 0, -1, kSmall},      {"raw-rtt", RawRtt1K, 0, raw, kLarge},
+      {"lemsg-rtt", LemsgRtt64, 0, -1, kSmall},      {"typed-rtt", TypedRtt64, 0, -1, kSmall, true},
+      {"raw-rtt", RawRtt1K, 0, raw, kLarge},
       {"poll-rtt", PollRtt1K, 0, rawp, kLarge},      {"lemsg-rtt", LemsgRtt1K, 0, -1, kLarge},
       {"raw-pipelined", RawPipe64, 1, raw, kSmall},  {"poll-pipelined", PollPipe64, 1, rawp, kSmall},
       {"lemsg-pipelined", LemsgPipe64, 1, -1, kSmall}, {"raw-pipelined", RawPipe1K, 1, raw, kLarge},
@@ -539,6 +624,7 @@ int main(int argc, char** argv) {
   Client o;  // the session opened and closed again and again
   auto run = [&](const Case& k, int scale_div) -> double {
     const bool is_lemsg = k.fd < 0;
+    if (k.typed) return typed_rtt(t, n_rtt / scale_div);
     if (k.kind == 0)
       return is_lemsg ? lemsg_rtt(c, k.size, n_rtt / scale_div)
                       : raw_rtt(k.fd, k.size, n_rtt / scale_div, k.fd == rawp);
@@ -554,8 +640,9 @@ int main(int argc, char** argv) {
 
   double v[kFigures][kReps] = {};
   for (int rep = 0; rep < kReps && g_failures == 0; ++rep) {
-    // Cases come in groups of variants of one figure (three, or two for
-    // open); within a group the starting variant rotates from run to run.
+    // Cases come in groups of variants of one figure (three, four for the
+    // 64 B round trip with the typed call, two for open); within a group the
+    // starting variant rotates from run to run.
     for (int g = 0; g < kCases;) {
       int end = g + 1;
       while (end < kCases && cases[end].kind == cases[g].kind && cases[end].size == cases[g].size) ++end;
@@ -570,8 +657,10 @@ int main(int argc, char** argv) {
   close(raw);
   close(rawp);
   c.session.close();
+  t.client.close();
   stop_children();
   if (lemsg_status != 0) fail("the lemsg server ended with status %d", lemsg_status);
+  if (typed_status != 0) fail("the typed server ended with status %d", typed_status);
   if (g_failures) {
     std::fprintf(stderr, "bench: %d failure(s)\n", g_failures);
     return 1;
@@ -593,6 +682,7 @@ int main(int argc, char** argv) {
   print("lemsg_pipelined_1KiB_msgs_per_s", m[LemsgPipe1K]);
   print("raw_rtt_for_open_us", m[RawOpen]);
   print("lemsg_open_us", m[LemsgOpen]);
+  print("typed_call_64B_us", m[TypedRtt64]);
   std::printf("# targets: sync rtt <= 1.15x raw; pipelined >= 0.8x raw; open <= 3x raw_rtt_for_open\n");
   std::printf("# *_vs_raw_poll: against the same exchange over poll() and non-blocking sockets\n");
   print_ratio("sync_rtt_64B_vs_raw", m[LemsgRtt64], m[RawRtt64]);
@@ -605,5 +695,13 @@ int main(int argc, char** argv) {
   print_ratio("sync_rtt_1KiB_vs_raw_poll", m[LemsgRtt1K], m[PollRtt1K]);
   print_ratio("pipelined_64B_vs_raw_poll", m[LemsgPipe64], m[PollPipe64]);
   print_ratio("pipelined_1KiB_vs_raw_poll", m[LemsgPipe1K], m[PollPipe1K]);
+  std::printf("# typed: call<Echo64> against request_sync, 64 B payload each way; target <= 1.05\n");
+  print_ratio("typed_call_64B_vs_message", m[TypedRtt64], m[LemsgRtt64]);
+  // The same ratio taken within each run (the two measured back to back),
+  // then the median: steadier when the machine's load drifts during the run.
+  double paired[kReps];
+  for (int rep = 0; rep < kReps; ++rep)
+    paired[rep] = v[LemsgRtt64][rep] > 0 ? v[TypedRtt64][rep] / v[LemsgRtt64][rep] : 0;
+  print_ratio("typed_call_64B_vs_message_paired", median(paired, kReps), 1);
   return 0;
 }
