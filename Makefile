@@ -238,7 +238,7 @@ build/$(1)/fuzz/%.o: tests/fuzz/%.cpp build/$(1)/flags
 	@mkdir -p $$(@D)
 	$(Q)$$(cxx.$(1)) $$(BASEFLAGS) $$(TEST_CPPFLAGS) $$(FUZZ_REPLAY_FLAGS) $$(flags.$(1)) -MMD -MP -c $$< -o $$@
 
-build/$(1)/lemsg-tests: $(patsubst tests/%.cpp,build/$(1)/%.o,$(TEST_SRCS) $(FUZZ_SRCS)) build/$(1)/readme_example.o build/$(1)/flags
+build/$(1)/lemsg-tests: $(patsubst tests/%.cpp,build/$(1)/%.o,$(TEST_SRCS) $(FUZZ_SRCS)) build/$(1)/readme_example.o build/$(1)/readme_typed.o build/$(1)/flags
 	$$(say) LINK $$@
 	$(Q)$$(cxx.$(1)) $$(flags.$(1)) $$(BASELDFLAGS) $$(TEST_LDFLAGS) -o $$@ $$(filter %.o,$$^) $$(BASELDLIBS)
 
@@ -247,6 +247,12 @@ build/$(1)/readme_example.o: build/$(1)/readme_example.cpp build/$(1)/flags
 	$$(say) CXX $$@
 	@mkdir -p $$(@D)
 	$(Q)$$(cxx.$(1)) $$(BASEFLAGS) $$(TEST_CPPFLAGS) $$(flags.$(1)) -Dmain=lemsg_readme_main -MMD -MP -c $$< -o $$@
+
+# The README's typed quick start, likewise.
+build/$(1)/readme_typed.o: build/$(1)/readme_typed.cpp build/$(1)/flags
+	$$(say) CXX $$@
+	@mkdir -p $$(@D)
+	$(Q)$$(cxx.$(1)) $$(BASEFLAGS) $$(TEST_CPPFLAGS) $$(flags.$(1)) -Dmain=lemsg_readme_typed_main -MMD -MP -c $$< -o $$@
 
 # The flags a configuration was built with: objects rebuild when they change.
 build/$(1)/flags: FORCE
@@ -276,6 +282,10 @@ $(foreach c,$(CONFIGS),$(eval $(call config_rules,$(c))))
 build/%/readme_example.cpp: README.md
 	@mkdir -p $(@D)
 	$(Q)awk '/<!-- quickstart begin -->/{f=1;next} /<!-- quickstart end -->/{f=0} f' $< \
+	  | sed '/^```/d' > $@.new && [ -s $@.new ] && mv -f $@.new $@
+build/%/readme_typed.cpp: README.md
+	@mkdir -p $(@D)
+	$(Q)awk '/<!-- typed quickstart begin -->/{f=1;next} /<!-- typed quickstart end -->/{f=0} f' $< \
 	  | sed '/^```/d' > $@.new && [ -s $@.new ] && mv -f $@.new $@
 
 # A handler capture larger than LEMSG_CALLABLE_SIZE must not compile (with

@@ -5124,7 +5124,8 @@ class String {
 
  public:
   static constexpr std::size_t bound = N;
-  String() noexcept {}
+  // Only the terminator is written: a large String costs nothing to make.
+  String() noexcept { data_[0] = 0; }
   /// From a string literal that fits (checked at compile time).
   template <std::size_t M>
   String(const char (&s)[M]) noexcept {  // NOLINT: implicit, so `{"text"}` initialises a field
@@ -5156,7 +5157,7 @@ class String {
  private:
   template <typename, typename>
   friend struct detail::Codec;
-  char data_[N + 1] = {};
+  char data_[N + 1];
   std::uint32_t size_ = 0;
 };
 
@@ -6517,11 +6518,12 @@ template <typename I>
 template <typename M>
 Result TypedClient<I>::call(const typename M::Request& req, typename M::Response& resp, int timeout_ms) noexcept {
   static_assert(M::kind == ItemKind::Method, "lemsg: call<M>: M is not a method (send<M> for a one-way item)");
-  resp = typename M::Response{};
   Message m, answer;
   Result r = encode_request<M>(req, m);
   if (r == Result::Ok) r = session_.request_sync(std::move(m), answer, timeout_ms);
-  if (r == Result::Ok && !detail::decode(answer, 0, resp)) {
+  if (r != Result::Ok) {
+    resp = typename M::Response{};
+  } else if (!detail::decode(answer, 0, resp)) {  // which resets resp
     refuse_frame(M::name);
     r = Result::BadFrame;
   }

@@ -1,4 +1,4 @@
-// The README's quick start, compiled from README.md itself (the Makefile
+// The README's quick starts (plain and typed), compiled from README.md itself (the Makefile
 // extracts the block between the quickstart markers and renames its main),
 // so the example users copy can never drift from what is tested.
 #define DOCTEST_CONFIG_NO_EXCEPTIONS_BUT_WITH_ALL_ASSERTS
@@ -8,12 +8,19 @@
 #include "testutil.hpp"
 
 int lemsg_readme_main();
+int lemsg_readme_typed_main();
 
 TEST_SUITE("readme") {
   TEST_CASE("readme: the quick start runs and its client gets the answer") {
     testutil::RuntimeDir dir;  // the example keeps an existing LEMSG_RUNTIME_DIR
     const int fds_before = testutil::count_open_fds();
     CHECK(lemsg_readme_main() == 0);
+    CHECK(testutil::count_open_fds() == fds_before);
+  }
+  TEST_CASE("readme: the typed quick start runs; its client gets the answer and the event") {
+    testutil::RuntimeDir dir;
+    const int fds_before = testutil::count_open_fds();
+    CHECK(lemsg_readme_typed_main() == 0);
     CHECK(testutil::count_open_fds() == fds_before);
   }
 }
