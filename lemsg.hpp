@@ -121,6 +121,11 @@
 //   Session    client end: open (async, waits for the server), open_sync,
 //              try_open, send, request, request_sync, reconnect with backoff,
 //              require_server_uid (talk only to a server of that user).
+//   Typed      an interface declared once in plain C++ structs (LEMSG_METHOD,
+//              LEMSG_ONEWAY, LEMSG_EVENT, Interface): TypedService and
+//              TypedClient call it like functions, with a compile-time
+//              protocol hash, events with subscriptions, Responder for answers
+//              given later, and Ref<Tag> references bound to one session.
 //   Runtime dir  <runtime dir>/<name> is a service's socket; both ends
 //              refuse a runtime dir another user owns or may write (see 7).
 //
