@@ -263,6 +263,9 @@ build/$(1)/flags: FORCE
 # Always runs; the result is read by the summary, so a failure here does not
 # stop make. The tests get a private runtime directory, so configurations
 # running at the same time cannot meet in /run/lemsg.
+# tests/alone.cpp includes only lemsg.hpp: that it compiles is the test,
+# with the warnings strict firmware builds add.
+build/$(1)/alone.o: WARNFLAGS += -Wshadow -Wconversion -Wsign-conversion -Wold-style-cast
 # tests/alone.cpp includes only lemsg.hpp: that it compiles is the test.
 run-$(1): build/$(1)/lemsg-tests $(if $(wildcard tests/alone.cpp),build/$(1)/alone.o)
 	$$(say) RUN $(1)

@@ -2762,7 +2762,7 @@ struct Channel {
   // Sends what is queued. Ok (maybe some left), or Closed/SystemError.
   Result flush(Loop& loop) noexcept;
   // Receives one frame into a new pool message.
-  Result receive(MessagePoolBase& pool, std::uint32_t max_payload, Message& out, wire::Header& h,
+  Result receive(MessagePoolBase& pool, std::uint32_t max_payload, Message& frame, wire::Header& h,
                  bool wait = false) noexcept;
   // Waits at most `ms` (> 0) in the next receive(wait = true).
   bool set_wait(int ms) noexcept;
@@ -2785,7 +2785,7 @@ struct Channel {
   std::size_t want = 2;
   void readable() noexcept { drained = false; }
   bool has_held() const noexcept { return held_i < held_n || held_err != Result::Ok; }
-  Result next(MessagePoolBase& pool, std::uint32_t max_payload, Message& out, wire::Header& h) noexcept;
+  Result next(MessagePoolBase& pool, std::uint32_t max_payload, Message& frame, wire::Header& h) noexcept;
   void reset(Loop& loop) noexcept;
 };
 
@@ -2884,7 +2884,7 @@ inline Result Channel::flush(Loop& loop) noexcept {
   return Result::Ok;
 }
 
-inline Result Channel::next(MessagePoolBase& pool, std::uint32_t max_payload, Message& out,
+inline Result Channel::next(MessagePoolBase& pool, std::uint32_t max_payload, Message& frame,
                             wire::Header& h) noexcept {
   if (held_i == held_n && held_err == Result::Ok && !drained) {
     held_i = held_n = 0;
@@ -2913,7 +2913,7 @@ inline Result Channel::next(MessagePoolBase& pool, std::uint32_t max_payload, Me
     want = got < asked ? 2 : (want * 2 > max_batch ? max_batch : want * 2);
   }
   if (held_i < held_n) {
-    out = std::move(held[held_i]);
+    frame = std::move(held[held_i]);
     h = held_h[held_i];
     ++held_i;
     return Result::Ok;
@@ -2937,7 +2937,7 @@ inline bool Channel::set_wait(int ms) noexcept {
   return true;
 }
 
-inline Result Channel::receive(MessagePoolBase& pool, std::uint32_t max_payload, Message& out,
+inline Result Channel::receive(MessagePoolBase& pool, std::uint32_t max_payload, Message& frame,
                                wire::Header& h, bool wait) noexcept {
   Message m;
   Result r = pool.create(m);
@@ -2947,7 +2947,7 @@ inline Result Channel::receive(MessagePoolBase& pool, std::uint32_t max_payload,
   r = recv_datagram(fd, m.blk_->header, wire::header_size + pool.max_payload(), len, rfd, wait);
   if (r != Result::Ok) return r;
   r = take_frame(m.blk_, len, rfd, max_payload, h);
-  if (r == Result::Ok) out = std::move(m);
+  if (r == Result::Ok) frame = std::move(m);
   return r;
 }
 
@@ -5670,7 +5670,7 @@ decltype(auto) apply_fields(T& t, F&& f) {
 }
 struct FieldTypes {
   template <typename... X>
-  TypeList<X...> operator()(X&...) const noexcept {
+  TypeList<std::remove_cv_t<X>...> operator()(X&...) const noexcept {
     return {};
   }
 };
