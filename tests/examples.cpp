@@ -9,13 +9,19 @@
 #include "testutil.hpp"
 
 #include <cstdio>
+#include <cstring>
 
+// Both programs in an unnamed namespace: their names (Modem, Signal...) stay
+// private to this file and cannot clash with another test file's. The
+// headers they include are included above, so the wrapping holds only theirs.
+namespace {
 #define main modem_server_main
 #include "examples/modem/server.cpp"
 #undef main
 #define main modem_client_main
 #include "examples/modem/client.cpp"
 #undef main
+}  // namespace
 
 namespace {
 

@@ -11,12 +11,19 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <cstdio>
+#include <cstring>
+
+// Both programs in an unnamed namespace, as tests/examples.cpp does (the
+// headers they include are included above, so the wrapping holds only theirs).
+namespace {
 #define main modem_server_main
 #include "examples/modem/server.cpp"
 #undef main
 #define main modem_client_main
 #include "examples/modem/client.cpp"
 #undef main
+}  // namespace
 
 int main(int argc, char**) {
   if (argc > 1) return 2;  // nothing to do; keeps main() from being folded away
