@@ -1,8 +1,9 @@
 // client.cpp: a client of the modem service of examples/modem (server.cpp;
 // the interface is in modem_api.hpp), written with lemsg's typed layer. It
 // reads the signal, sends one SMS, checks that an SMS with no number is
-// refused, then prints the next three RegistrationChanged events the server
-// pushes. Exits 0 when all of that happened as expected, 1 otherwise.
+// refused, then shows the next three RegistrationChanged events the server
+// pushes, reading the signal again after each with an asynchronous call.
+// Exits 0 when all of that happened as expected, 1 otherwise.
 //
 //   make examples                 build server and client for the host, run both
 //   make examples TARGET=armhf    the same, built for ARM and run under qemu-arm
@@ -23,14 +24,28 @@ const char* radio_name(RadioTech tech) {
   }
 }
 
-// The signal as a status bar draws it: "|||.." for three bars of five.
-void print_signal(const Signal& signal) {
-  char bars[] = ".....";
-  for (unsigned i = 0; i < signal.bars && i < 5; ++i) bars[i] = '|';
-  std::printf("client: signal %s %d dBm, %s\n", bars, signal.rssi, radio_name(signal.tech));
-}
+// What the client shows: a phone's status bar, with the network and its signal.
+struct StatusBar {
+  int changes = 0;       // network changes seen
+  int registered = 0;    // of which registrations on a named network
+  int signal_reads = 0;  // signals read and shown
+
+  // The signal as bars: "|||.." for three of five.
+  void show(const Signal& signal) {
+    char bars[] = ".....";
+    for (unsigned i = 0; i < signal.bars && i < 5; ++i) bars[i] = '|';
+    std::printf("client: signal %s %d dBm, %s\n", bars, signal.rssi, radio_name(signal.tech));
+    ++signal_reads;
+  }
+  void show(const Registration& reg) {
+    std::printf("client: %s%s\n", reg.registered ? "registered on " : "no network", reg.network.c_str());
+    ++changes;
+    registered += reg.registered && !reg.network.empty();
+  }
+};
 
 int main() {
+  StatusBar bar;  // before the client, which completes its pending calls into it as it goes
   lemsg::Loop loop;
   lemsg::TypedPool<ModemApi, 4> pool;
   lemsg::TypedClient<ModemApi> modem(loop, pool);
@@ -38,7 +53,7 @@ int main() {
 
   Signal signal;
   const lemsg::Result got_signal = modem.call<GetSignal>({}, signal, 2000);
-  print_signal(signal);
+  bar.show(signal);
 
   SmsId sms;
   const lemsg::Result sent = modem.call<SendSms>({"+15550100", "Meet you at the gate at 8"}, sms, 2000);
@@ -47,17 +62,19 @@ int main() {
   const lemsg::Result refused = modem.call<SendSms>({"", "to nobody"}, none, 2000);
   std::printf("client: an SMS without a number: %s\n", lemsg::to_string(refused));
 
-  // The next three network changes, as the server pushes them.
-  int changes = 0, registered = 0;
+  // The next three network changes, as the server pushes them; after each,
+  // the signal is read again, with a call that answers later on the loop.
   (void)modem.subscribe<RegistrationChanged>([&](Registration& reg) {
-    std::printf("client: %s%s\n", reg.registered ? "registered on " : "no network", reg.network.c_str());
-    ++changes;
-    registered += reg.registered && !reg.network.empty();
+    bar.show(reg);
+    (void)modem.call_async<GetSignal>({}, [&bar](lemsg::Result r, Signal& now) {
+      if (r == lemsg::Result::Ok) bar.show(now);
+    });
   });
-  for (int i = 0; i < 100 && changes < 3; ++i) (void)loop.run_once(50);
+  for (int i = 0; i < 100 && bar.signal_reads < 4; ++i) (void)loop.run_once(50);
 
-  // Three changes include the lost network and two registrations.
+  // Three changes are: the network lost, a roaming partner, home again.
   const bool expected = got_signal == lemsg::Result::Ok && signal.bars > 0 && sent == lemsg::Result::Ok &&
-                        sms.id == 1 && refused == lemsg::Result::BadParameter && changes == 3 && registered == 2;
+                        sms.id == 1 && refused == lemsg::Result::BadParameter && bar.changes == 3 &&
+                        bar.registered == 2 && bar.signal_reads == 4;
   return expected ? 0 : 1;
 }
