@@ -29,7 +29,7 @@ struct Registration {
 };
 
 LEMSG_METHOD(GetSignal, lemsg::Void, Signal);
-LEMSG_METHOD(SendSms, Sms, SmsId);  // an empty `to` fails with BadParameter
+LEMSG_METHOD(SendSms, Sms, SmsId);  // `to` not a phone number (or empty): BadParameter
 LEMSG_EVENT(RegistrationChanged, Registration);
 
 struct ModemApi : lemsg::Interface<GetSignal, SendSms, RegistrationChanged> {
