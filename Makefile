@@ -87,7 +87,9 @@ FUZZ_SRCS := $(sort $(wildcard tests/fuzz/*.cpp))
 FUZZ_CORPUS := tests/fuzz/corpus
 FUZZ_REPLAY_FLAGS = -DLEMSG_FUZZ_REPLAY -DLEMSG_FUZZ_CORPUS='"$(CURDIR)/$(FUZZ_CORPUS)"'
 SIZE_SRCS := $(sort $(filter-out tests/size_empty.cpp,$(wildcard tests/size_*.cpp)))
-EXAMPLE_SRCS := $(sort $(wildcard examples/*.cpp))
+# examples/<name>.cpp is one program; examples/<name>/*.cpp are the programs
+# of one example (build/<target>/examples/<name>/<program>).
+EXAMPLE_SRCS := $(sort $(wildcard examples/*.cpp examples/*/*.cpp))
 
 # -- configurations ------------------------------------------------------------
 
@@ -132,9 +134,9 @@ MAKEFLAGS += --no-builtin-rules
 # -- top-level targets ---------------------------------------------------------
 
 .DEFAULT_GOAL := all
-.PHONY: all build-tests examples test check size install clean help fuzz FORCE
+.PHONY: all build-tests build-examples examples test check size install clean help fuzz FORCE
 
-all: build-tests examples
+all: build-tests build-examples
 
 # The test binaries and alone.o of every configuration `make test` runs.
 build-tests: $(foreach c,$(call test_configs,$(TARGET)),build/$(c)/lemsg-tests \
@@ -152,7 +154,9 @@ help:
 	@echo '  fuzz      run each tests/fuzz/ target with libFuzzer for FUZZ_SECONDS (60);'
 	@echo '            FUZZ_MERGE=1 merges new inputs into tests/fuzz/corpus/'
 	@echo '  bench     raw-socket baseline and lemsg figures and ratios on TARGET'
-	@echo '  examples  examples/*.cpp for TARGET into build/$$TARGET/examples/'
+	@echo '  examples  build examples/*.cpp and examples/*/*.cpp for TARGET into'
+	@echo '            build/$$TARGET/examples/, then run examples/modem (server and'
+	@echo '            client, under qemu-user on ARM); build-examples only builds'
 	@echo '  install   lemsg.hpp and lemsg.pc into $$DESTDIR$$PREFIX (/usr/local)'
 	@echo '  clean     remove build/'
 	@echo 'Variables: TARGET, CXX, CLANG_CXX, TINY_FLAGS, TEST_ARGS, CPPFLAGS,'
@@ -351,8 +355,24 @@ size-report:
 
 EXAMPLE_BINS := $(patsubst examples/%.cpp,build/$(TARGET)/examples/%,$(EXAMPLE_SRCS))
 
-examples: $(EXAMPLE_BINS)
+build-examples: $(EXAMPLE_BINS)
 	@:
+
+# examples: builds them, then runs examples/modem: the server in the
+# background, the client in the foreground, each under $(EXEC) with a time
+# limit, both in a private runtime directory. Fails unless both exit 0.
+# (make test runs the same two programs' code in forked processes: see
+# tests/examples.cpp.)
+MODEM_TIMEOUT ?= 30
+examples: build-examples
+	$(say) RUN build/$(TARGET)/examples/modem
+	$(Q)b=build/$(TARGET)/examples/modem; \
+	  d=$$(mktemp -d "$${TMPDIR:-/tmp}/lemsg-modem.XXXXXX") || exit 1; \
+	  LEMSG_RUNTIME_DIR=$$d timeout -k 5 $(MODEM_TIMEOUT) $(EXEC) ./$$b/server & srv=$$!; \
+	  LEMSG_RUNTIME_DIR=$$d timeout -k 5 $(MODEM_TIMEOUT) $(EXEC) ./$$b/client; crc=$$?; \
+	  wait $$srv; src=$$?; rm -rf "$$d"; \
+	  echo "examples $(TARGET): modem client exit $$crc, server exit $$src"; \
+	  [ "$$crc" = 0 ] && [ "$$src" = 0 ]
 
 build/$(TARGET)/examples/%: examples/%.cpp build/$(TARGET)/examples/flags
 	$(say) CXX $@
@@ -365,7 +385,7 @@ build/$(TARGET)/examples/flags: FORCE
 	@printf '%s\n' '$(subst ','\'',$(CXX) $(BASEFLAGS) $(TEST_OPT) $(BASELDFLAGS) $(BASELDLIBS))' > $@.new
 	@if cmp -s $@.new $@; then rm -f $@.new; else mv -f $@.new $@; fi
 
--include $(wildcard build/$(TARGET)/examples/*.d)
+-include $(wildcard build/$(TARGET)/examples/*.d build/$(TARGET)/examples/*/*.d)
 
 # -- bench and demo ------------------------------------------------------------
 
