@@ -252,6 +252,11 @@ build/$(1)/readme_example.o: build/$(1)/readme_example.cpp build/$(1)/flags
 	@mkdir -p $$(@D)
 	$(Q)$$(cxx.$(1)) $$(BASEFLAGS) $$(TEST_CPPFLAGS) $$(flags.$(1)) -Dmain=lemsg_readme_main -MMD -MP -c $$< -o $$@
 
+# The README's copy of examples/modem/modem_api.hpp, which tests/readme.cpp
+# compiles beside the file and checks for the same protocol hash.
+build/$(1)/readme.o: build/$(1)/readme_modem_api.hpp
+build/$(1)/readme.o: CPPFLAGS += -Ibuild/$(1)
+
 # The README's typed quick start, likewise.
 build/$(1)/readme_typed.o: build/$(1)/readme_typed.cpp build/$(1)/flags
 	$$(say) CXX $$@
@@ -289,6 +294,10 @@ $(foreach c,$(CONFIGS),$(eval $(call config_rules,$(c))))
 build/%/readme_example.cpp: README.md
 	@mkdir -p $(@D)
 	$(Q)awk '/<!-- quickstart begin -->/{f=1;next} /<!-- quickstart end -->/{f=0} f' $< \
+	  | sed '/^```/d' > $@.new && [ -s $@.new ] && mv -f $@.new $@
+build/%/readme_modem_api.hpp: README.md
+	@mkdir -p $(@D)
+	$(Q)awk '/<!-- modem api begin -->/{f=1;next} /<!-- modem api end -->/{f=0} f' $< \
 	  | sed '/^```/d' > $@.new && [ -s $@.new ] && mv -f $@.new $@
 build/%/readme_typed.cpp: README.md
 	@mkdir -p $(@D)

@@ -7,6 +7,16 @@
 #include "lemsg.hpp"
 #include "testutil.hpp"
 
+#include <cstring>
+
+// The README's copy of the modem example's interface, and the file itself.
+namespace from_readme {
+#include "readme_modem_api.hpp"
+}
+namespace from_example {
+#include "../examples/modem/modem_api.hpp"
+}
+
 int lemsg_readme_main();
 int lemsg_readme_typed_main();
 
@@ -16,6 +26,12 @@ TEST_SUITE("readme") {
     const int fds_before = testutil::count_open_fds();
     CHECK(lemsg_readme_main() == 0);
     CHECK(testutil::count_open_fds() == fds_before);
+  }
+  TEST_CASE("readme: the modem interface shown in the README declares the same protocol as examples/modem/modem_api.hpp") {
+    using A = lemsg::InterfaceInfo<from_readme::ModemApi>;
+    using B = lemsg::InterfaceInfo<from_example::ModemApi>;
+    CHECK(std::strcmp(A::id.text, B::id.text) == 0);
+    CHECK(A::max_payload == B::max_payload);
   }
   TEST_CASE("readme: the typed quick start runs; its client gets the answer and the event") {
     testutil::RuntimeDir dir;
