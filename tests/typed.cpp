@@ -516,6 +516,7 @@ TEST_CASE("typed: a Responder kept after its TypedService is gone answers Closed
   Pool pool;
   Responder<Hold> kept;
   Client cl(loop, pool);
+  Outcome<Hold> held;  // outlives the service: its call completes when the session closes
   {
     TypedService<Api> svc(loop, pool);
     svc.set_handler<Hold>([&](Responder<Hold>& r, Count&) { kept = std::move(r); });
@@ -525,7 +526,6 @@ TEST_CASE("typed: a Responder kept after its TypedService is gone answers Closed
     REQUIRE(call_and_wait<Echo>(loop, cl.c, lowest(), no_handler));
     CHECK(no_handler.r == Result::Unanswered);
     CHECK(cl.c.send<Note>(Count{5}) == Result::Ok);  // dropped: no handler
-    Outcome<Hold> held;
     REQUIRE(cl.c.call_async<Hold>(Count{1}, [&](Result r, Count&) {
       held.done = true;
       held.r = r;
@@ -536,6 +536,8 @@ TEST_CASE("typed: a Responder kept after its TypedService is gone answers Closed
   CHECK(kept.reply(Count{1}) == Result::Closed);
   CHECK(!kept);
   REQUIRE(testutil::run_until(loop, [&] { return cl.closes == 1; }, kWaitMs));
+  CHECK(held.done);
+  CHECK(held.r == Result::Closed);
   CHECK(pool.in_use() == 0);
 }
 
