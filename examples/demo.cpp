@@ -2,17 +2,21 @@
 // and nothing is lost when a client or the server is killed with kill -9.
 //
 // What it shows, one line per event, each prefixed by who speaks:
-//   - a Service ("modem") hands out the AT port; the lease is an entry of a
-//     RefMap owned by the borrower's session and tracked with
-//     Service::track(), so the server never has to ask "is that client
+//   - a typed service ("modem", interface AtPort: Take and GiveBack) hands
+//     out the AT port; the lease is a Ref<Lease> the server makes for the
+//     borrower's session (TypedService::make_ref), so it comes back when
+//     that session ends and the server never has to ask "is that client
 //     still alive?";
-//   - three clients take turns: acquire, release, "busy", or wait in line;
+//   - three clients take turns: take, give back, "busy", or wait in line
+//     (the server keeps the call's Responder and answers it when the port
+//     frees);
 //   - client 2 is killed with kill -9 while it holds the port: the server's
-//     close handler and the tracked release run, and the client waiting in
+//     close handler and the lease's release run, and the client waiting in
 //     line gets the port;
 //   - the server is killed with kill -9 and a new one started: the clients'
-//     pending requests complete with Closed, they reconnect by themselves
-//     (Session::set_reconnect) and carry on.
+//     pending calls complete with Closed, they reconnect by themselves
+//     (Session::set_reconnect) and carry on; a lease from the killed server
+//     is refused (BadReference) before the new server's handler sees it.
 // Every process is forked from this one (no exec), and the services live in
 // a private runtime directory (LEMSG_RUNTIME_DIR) removed at the end. Each
 // step is checked: the demo exits 1 if something does not happen as told
@@ -33,16 +37,13 @@
 #include <cstdarg>
 #include <cstdio>
 #include <cstdlib>
-#include <cstring>
 #include <ctime>
 
 namespace {
 
-using lemsg::Message;
 using lemsg::Result;
 using lemsg::SessionRef;
 
-constexpr lemsg::Protocol kModem{"demo.modem.at-port.v1", 16};
 constexpr char kService[] = "modem";
 constexpr int kClients = 3;
 constexpr int kStepMs = 5000;  // the narrator waits at most this long for each event
@@ -81,13 +82,14 @@ long long now_ms() {
 enum Event : char {
   ServerUp = 'u',
   Opened = 'o',    // a session opened (on the server and on the client)
-  Holding = 'h',   // the server holds a request in its waiting line
+  Holding = 'h',   // the server holds a call in its waiting line
   TookBack = 't',  // the server took the port back from a session that ended
   Lost = 'l',
   Granted = 'g',
   Busy = 'b',
   Released = 'r',
-  EndedClosed = 'c',  // a pending request completed with Closed
+  EndedClosed = 'c',  // a pending call completed with Closed
+  Refused = 'x',      // a GiveBack completed with BadReference
   Failed = 'f',
 };
 int g_report = -1;
@@ -98,151 +100,146 @@ void report(int who, Event e) {
   (void)w;
 }
 
-// ---- the protocol --------------------------------------------------------------
+// ---- the interface -------------------------------------------------------------
 
-// Client -> server: an op and the client's number (for the story only; a
-// real server would know its clients by their credentials).
+// The AT port's lease, as the server keeps it. A client holds only a
+// Ref<Lease>: a reference the server made for the client's own session.
+struct Lease {
+  int client = 0;  // who holds the port; 0: nobody
+};
+
+// The client's number travels for the story only: a real server would know
+// its clients by their credentials.
 struct Ask {
-  char op;  // 'a' acquire now, 'w' wait in line, 'r' release
   std::uint8_t client;
+  bool wait;  // if busy, wait in line rather than be told so at once
 };
-// Server -> client.
 struct Answer {
-  char verdict;  // 'g' granted, 'b' busy, 'r' released, 'n' not yours
-  std::uint8_t holder;
+  std::uint8_t holder;      // who holds the port now
+  lemsg::Ref<Lease> lease;  // set when the port is the caller's; empty: busy
+};
+struct Return {
+  lemsg::Ref<Lease> lease;
 };
 
-template <typename T>
-bool read_as(const Message& m, T& out) {
-  if (m.size() != sizeof(T)) return false;
-  std::memcpy(&out, m.payload(), sizeof(T));
-  return true;
-}
+LEMSG_METHOD(Take, Ask, Answer);
+// Only the caller's own live lease reaches the server's handler: any other
+// (stale, forged, another session's) is refused with BadReference before.
+LEMSG_METHOD(GiveBack, Return, lemsg::Void);
+struct AtPort : lemsg::Interface<Take, GiveBack> {
+  static constexpr const char* name = "demo.modem.at-port";
+};
 
 // ---- the server ----------------------------------------------------------------
 
-struct Lease {
-  int client;
-};
-
 struct ModemServer {
   lemsg::Loop loop;
-  lemsg::MessagePool<16, 16> pool;
-  lemsg::Service svc{loop, kModem, pool};
-  // The AT port's lease. Its owner is the borrower's SessionRef, so when that
-  // session ends for any reason the Service releases it (see track()).
-  lemsg::RefMap<Lease, 4> leases;
-  Lease lease{0};
-  std::uint32_t lease_ref = 0;
-  int holder = 0;  // client number, 0 = free
-  // Requests of clients waiting in line, held unanswered until the port frees.
-  Message line[kClients];
+  lemsg::TypedPool<AtPort, 16> pool;
+  lemsg::TypedService<AtPort> svc{loop, pool};
+  // One port, one lease. Its entry is owned by the borrower's session, so
+  // when that session ends for any reason it comes back (see bind_refs()).
+  lemsg::RefMap<Lease, 1> leases;
+  Lease lease;
+  lemsg::Ref<Lease> lease_ref;
+  // Calls of clients waiting in line, answered when the port frees.
+  lemsg::Responder<Take> line[kClients];
   int line_count = 0;
   int numbers[kClients + 1] = {0, 1, 2, 3};  // per-session context: the client's number
   lemsg::WatchId stop_watch;
 };
 
 int client_of(ModemServer* s, SessionRef ref) {
-  const int* n = static_cast<const int*>(s->svc.context(ref));
+  const int* n = static_cast<const int*>(s->svc.service().context(ref));
   return n ? *n : 0;
 }
 
-// Answers `m` (a request) with `verdict`.
-void answer(ModemServer* s, Message&& m, char verdict) {
-  const Answer a{verdict, static_cast<std::uint8_t>(s->holder)};
-  Result r = m.assign(&a, sizeof a);
-  if (r == Result::Ok) r = s->svc.respond(std::move(m));
+// Answers a Take: the port with its lease, or busy.
+void answer(ModemServer* s, lemsg::Responder<Take>& call, bool granted) {
+  Answer a{static_cast<std::uint8_t>(s->lease.client), {}};
+  if (granted) a.lease = s->lease_ref;
+  const Result r = call.reply(a);
   if (r != Result::Ok && r != Result::Closed) say("[server]", "could not answer: %s", lemsg::to_string(r));
 }
 
 bool lend(ModemServer* s, SessionRef to, int client) {
+  if (s->svc.make_ref(to, &s->lease, s->lease_ref) != Result::Ok) return false;
   s->lease.client = client;
-  if (s->leases.add(&s->lease, s->lease_ref, to.value) != Result::Ok) return false;
-  s->holder = client;
   return true;
 }
 
 // The port is free: the first client in line whose session is still open gets it.
 void serve_line(ModemServer* s) {
-  while (s->holder == 0 && s->line_count > 0) {
-    Message m = std::move(s->line[0]);
+  while (s->lease.client == 0 && s->line_count > 0) {
+    lemsg::Responder<Take> call = std::move(s->line[0]);
     for (int i = 1; i < s->line_count; ++i) s->line[i - 1] = std::move(s->line[i]);
     --s->line_count;
-    const int client = client_of(s, m.session());
-    if (client == 0) continue;  // its session ended while waiting
-    if (!lend(s, m.session(), client)) continue;
+    const int client = client_of(s, call.session());
+    if (client == 0 || !lend(s, call.session(), client)) continue;  // its session ended while waiting
     say("[server]", "AT port lent to client %d, who was waiting in line", client);
-    answer(s, std::move(m), 'g');
+    answer(s, call, true);
   }
 }
 
-void on_request(ModemServer* s, Message& m) {
-  Ask ask;
-  if (!m.needs_response() || !read_as(m, ask) || ask.client < 1 || ask.client > kClients) {
-    say("[server]", "ignoring a malformed request");
-    return;  // released unanswered: the client's request completes with Unanswered
-  }
-  Result r = s->svc.set_context(m.session(), &s->numbers[ask.client]);
-  (void)r;
+void on_take(ModemServer* s, lemsg::Responder<Take>& call, const Ask& ask) {
   const int c = ask.client;
-  if (ask.op == 'r') {
-    if (s->holder != c) {
-      say("[server]", "client %d gives back the AT port, but does not hold it", c);
-      answer(s, std::move(m), 'n');
-      return;
-    }
-    r = s->leases.remove(s->lease_ref);
-    s->holder = 0;
-    say("[server]", "client %d gave the AT port back", c);
-    answer(s, std::move(m), 'r');
-    serve_line(s);
+  if (c < 1 || c > kClients) {
+    say("[server]", "refusing a request from an unknown client");
+    (void)call.fail(Result::BadParameter);
     return;
   }
-  if (s->holder == 0) {
-    if (!lend(s, m.session(), c)) return;
+  (void)s->svc.service().set_context(call.session(), &s->numbers[c]);
+  if (s->lease.client == 0) {
+    if (!lend(s, call.session(), c)) return;  // dropped: the client's call completes with Unanswered
     say("[server]", "AT port lent to client %d", c);
-    answer(s, std::move(m), 'g');
-    return;
-  }
-  if (ask.op == 'w' && s->line_count < kClients) {
-    say("[server]", "client %d waits in line for the AT port (client %d has it)", c, s->holder);
-    s->line[s->line_count++] = std::move(m);
+    answer(s, call, true);
+  } else if (ask.wait && s->line_count < kClients) {
+    say("[server]", "client %d waits in line for the AT port (client %d has it)", c, s->lease.client);
+    s->line[s->line_count++] = std::move(call);  // answered later, by serve_line()
     report(0, Holding);
-    return;
+  } else {
+    say("[server]", "client %d asks for the AT port: busy, client %d has it", c, s->lease.client);
+    answer(s, call, false);
   }
-  say("[server]", "client %d asks for the AT port: busy, client %d has it", c, s->holder);
-  answer(s, std::move(m), 'b');
+}
+
+void on_give_back(ModemServer* s, lemsg::Responder<GiveBack>& call, const Return& ret) {
+  // The lease is the caller's own (the typed layer checked it): the port is theirs.
+  say("[server]", "client %d gave the AT port back", s->svc.object(ret.lease)->client);
+  (void)s->svc.drop_ref(ret.lease);
+  s->lease.client = 0;
+  (void)call.reply({});
+  serve_line(s);
 }
 
 int run_server(int stop_fd) {
   ModemServer s;
   ModemServer* sp = &s;
+  lemsg::Service& svc = s.svc.service();
   if (s.svc.status() != Result::Ok) return 1;
-  s.svc.set_open_handler([sp](SessionRef ref) {
+  svc.set_open_handler([sp](SessionRef ref) {
     lemsg::Credentials c;
-    if (sp->svc.credentials(ref, c) == Result::Ok)
+    if (sp->svc.service().credentials(ref, c) == Result::Ok)
       say("[server]", "new session from pid %ld", static_cast<long>(c.pid));
     report(0, Opened);
   });
-  s.svc.set_receive_handler([sp](Message& m) { on_request(sp, m); });
-  s.svc.set_close_handler([sp](SessionRef ref, Result why) {
+  svc.set_close_handler([sp](SessionRef ref, Result why) {
     const int c = client_of(sp, ref);
     if (c)
       say("[server]", "session of client %d ended (%s)", c,
           why == Result::Closed ? "the client closed it, or died" : lemsg::to_string(why));
   });
-  // Runs for each entry a closing session still owned: here, the port's lease.
-  Result r = s.svc.track(s.leases, [sp](void* obj, std::uint32_t) {
-    const int c = static_cast<Lease*>(obj)->client;
-    say("[server]", "client %d still held the AT port: taking it back", c);
-    sp->holder = 0;
-    sp->lease_ref = 0;
+  s.svc.set_handler<Take>([sp](lemsg::Responder<Take>& call, Ask& ask) { on_take(sp, call, ask); });
+  s.svc.set_handler<GiveBack>([sp](lemsg::Responder<GiveBack>& call, Return& ret) { on_give_back(sp, call, ret); });
+  // Runs for each lease a closing session still owned.
+  Result r = s.svc.bind_refs<Lease>(s.leases, [sp](void* obj, std::uint32_t) {
+    say("[server]", "client %d still held the AT port: taking it back", static_cast<Lease*>(obj)->client);
+    sp->lease.client = 0;
     report(0, TookBack);
     serve_line(sp);
   });
-  if (r != Result::Ok) return 1;
   // The narrator closes its end of the stop pipe to end this server cleanly.
-  r = s.loop.add_watch(stop_fd, lemsg::Readable, [sp](int, short) { sp->loop.stop(); }, s.stop_watch);
+  if (r == Result::Ok)
+    r = s.loop.add_watch(stop_fd, lemsg::Readable, [sp](int, short) { sp->loop.stop(); }, s.stop_watch);
   if (r == Result::Ok) r = s.svc.advertise(kService);
   if (r != Result::Ok) {
     say("[server]", "cannot start: %s", lemsg::to_string(r));
@@ -251,7 +248,7 @@ int run_server(int stop_fd) {
   say("[server]", "pid %ld: lending the modem's AT port as service \"%s\"", static_cast<long>(::getpid()), kService);
   report(0, ServerUp);
   if (s.loop.run() != Result::Ok) return 1;
-  say("[server]", "told to stop: %zu session(s) still open, closing them", s.svc.session_count());
+  say("[server]", "told to stop: %zu session(s) still open, closing them", svc.session_count());
   return 0;
 }
 
@@ -261,72 +258,65 @@ struct ModemClient {
   int no = 0;
   char name[16] = {};
   lemsg::Loop loop;
-  lemsg::MessagePool<16, 8> pool;
-  lemsg::Session session{loop, kModem, pool};
+  lemsg::TypedPool<AtPort, 8> pool;
+  lemsg::TypedClient<AtPort> port{loop, pool};
+  lemsg::Ref<Lease> lease;  // the last lease a server gave us, kept even when it is stale
   bool has_port = false;
   int opens = 0;
   lemsg::WatchId command_watch;
 };
 
-const char* describe(char op) {
-  return op == 'a' ? "take the AT port" : op == 'w' ? "wait in line for the AT port" : "give the AT port back";
-}
+const char* what(bool wait) { return wait ? "wait in line for the AT port" : "take the AT port"; }
 
-void on_answer(ModemClient* c, char op, Result r, Message& m) {
-  Answer a;
-  if (r != Result::Ok || !read_as(m, a)) {
-    say(c->name, "my request to %s ended: %s", describe(op), lemsg::to_string(r));
-    report(c->no, r == Result::Closed ? EndedClosed : Failed);
-    return;
-  }
-  switch (a.verdict) {
-    case 'g':
-      c->has_port = true;
-      say(c->name, "got the AT port%s", op == 'w' ? " after waiting in line" : "");
-      report(c->no, Granted);
-      break;
-    case 'b':
+Result take(ModemClient* c, bool wait) {
+  say(c->name, "asking to %s", what(wait));
+  auto done = [c, wait](Result r, Answer& a) {
+    if (r != Result::Ok) {
+      say(c->name, "my request to %s ended: %s", what(wait), lemsg::to_string(r));
+      report(c->no, r == Result::Closed ? EndedClosed : Failed);
+    } else if (!a.lease) {
       say(c->name, "busy: client %d has the AT port", a.holder);
       report(c->no, Busy);
-      break;
-    case 'r':
+    } else {
+      c->lease = a.lease;
+      c->has_port = true;
+      say(c->name, "got the AT port%s", wait ? " after waiting in line" : "");
+      report(c->no, Granted);
+    }
+  };
+  // Waiting in line may take long; the others are answered at once.
+  return c->port.call_async<Take>({static_cast<std::uint8_t>(c->no), wait}, done, wait ? 15000 : 3000);
+}
+
+Result give_back(ModemClient* c) {
+  say(c->name, "asking to give the AT port back");
+  auto done = [c](Result r, lemsg::Void&) {
+    if (r == Result::Ok) {
       c->has_port = false;
       say(c->name, "gave the AT port back");
-      report(c->no, Released);
-      break;
-    default:
-      say(c->name, "unexpected answer '%c'", a.verdict);
-      report(c->no, Failed);
-  }
+    } else {
+      say(c->name, "could not give the AT port back: %s", lemsg::to_string(r));
+    }
+    report(c->no, r == Result::Ok ? Released : r == Result::BadReference ? Refused : Failed);
+  };
+  return c->port.call_async<GiveBack>({c->lease}, done, 3000);
 }
 
-void ask(ModemClient* c, char op) {
-  const Ask a{op, static_cast<std::uint8_t>(c->no)};
-  Message m;
-  Result r = c->session.create_message(m);
-  if (r == Result::Ok) r = m.assign(&a, sizeof a);
-  say(c->name, "asking to %s", describe(op));
-  // Waiting in line may take long; the others are answered at once.
-  const std::uint32_t timeout_ms = op == 'w' ? 15000 : 3000;
-  if (r == Result::Ok)
-    r = c->session.request(std::move(m), [c, op](Result res, Message& resp) { on_answer(c, op, res, resp); },
-                           timeout_ms);
-  if (r != Result::Ok) {
-    say(c->name, "could not ask: %s", lemsg::to_string(r));
-    report(c->no, Failed);
-  }
-}
-
-// Commands from the narrator, one byte each: 'a', 'w', 'r' (see Ask), 'q' quit.
+// Commands from the narrator, one byte each: 'a' take the port, 'w' wait in
+// line for it, 'r' give it back, 'q' quit.
 void on_command(ModemClient* c, int fd) {
   char cmd;
   const ssize_t n = ::read(fd, &cmd, 1);
   if (n <= 0 || cmd == 'q') {
-    c->session.close();
+    c->port.close();
     c->loop.stop();
     return;
   }
-  ask(c, cmd);
+  const Result r = cmd == 'r' ? give_back(c) : take(c, cmd == 'w');
+  if (r != Result::Ok) {
+    say(c->name, "could not ask: %s", lemsg::to_string(r));
+    report(c->no, Failed);
+  }
 }
 
 int run_client(int no, int command_fd) {
@@ -334,8 +324,8 @@ int run_client(int no, int command_fd) {
   ModemClient* cp = &c;
   c.no = no;
   std::snprintf(c.name, sizeof c.name, "[client %d]", no);
-  if (c.session.status() != Result::Ok) return 1;
-  c.session.set_close_handler([cp](Result why) {
+  if (c.port.status() != Result::Ok) return 1;
+  c.port.session().set_close_handler([cp](Result why) {
     say(cp->name, "lost the server (%s)%s; reconnecting by myself", lemsg::to_string(why),
         cp->has_port ? ", and the AT port with it" : "");
     cp->has_port = false;
@@ -343,13 +333,13 @@ int run_client(int no, int command_fd) {
   });
   // After the server goes away, open again by itself: first after 50 ms,
   // then waiting (inotify, no polling) for the service to reappear.
-  c.session.set_reconnect(true, 50, 400);
+  c.port.session().set_reconnect(true, 50, 400);
   Result r = c.loop.add_watch(command_fd, lemsg::Readable, [cp](int fd, short) { on_command(cp, fd); },
                               c.command_watch);
   if (r == Result::Ok)
-    r = c.session.open(kService, [cp](Result res) {
+    r = c.port.open(kService, [cp](Result res) {
       lemsg::Credentials server;
-      if (res != Result::Ok || cp->session.server_credentials(server) != Result::Ok) {
+      if (res != Result::Ok || cp->port.session().server_credentials(server) != Result::Ok) {
         say(cp->name, "cannot open: %s", lemsg::to_string(res));
         report(cp->no, Failed);
         return;
@@ -483,6 +473,9 @@ bool story() {
   if (!start_server() || !expect(1, Opened) || !expect(3, Opened) || !expect(0, Opened) || !expect(0, Opened))
     return false;
 
+  say("[demo]", "--- client 3 gives back the lease the killed server gave it");
+  if (!command(3, 'r') || !expect(3, Refused)) return false;
+
   say("[demo]", "--- the clients carry on");
   if (!command(3, 'a') || !expect(3, Granted)) return false;
   if (!command(1, 'a') || !expect(1, Busy)) return false;
@@ -529,6 +522,8 @@ int main() {
     return 1;
   }
   ::signal(SIGPIPE, SIG_IGN);
+  // lemsg's own log lines (a refused reference, for one) are told the same way.
+  lemsg::set_log_sink([](lemsg::LogLevel, const char* line, void*) { say("[lemsg]", "%s", line); }, nullptr);
   int p[2];
   if (::pipe(p) != 0) return 1;
   g.report_read = p[0];
