@@ -10,7 +10,7 @@
 // it, and a well-behaved typed client of the same service goes on. The
 // mirror: a server that sends a malformed response or event closes the
 // TypedClient's session with BadFrame, its pending calls complete, and it
-// opens again. A declaration that differs in a bound, a field, the order of
+// opens again (by itself when told to reconnect). A declaration that differs in a bound, a field, the order of
 // two items or an item's name or kind is refused at open with
 // ProtocolMismatch; a renamed field is not.
 //
@@ -1001,6 +1001,40 @@ TEST_CASE("typed frames: a malformed response or event closes the TypedClient's 
   CHECK(testutil::run_until(loop, [&] { return ticks == 1; }, kWaitMs));
   CHECK(cl.is_open());
   cl.close();
+}
+
+TEST_CASE("typed frames: a TypedClient told to reconnect opens again by itself after a malformed event, with its subscriptions") {
+  testutil::RuntimeDir dir;
+  Loop loop;
+  Pool pool;
+  FakeServer fake(loop, pool);
+  REQUIRE(fake.svc.advertise("frames-again") == Result::Ok);
+  TypedClient<Api> cl(loop, pool);
+  cl.session().set_reconnect(true, 10, 100);
+  int opens = 0, closes = 0, ticks = 0;
+  Result reason = Result::Ok;
+  cl.session().set_close_handler([&](Result why) {
+    ++closes;
+    reason = why;
+  });
+  REQUIRE(cl.subscribe<Tick>([&](Num& n) { ticks += n.n == 5; }) == Result::Ok);
+  REQUIRE(cl.open("frames-again", [&](Result r) { opens += r == Result::Ok; }) == Result::Ok);
+  REQUIRE(testutil::run_until(loop, [&] { return opens == 1 && fake.subscriptions == 1; }, kWaitMs));
+  {
+    LogLines log;
+    REQUIRE(fake.tell(Pay{}.u8(Info::item_count).u32(5)));
+    REQUIRE(testutil::run_until(loop, [&] { return closes == 1; }, kWaitMs));
+    CHECK(reason == Result::BadFrame);
+    CHECK(log.has("server sent a bad typed frame", "unknown item index"));
+  }
+  // Back by itself, subscribed again, and served.
+  REQUIRE(testutil::run_until(loop, [&] { return opens == 2 && fake.subscriptions == 2; }, kWaitMs));
+  CHECK(fake.bits == (std::uint64_t{1} << Info::index_of<Tick>));
+  REQUIRE(fake.tell(Pay{}.u8(Info::index_of<Tick>).u32(5)));
+  CHECK(testutil::run_until(loop, [&] { return ticks == 1; }, kWaitMs));
+  CHECK(closes == 1);
+  cl.close();
+  CHECK(testutil::run_until(loop, [&] { return fake.svc.session_count() == 0 && pool.in_use() == 0; }, kWaitMs));
 }
 
 TEST_CASE("typed frames: a synchronous call given a malformed response returns BadFrame with the response reset, and the client opens again") {
