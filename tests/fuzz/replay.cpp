@@ -22,6 +22,7 @@
 extern "C" int lemsg_fuzz_wire(const std::uint8_t* data, std::size_t size);
 extern "C" int lemsg_fuzz_service(const std::uint8_t* data, std::size_t size);
 extern "C" int lemsg_fuzz_session(const std::uint8_t* data, std::size_t size);
+extern "C" int lemsg_fuzz_typed(const std::uint8_t* data, std::size_t size);
 
 TEST_SUITE("fuzz") {
 
@@ -91,6 +92,10 @@ TEST_CASE("fuzz: every corpus input of the Service target keeps its invariants")
 
 TEST_CASE("fuzz: every corpus input of the Session target keeps its invariants") {
   CHECK(replay("session", lemsg_fuzz_session) > 0);
+}
+
+TEST_CASE("fuzz: every corpus input of the typed decoder target keeps its invariants") {
+  CHECK(replay("typed", lemsg_fuzz_typed) > 0);
 }
 
 }  // TEST_SUITE
