@@ -5073,6 +5073,10 @@ inline void Session::on_timer() noexcept {
 // A client built against a declaration that differs in any of these is
 // refused at open with ProtocolMismatch. Field names do not travel and are
 // not hashed: renaming a field is compatible; reordering fields is not.
+// What C++17 cannot see is not hashed either: an enum is hashed as its width
+// (its enumerators and values are not), and a Ref<Tag> as a reference (not
+// its Tag, which a client may leave incomplete). Keep enums append-only and
+// rename the interface when their meaning changes.
 // The protocol's largest payload is computed from the bounds (max_payload).
 //
 // Encoding, byte by byte (little-endian throughout, no padding, no
