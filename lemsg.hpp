@@ -85,6 +85,15 @@
 //                             frames wait for it is closed with Stalled, whatever
 //                             its socket's other holders do (ServiceOptions::
 //                             stall_timeout_ms overrides it per Service).
+//   LEMSG_DIR_MAX_SERVICES 64  services one directory holds registered;
+//                             more: RegistryFull (section 13).
+//   LEMSG_DIR_MAX_WAITING 64  clients one directory holds waiting for a
+//                             binding or a server; more: WaitTableFull.
+//   LEMSG_DIR_MAX_BINDINGS 128  lines of a bindings file; more: BindingTableFull.
+//   LEMSG_DIR_MAX_CONNECTIONS 32  connections to the directory that have not
+//                             said what they are yet (as LEMSG_MAX_HANDSHAKES).
+//   LEMSG_DIR_MAX_CONNECTIONS_PER_UID  half of that (16): beyond, that uid's
+//                             oldest is closed.
 //   LEMSG_CALLABLE_SIZE   4 pointers  bytes a handler may capture in place;
 //                             a larger capture is a compile-time error.
 //   LEMSG_LOG_LEVEL       1   default run-time log threshold
@@ -204,7 +213,7 @@
 //   10. Service                     >>service
 //   11. Session                     >>session
 //   12. Typed interfaces            >>typed
-//   (13 the service directory is not written yet.)
+//   13. Service directory           >>directory
 
 #ifndef LEMSG_HPP
 #define LEMSG_HPP
@@ -306,6 +315,21 @@
 #ifndef LEMSG_STALL_TIMEOUT_MS
 #define LEMSG_STALL_TIMEOUT_MS 30000
 #endif
+#ifndef LEMSG_DIR_MAX_SERVICES
+#define LEMSG_DIR_MAX_SERVICES 64
+#endif
+#ifndef LEMSG_DIR_MAX_WAITING
+#define LEMSG_DIR_MAX_WAITING 64
+#endif
+#ifndef LEMSG_DIR_MAX_BINDINGS
+#define LEMSG_DIR_MAX_BINDINGS 128
+#endif
+#ifndef LEMSG_DIR_MAX_CONNECTIONS
+#define LEMSG_DIR_MAX_CONNECTIONS 32
+#endif
+#ifndef LEMSG_DIR_MAX_CONNECTIONS_PER_UID
+#define LEMSG_DIR_MAX_CONNECTIONS_PER_UID ((LEMSG_DIR_MAX_CONNECTIONS + 1) / 2)
+#endif
 
 static_assert(LEMSG_MAX_WATCHES >= 1 && LEMSG_MAX_WATCHES <= 4096, "LEMSG_MAX_WATCHES must be 1..4096");
 static_assert(LEMSG_MAX_TIMERS >= 1 && LEMSG_MAX_TIMERS <= 4096, "LEMSG_MAX_TIMERS must be 1..4096");
@@ -328,6 +352,13 @@ static_assert(LEMSG_MAX_PROTOCOL_ID >= 1 && LEMSG_MAX_PROTOCOL_ID <= 256, "LEMSG
 static_assert(LEMSG_OPEN_TIMEOUT_MS >= 1, "LEMSG_OPEN_TIMEOUT_MS must be positive");
 static_assert(LEMSG_TXN_BITS >= 2 && LEMSG_TXN_BITS <= 32, "LEMSG_TXN_BITS must be 2..32");
 static_assert(LEMSG_HANDLE_GENERATIONS >= 0, "LEMSG_HANDLE_GENERATIONS must be 0 (all) or more");
+static_assert(LEMSG_DIR_MAX_SERVICES >= 1 && LEMSG_DIR_MAX_SERVICES <= 4096, "LEMSG_DIR_MAX_SERVICES must be 1..4096");
+static_assert(LEMSG_DIR_MAX_WAITING >= 1 && LEMSG_DIR_MAX_WAITING <= 4096, "LEMSG_DIR_MAX_WAITING must be 1..4096");
+static_assert(LEMSG_DIR_MAX_BINDINGS >= 1 && LEMSG_DIR_MAX_BINDINGS <= 65536, "LEMSG_DIR_MAX_BINDINGS must be 1..65536");
+static_assert(LEMSG_DIR_MAX_CONNECTIONS >= 1 && LEMSG_DIR_MAX_CONNECTIONS <= 4096,
+              "LEMSG_DIR_MAX_CONNECTIONS must be 1..4096");
+static_assert(LEMSG_DIR_MAX_CONNECTIONS_PER_UID >= 1 && LEMSG_DIR_MAX_CONNECTIONS_PER_UID <= LEMSG_DIR_MAX_CONNECTIONS,
+              "LEMSG_DIR_MAX_CONNECTIONS_PER_UID must be 1..LEMSG_DIR_MAX_CONNECTIONS");
 static_assert(LEMSG_STALL_TIMEOUT_MS >= 1 && LEMSG_STALL_TIMEOUT_MS <= 86400000,
               "LEMSG_STALL_TIMEOUT_MS must be 1..86400000");
 
@@ -483,7 +514,10 @@ namespace lemsg {
   X(UidShareFull, "this uid holds its share of the service's sessions (raise LEMSG_MAX_SESSIONS_PER_UID)") \
   X(Reentrant, "called from inside a handler of the same loop (run, run_once and dispatch do not nest)") \
   X(BoundExceeded, "more elements or bytes than the String's, Array's or Bytes' bound N") \
-  X(BadReference, "a reference in the request names no object of the calling session (stale, forged or another session's)")
+  X(BadReference, "a reference in the request names no object of the calling session (stale, forged or another session's)") \
+  X(RegistryFull, "the directory's table of registered services is full (raise LEMSG_DIR_MAX_SERVICES)") \
+  X(WaitTableFull, "the directory's table of waiting clients is full (raise LEMSG_DIR_MAX_WAITING)") \
+  X(BindingTableFull, "the bindings table is full (raise LEMSG_DIR_MAX_BINDINGS)")
 
 /// Outcome of every call that can fail. Ok is 0. Ignoring one is a warning.
 enum class [[nodiscard]] Result : int {
@@ -6643,6 +6677,22 @@ void TypedClient<I>::deliver_event(Message& m) noexcept {
     if (h) h(ev);
   }
 }
+
+}  // namespace lemsg
+
+// =============================================================================
+// 13. Service directory                                            >>directory
+// =============================================================================
+//
+// (being written: directory mode, bindings, introspection and the monitor)
+
+namespace lemsg {
+
+// [bindings]
+
+// [introspection]
+
+// [directory]
 
 }  // namespace lemsg
 
