@@ -85,14 +85,14 @@
 //                             frames wait for it is closed with Stalled, whatever
 //                             its socket's other holders do (ServiceOptions::
 //                             stall_timeout_ms overrides it per Service).
-//   LEMSG_DIR_MAX_SERVICES 64  services one directory holds registered;
+//   LEMSG_DIR_MAX_SERVICES 32  services one directory holds registered;
 //                             more: RegistryFull (section 13).
-//   LEMSG_DIR_MAX_WAITING 64  clients one directory holds waiting for a
+//   LEMSG_DIR_MAX_WAITING 32  clients one directory holds waiting for a
 //                             binding or a server; more: WaitTableFull.
 //   LEMSG_DIR_MAX_BINDINGS 128  lines of a bindings file; more: BindingTableFull.
-//   LEMSG_DIR_MAX_CONNECTIONS 32  connections to the directory that have not
+//   LEMSG_DIR_MAX_CONNECTIONS 16  connections to the directory that have not
 //                             said what they are yet (as LEMSG_MAX_HANDSHAKES).
-//   LEMSG_DIR_MAX_CONNECTIONS_PER_UID  half of that (16): beyond, that uid's
+//   LEMSG_DIR_MAX_CONNECTIONS_PER_UID  half of that (8): beyond, that uid's
 //                             oldest is closed.
 //   LEMSG_CALLABLE_SIZE   4 pointers  bytes a handler may capture in place;
 //                             a larger capture is a compile-time error.
@@ -226,8 +226,10 @@
 #include <fcntl.h>
 #include <poll.h>
 #include <pthread.h>
+#include <signal.h>
 #include <sys/eventfd.h>
 #include <sys/file.h>
+#include <sys/signalfd.h>
 #include <sys/inotify.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -316,16 +318,16 @@
 #define LEMSG_STALL_TIMEOUT_MS 30000
 #endif
 #ifndef LEMSG_DIR_MAX_SERVICES
-#define LEMSG_DIR_MAX_SERVICES 64
+#define LEMSG_DIR_MAX_SERVICES 32
 #endif
 #ifndef LEMSG_DIR_MAX_WAITING
-#define LEMSG_DIR_MAX_WAITING 64
+#define LEMSG_DIR_MAX_WAITING 32
 #endif
 #ifndef LEMSG_DIR_MAX_BINDINGS
 #define LEMSG_DIR_MAX_BINDINGS 128
 #endif
 #ifndef LEMSG_DIR_MAX_CONNECTIONS
-#define LEMSG_DIR_MAX_CONNECTIONS 32
+#define LEMSG_DIR_MAX_CONNECTIONS 16
 #endif
 #ifndef LEMSG_DIR_MAX_CONNECTIONS_PER_UID
 #define LEMSG_DIR_MAX_CONNECTIONS_PER_UID ((LEMSG_DIR_MAX_CONNECTIONS + 1) / 2)
@@ -1785,6 +1787,15 @@ struct Credentials {
 /// not empty, else /run/lemsg. Read at each call (no allocation).
 inline const char* runtime_dir() noexcept;
 
+/// How a Service or Session finds the other end (section 13). Direct: the
+/// socket file <runtime dir>/<name>. Directory: through the service
+/// directory daemon (lemsg-dir), by binding. Auto, the default, reads the
+/// environment at each advertise/open, so one binary works both ways:
+/// LEMSG_DIRECTORY unset, empty or "0" is Direct; "1" is Directory with the
+/// daemon at <runtime dir>/directory; an absolute path is Directory with the
+/// daemon's socket at that path.
+enum class Discovery : std::uint8_t { Auto, Direct, Directory };
+
 namespace detail {
 
 /// A socket path: runtime dir + "/" + name. Names are 1..LEMSG_MAX_NAME
@@ -1905,8 +1916,11 @@ inline Result send_datagram(int fd, const void* buf, std::size_t len, int pass_f
 /// process, see connected_to_us). On every result but Ok, each fd that
 /// arrived has been closed already. With `wait` on a blocking socket it waits
 /// for a datagram up to the socket's SO_RCVTIMEO (then WouldBlock).
+/// `own_sockets` lets through a Unix socket connected to this process (the
+/// service directory hands a server such a socket when client and server
+/// are one process).
 inline Result recv_datagram(int fd, void* buf, std::size_t cap, std::size_t& len, int& fd_out,
-                            bool wait = false) noexcept;
+                            bool wait = false, bool own_sockets = false) noexcept;
 
 /// Datagrams one recv_datagrams() call reads at most.
 constexpr std::size_t max_batch = 8;
@@ -1939,15 +1953,41 @@ inline const char* runtime_dir() noexcept {
 
 namespace detail {
 
-inline Result socket_path(const char* name, char (&out)[sizeof(sockaddr_un::sun_path)]) noexcept {
-  if (name == nullptr || name[0] == '\0' || name[0] == '.') return Result::BadParameter;
-  std::size_t n = 0;
-  for (; name[n]; ++n) {
+// A service or interface name: 1..LEMSG_MAX_NAME characters of
+// [A-Za-z0-9._-], not starting with '.'.
+inline bool valid_name(const char* name) noexcept {
+  if (name == nullptr || name[0] == '\0' || name[0] == '.') return false;
+  for (std::size_t n = 0; name[n]; ++n) {
     const char c = name[n];
     const bool ok = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '.' ||
                     c == '_' || c == '-';
-    if (!ok || n >= LEMSG_MAX_NAME) return Result::BadParameter;
+    if (!ok || n >= LEMSG_MAX_NAME) return false;
   }
+  return true;
+}
+
+// Whether `d` means directory mode (Auto: $LEMSG_DIRECTORY), and then the
+// directory's socket path in `path`. A LEMSG_DIRECTORY that is neither "0",
+// "1" nor an absolute path that fits is logged and taken as "1".
+inline bool directory_mode(Discovery d, char (&path)[sizeof(sockaddr_un::sun_path)]) noexcept {
+  path[0] = '\0';
+  if (d == Discovery::Direct) return false;
+  const char* e = std::getenv("LEMSG_DIRECTORY");
+  const bool env_set = e && *e && std::strcmp(e, "0") != 0;
+  if (d == Discovery::Auto && !env_set) return false;
+  if (env_set && e[0] == '/' && std::strlen(e) < sizeof path) {
+    std::memcpy(path, e, std::strlen(e) + 1);
+    return true;
+  }
+  if (env_set && std::strcmp(e, "1") != 0)
+    LEMSG_LOG(Warning, "LEMSG_DIRECTORY=%s is not 0, 1 or an absolute socket path; using the default", e);
+  const int w = std::snprintf(path, sizeof path, "%s/directory", runtime_dir());
+  if (w < 0 || static_cast<std::size_t>(w) >= sizeof path) path[0] = '\0';
+  return true;
+}
+
+inline Result socket_path(const char* name, char (&out)[sizeof(sockaddr_un::sun_path)]) noexcept {
+  if (!valid_name(name)) return Result::BadParameter;
   const int w = std::snprintf(out, sizeof out, "%s/%s", runtime_dir(), name);
   if (w < 0 || static_cast<std::size_t>(w) >= sizeof out) return Result::BadParameter;
   return Result::Ok;
@@ -2196,7 +2236,8 @@ inline Result peer_credentials(int fd, Credentials& out) noexcept {
   return Result::Ok;
 }
 
-inline Result check_datagram(int fd, struct msghdr& mh, ssize_t n, std::size_t& len, int& fd_out) noexcept;
+inline Result check_datagram(int fd, struct msghdr& mh, ssize_t n, std::size_t& len, int& fd_out,
+                             bool own_sockets = false) noexcept;
 
 inline bool clear_nonblock(int fd) noexcept {
   const int fl = ::fcntl(fd, F_GETFL);
@@ -2298,7 +2339,8 @@ inline Result send_datagram(int fd, const void* buf, std::size_t len, int pass_f
   }
 }
 
-inline Result recv_datagram(int fd, void* buf, std::size_t cap, std::size_t& len, int& fd_out, bool wait) noexcept {
+inline Result recv_datagram(int fd, void* buf, std::size_t cap, std::size_t& len, int& fd_out, bool wait,
+                            bool own_sockets) noexcept {
   len = 0;
   fd_out = -1;
   struct iovec iov;
@@ -2336,10 +2378,11 @@ inline Result recv_datagram(int fd, void* buf, std::size_t cap, std::size_t& len
     LEMSG_LOG(Error, "transport: recvmsg failed: %s", std::strerror(errno));
     return Result::SystemError;
   }
-  return check_datagram(fd, mh, n, len, fd_out);
+  return check_datagram(fd, mh, n, len, fd_out, own_sockets);
 }
 
-inline Result check_datagram(int fd, struct msghdr& mh, ssize_t n, std::size_t& len, int& fd_out) noexcept {
+inline Result check_datagram(int fd, struct msghdr& mh, ssize_t n, std::size_t& len, int& fd_out,
+                             bool own_sockets) noexcept {
   len = 0;
   fd_out = -1;
   int fds[4];
@@ -2372,7 +2415,7 @@ inline Result check_datagram(int fd, struct msghdr& mh, ssize_t n, std::size_t& 
   if (r == Result::Ok && nfds == 1 && is_directory(fds[0])) r = Result::BadFrame;  // a directory fd escapes a sandbox
   // A socket connected to us (the peer's own end of this connection, say)
   // keeps the connection alive after the peer dies: its hang-up never comes.
-  if (r == Result::Ok && nfds == 1 && connected_to_us(fds[0])) {
+  if (r == Result::Ok && nfds == 1 && !own_sockets && connected_to_us(fds[0])) {
     LEMSG_LOG(Debug, "transport: refusing a Unix socket fd connected to this process");
     r = Result::BadFrame;
   }
@@ -3028,6 +3071,154 @@ inline void Channel::reset(Loop& loop) noexcept {
 
 }  // namespace detail
 
+// The service directory's records (section 13 describes them); here, so
+// that Service and Session can speak to the directory.
+namespace detail {
+namespace dirwire {
+
+enum : std::uint8_t {
+  Register = 1,
+  Open = 2,
+  Connect = 3,
+  List = 4,
+  Registered = 0x81,
+  Answer = 0x82,
+  HandOff = 0x83,
+  Entry = 0x84,
+  End = 0x85,
+};
+enum : std::uint8_t { FlagWait = 1, FlagProbe = 2 };
+enum : std::uint8_t { KindService = 1, KindWaiting = 2, KindBinding = 3 };
+
+constexpr std::size_t max_text = LEMSG_MAX_NAME > LEMSG_MAX_PROTOCOL_ID ? LEMSG_MAX_NAME : LEMSG_MAX_PROTOCOL_ID;
+constexpr std::size_t fixed = 20;
+constexpr std::size_t max_frame = wire::header_size + fixed + LEMSG_MAX_NAME + max_text;
+
+struct Record {
+  std::uint8_t op = 0;
+  std::uint8_t flags = 0;
+  std::uint32_t a = 0, b = 0, c = 0, d = 0;
+  char name[LEMSG_MAX_NAME + 1] = {};
+  char text[max_text + 1] = {};
+};
+
+inline void set_text(char* out, std::size_t cap, const char* in) noexcept {
+  std::size_t n = in ? std::strlen(in) : 0;
+  if (n >= cap) n = cap - 1;
+  if (n) std::memcpy(out, in, n);
+  out[n] = '\0';
+}
+
+// Sends `r` (with `pass_fd` when >= 0). As send_datagram.
+inline Result send(int fd, const Record& r, int pass_fd = -1) noexcept {
+  unsigned char buf[max_frame];
+  const std::size_t nl = std::strlen(r.name), tl = std::strlen(r.text);
+  const std::uint32_t len = static_cast<std::uint32_t>(fixed + nl + tl);
+  wire::encode(wire::Header{wire::FrameType::Message, static_cast<std::uint8_t>(pass_fd >= 0 ? wire::FlagFd : 0), 0, len},
+               buf);
+  unsigned char* p = buf + wire::header_size;
+  p[0] = r.op;
+  p[1] = r.flags;
+  p[2] = static_cast<unsigned char>(nl);
+  p[3] = static_cast<unsigned char>(tl);
+  std::memcpy(p + 4, &r.a, 4);
+  std::memcpy(p + 8, &r.b, 4);
+  std::memcpy(p + 12, &r.c, 4);
+  std::memcpy(p + 16, &r.d, 4);
+  std::memcpy(p + fixed, r.name, nl);
+  std::memcpy(p + fixed + nl, r.text, tl);
+  return send_datagram(fd, buf, wire::header_size + len, pass_fd);
+}
+
+// Checks and decodes one received datagram. Ok or BadFrame. An fd must come
+// with HandOff and only with it.
+inline Result decode(const unsigned char* buf, std::size_t n, bool has_fd, Record& r) noexcept {
+  wire::Header h;
+  if (wire::decode(buf, n, static_cast<std::uint32_t>(fixed + LEMSG_MAX_NAME + max_text), h) != Result::Ok ||
+      h.type != wire::FrameType::Message || h.length < fixed)
+    return Result::BadFrame;
+  const unsigned char* p = buf + wire::header_size;
+  const std::size_t nl = p[2], tl = p[3];
+  if (nl > LEMSG_MAX_NAME || tl > max_text || h.length != fixed + nl + tl) return Result::BadFrame;
+  if (((h.flags & wire::FlagFd) != 0) != has_fd || has_fd != (p[0] == HandOff)) return Result::BadFrame;
+  r.op = p[0];
+  r.flags = p[1];
+  std::memcpy(&r.a, p + 4, 4);
+  std::memcpy(&r.b, p + 8, 4);
+  std::memcpy(&r.c, p + 12, 4);
+  std::memcpy(&r.d, p + 16, 4);
+  std::memcpy(r.name, p + fixed, nl);
+  r.name[nl] = '\0';
+  std::memcpy(r.text, p + fixed + nl, tl);
+  r.text[tl] = '\0';
+  // No NUL inside a name or a text: what is checked is what is used.
+  if (std::strlen(r.name) != nl || std::strlen(r.text) != tl) return Result::BadFrame;
+  if (nl && !valid_name(r.name)) return Result::BadFrame;
+  return Result::Ok;
+}
+
+// Receives one record. Ok with `fd_out` (-1 or the HandOff's fd), or the
+// transport's WouldBlock, Closed, SystemError, or BadFrame (every fd closed).
+inline Result recv(int fd, Record& r, int& fd_out, bool own_sockets = false) noexcept {
+  unsigned char buf[max_frame];
+  std::size_t n = 0;
+  Result res = recv_datagram(fd, buf, sizeof buf, n, fd_out, false, own_sockets);
+  if (res == Result::TooLarge) res = Result::BadFrame;
+  if (res != Result::Ok) return res;
+  res = decode(buf, n, fd_out >= 0, r);
+  if (res != Result::Ok && fd_out >= 0) {
+    ::close(fd_out);
+    fd_out = -1;
+  }
+  return res;
+}
+
+// Waits for one record until `deadline` (now_ns). Ok, Timeout, Closed,
+// BadFrame, SystemError. An fd that arrives is closed (BadFrame).
+inline Result wait(int fd, Record& r, std::int64_t deadline) noexcept {
+  for (;;) {
+    struct pollfd p = {fd, POLLIN, 0};
+    const int rc = ::poll(&p, 1, ms_until(deadline));
+    if (rc < 0 && errno == EINTR) continue;
+    if (rc < 0) return Result::SystemError;
+    if (rc == 0) return Result::Timeout;
+    int got = -1;
+    const Result res = recv(fd, r, got);
+    if (res == Result::WouldBlock) continue;
+    if (got >= 0) {
+      ::close(got);
+      return Result::BadFrame;
+    }
+    return res;
+  }
+}
+
+// An Answer's or Registered's Result code, checked: one this build knows.
+inline Result answer_code(std::uint32_t a) noexcept {
+  const std::int32_t code = static_cast<std::int32_t>(a);
+  return code == 0 ? Result::Ok : known_result(code) ? static_cast<Result>(code) : Result::BadFrame;
+}
+
+// Connects to the directory at `path` and sends `req`. Ok with `fd`;
+// NotFound (no directory listening), Busy (its backlog is full),
+// NotPermitted, UnsafeRuntimeDir, SystemError.
+inline Result ask(const char* path, const Record& req, int& fd) noexcept {
+  fd = -1;
+  Result r = check_socket_dir(path);
+  if (r == Result::Ok) r = connect_to(path, fd);
+  if (r != Result::Ok) return r;
+  r = send(fd, req);
+  if (r == Result::Closed) r = Result::NotFound;  // it went away at once
+  if (r != Result::Ok) {
+    ::close(fd);
+    fd = -1;
+  }
+  return r;
+}
+
+}  // namespace dirwire
+}  // namespace detail
+
 // =============================================================================
 // 10. Service                                                        >>service
 // =============================================================================
@@ -3063,6 +3254,11 @@ struct ServiceOptions {
   /// A session whose client read nothing for this long while frames waited
   /// for it is closed with Stalled. 0 = LEMSG_STALL_TIMEOUT_MS.
   std::uint32_t stall_timeout_ms = 0;
+  /// Direct (a socket file) or through the service directory; Auto reads
+  /// LEMSG_DIRECTORY at advertise() (see Discovery and section 13). In
+  /// directory mode `mode` and `group` do not apply (there is no socket
+  /// file); the allow-list does.
+  Discovery discovery = Discovery::Auto;
 };
 
 using OpenHandler = Callable<void(SessionRef)>;
@@ -3188,13 +3384,24 @@ class Service {
   /// create it owned by this user); UnsafeRuntimeDir (another user owns or
   /// may write it, see the transport section); WatchTableFull;
   /// ServiceTableFull; SystemError.
+  ///
+  /// In directory mode (options.discovery, or LEMSG_DIRECTORY) it registers
+  /// `name` with the directory instead and waits up to LEMSG_OPEN_TIMEOUT_MS
+  /// for its answer: Ok; Duplicate (registered already by another server);
+  /// NotPermitted (a binding gives the name to another user's service);
+  /// RegistryFull; BadParameter; UnsafeRuntimeDir. With no directory running
+  /// (or one that does not answer) it is Ok, and the Service registers when
+  /// the directory comes, as it does again whenever the directory restarts
+  /// (after 50 ms, doubling to 1 s); its sessions carry on meanwhile.
   Result advertise(const char* name, const ServiceOptions& options = ServiceOptions{}) noexcept;
   /// Stops accepting and removes the socket file; open sessions go on. Only
   /// the process that advertised removes the file, and only while it is the
   /// file it created: in a forked child (also when the child's exit runs the
   /// destructor) hide() just closes the child's copy. Ok or NotFound.
   Result hide() noexcept;
-  bool is_advertised() const noexcept { return listen_fd_ >= 0; }
+  bool is_advertised() const noexcept { return listen_fd_ >= 0 || dir_mode_; }
+  /// In directory mode: whether the directory has the name registered now.
+  bool is_registered() const noexcept { return reg_fd_ >= 0 && !reg_pending_; }
 
   void set_open_handler(OpenHandler h) noexcept { open_handler_ = std::move(h); }
   void set_close_handler(CloseHandler h) noexcept { close_handler_ = std::move(h); }
@@ -3295,7 +3502,18 @@ class Service {
   }
   bool close_peer(std::uint32_t ref, Result reason) noexcept;  // false: the Service is gone
   // The advertised name (also after hide()), else the protocol id: for logs.
-  const char* log_name() const noexcept { return path_[0] ? std::strrchr(path_, '/') + 1 : protocol_.id; }
+  const char* log_name() const noexcept {
+    return dir_mode_ ? dir_name_ : path_[0] ? std::strrchr(path_, '/') + 1 : protocol_.id;
+  }
+  // Directory mode: registration and the connections the directory hands over.
+  Result advertise_directory(const char* name, const ServiceOptions& options, const char* dir_path) noexcept;
+  void register_again() noexcept;
+  void lose_directory(const char* why) noexcept;
+  void on_registration() noexcept;
+  // A connection accepted or handed over: checked, then its hello read (or
+  // it waits in the handshake table). True when a handler ran (the caller
+  // then returns: the Service may be gone).
+  bool admit(int fd) noexcept;
   bool allowed(const Credentials& c) const noexcept;
   void answer_error(std::uint32_t session, std::uint32_t txn, Result code) noexcept;
   // Typed interfaces: answers request `m` with an error code instead of a
@@ -3335,6 +3553,15 @@ class Service {
   std::uint64_t accept_seq_ = 0;
   bool evict_logged_ = false;  // one warning per flood; reset when the table empties
   uid_t own_uid_ = ::geteuid();
+  // Directory mode.
+  bool dir_mode_ = false;
+  bool reg_pending_ = false;   // Register sent, Registered not read yet
+  int reg_fd_ = -1;            // the registration connection
+  WatchId reg_watch_;
+  std::int64_t reg_retry_ = 0;  // when to register again; 0 = not waiting to
+  std::uint32_t reg_backoff_ms_ = 0;
+  char dir_path_[sizeof(sockaddr_un::sun_path)] = {};
+  char dir_name_[LEMSG_MAX_NAME + 1] = {};
   Tracked tracked_[LEMSG_MAX_TRACKED];
   detail::Lifeline life_;
 };
@@ -3423,6 +3650,11 @@ inline Result Service::advertise(const char* name, const ServiceOptions& options
   Result r = detail::socket_path(name, path);
   if (r != Result::Ok) return r;
   if ((options.uid_count && !options.uids) || (options.gid_count && !options.gids)) return Result::BadParameter;
+  if (dir_mode_) return Result::Busy;
+  {
+    char dir_path[sizeof dir_path_];
+    if (detail::directory_mode(options.discovery, dir_path)) return advertise_directory(name, options, dir_path);
+  }
   const char* dir = runtime_dir();
   if (::mkdir(dir, 0755) == 0) {
     // mkdir's mode passes through the umask (077 would shut every other user
@@ -3466,7 +3698,136 @@ inline Result Service::advertise(const char* name, const ServiceOptions& options
   return Result::Ok;
 }
 
+inline Result Service::advertise_directory(const char* name, const ServiceOptions& options,
+                                          const char* dir_path) noexcept {
+  if (!dir_path[0]) return Result::BadParameter;
+  namespace dw = detail::dirwire;
+  dw::Record req;
+  req.op = dw::Register;
+  req.a = protocol_.max_payload;
+  dw::set_text(req.name, sizeof req.name, name);
+  dw::set_text(req.text, sizeof req.text, protocol_.id);
+  int fd = -1;
+  Result r = dw::ask(dir_path, req, fd);
+  if (r == Result::Ok) {
+    dw::Record a;
+    const Result w =
+        dw::wait(fd, a, detail::now_ns() + static_cast<std::int64_t>(LEMSG_OPEN_TIMEOUT_MS) * 1000000);
+    r = w != Result::Ok ? w : a.op == dw::Registered ? dw::answer_code(a.a) : Result::BadFrame;
+    if (r == Result::Ok) r = loop_.add_watch(fd, Readable, [this](int, short) { on_registration(); }, reg_watch_);
+    if (r != Result::Ok) ::close(fd);
+    if (r == Result::Duplicate || r == Result::NotPermitted || r == Result::RegistryFull ||
+        r == Result::BadParameter || r == Result::WatchTableFull) {
+      LEMSG_LOG(Warning, "service %s: the directory %s refused it: %s", name, dir_path, to_string(r));
+      return r;
+    }
+  } else if (r != Result::NotFound && r != Result::Busy) {
+    return r;  // UnsafeRuntimeDir, NotPermitted, SystemError
+  }
+  std::memcpy(dir_path_, dir_path, sizeof dir_path_);
+  dw::set_text(dir_name_, sizeof dir_name_, name);
+  dir_mode_ = true;
+  options_ = options;
+  owner_pid_ = ::getpid();
+  reg_backoff_ms_ = 0;
+  if (r == Result::Ok) {
+    reg_fd_ = fd;
+    LEMSG_LOG(Info, "service %s: registered with the directory %s", name, dir_path);
+  } else {
+    LEMSG_LOG(Info, "service %s: no directory at %s yet (%s); registering when it comes", name, dir_path,
+              to_string(r));
+    lose_directory(nullptr);
+  }
+  return Result::Ok;
+}
+
+inline void Service::lose_directory(const char* why) noexcept {
+  if (reg_fd_ >= 0) {
+    Result r = loop_.remove_watch(reg_watch_);
+    (void)r;
+    ::close(reg_fd_);
+    reg_fd_ = -1;
+    reg_watch_ = WatchId{};
+  }
+  reg_pending_ = false;
+  if (why) LEMSG_LOG(Warning, "service %s: directory connection lost (%s); registering again", log_name(), why);
+  reg_backoff_ms_ = reg_backoff_ms_ == 0 ? 50 : (reg_backoff_ms_ * 2 > 1000 ? 1000 : reg_backoff_ms_ * 2);
+  reg_retry_ = detail::now_ns() + static_cast<std::int64_t>(reg_backoff_ms_) * 1000000;
+  reschedule();
+}
+
+inline void Service::register_again() noexcept {
+  namespace dw = detail::dirwire;
+  dw::Record req;
+  req.op = dw::Register;
+  req.a = protocol_.max_payload;
+  dw::set_text(req.name, sizeof req.name, dir_name_);
+  dw::set_text(req.text, sizeof req.text, protocol_.id);
+  int fd = -1;
+  Result r = dw::ask(dir_path_, req, fd);
+  if (r == Result::Ok) {
+    r = loop_.add_watch(fd, Readable, [this](int, short) { on_registration(); }, reg_watch_);
+    if (r != Result::Ok) ::close(fd);
+  }
+  if (r != Result::Ok) {
+    LEMSG_LOG(Debug, "service %s: directory %s: %s", log_name(), dir_path_, to_string(r));
+    lose_directory(nullptr);
+    return;
+  }
+  reg_fd_ = fd;
+  reg_pending_ = true;  // its answer comes on the watch
+}
+
+inline void Service::on_registration() noexcept {
+  namespace dw = detail::dirwire;
+  for (int n = 0; n < 16 && reg_fd_ >= 0; ++n) {
+    dw::Record rec;
+    int fd = -1;
+    // A socket connected to this process is let through: a client of ours
+    // handed over by the directory (its hello is checked like anyone's).
+    const Result r = dw::recv(reg_fd_, rec, fd, true);
+    if (r == Result::WouldBlock) return;
+    if (r != Result::Ok) {
+      lose_directory(to_string(r));
+      return;
+    }
+    if (reg_pending_ && rec.op == dw::Registered && fd < 0) {
+      const Result code = dw::answer_code(rec.a);
+      if (code != Result::Ok) {
+        LEMSG_LOG(Error, "service %s: the directory refused to register it again: %s", log_name(), to_string(code));
+        lose_directory(nullptr);
+        return;
+      }
+      reg_pending_ = false;
+      reg_backoff_ms_ = 0;
+      LEMSG_LOG(Info, "service %s: registered with the directory %s again", log_name(), dir_path_);
+      continue;
+    }
+    if (reg_pending_ || rec.op != dw::HandOff || fd < 0 || !detail::is_unix_socket(fd)) {
+      if (fd >= 0) ::close(fd);
+      lose_directory("unexpected frame");
+      return;
+    }
+    if (admit(fd)) return;  // a handler ran: the next one waits for the next dispatch
+  }
+}
+
 inline Result Service::hide() noexcept {
+  if (dir_mode_) {
+    // Closing the registration is the directory's signal: it unregisters us.
+    if (reg_fd_ >= 0) {
+      Result r = loop_.remove_watch(reg_watch_);
+      (void)r;
+      ::close(reg_fd_);
+    }
+    reg_fd_ = -1;
+    reg_watch_ = WatchId{};
+    reg_pending_ = false;
+    reg_retry_ = 0;
+    dir_mode_ = false;
+    reschedule();
+    return Result::Ok;
+  }
   if (listen_fd_ < 0) return Result::NotFound;
   Result r = loop_.remove_watch(listen_watch_);
   (void)r;
@@ -3544,27 +3905,31 @@ inline void Service::on_listen(short revents) noexcept {
       LEMSG_LOG(Info, "service %s: accepting again", log_name());
       accept_backoff_ms_ = 0;
     }
-    Credentials c;
-    Result r = detail::peer_credentials(fd, c);
-    if (r != Result::Ok) r = Result::SystemError;
-    else if (!allowed(c)) r = Result::NotPermitted;
-    else r = session_room(c);
-    if (r != Result::Ok) {
-      refuse(fd, c, r);
-      continue;
-    }
-    // A client sends its hello right after connecting, so it is usually
-    // here already; only a client that is slow (or silent) waits in the
-    // handshake table.
-    r = read_hello(fd, c);
-    if (r == Result::WouldBlock) {
-      add_handshake(fd, c);
-      continue;
-    }
     // An open handler may have run: the rest of the backlog waits for the
     // next dispatch (the socket stays readable).
-    if (on_hello(fd, c, r)) return;
+    if (admit(fd)) return;
   }
+}
+
+inline bool Service::admit(int fd) noexcept {
+  Credentials c;
+  Result r = detail::peer_credentials(fd, c);
+  if (r != Result::Ok) r = Result::SystemError;
+  else if (!allowed(c)) r = Result::NotPermitted;
+  else r = session_room(c);
+  if (r != Result::Ok) {
+    refuse(fd, c, r);
+    return false;
+  }
+  // A client sends its hello right after connecting, so it is usually
+  // here already; only a client that is slow (or silent) waits in the
+  // handshake table.
+  r = read_hello(fd, c);
+  if (r == Result::WouldBlock) {
+    add_handshake(fd, c);
+    return false;
+  }
+  return on_hello(fd, c, r);
 }
 
 inline void Service::pause_accepting(int error) noexcept {
@@ -4029,6 +4394,7 @@ inline void Service::reschedule() noexcept {
   });
   handshake_refs_.for_each([&](Handshake* h, std::uint32_t) { consider(h->deadline); });
   if (accept_retry_ && (!next || accept_retry_ < next)) next = accept_retry_;
+  if (reg_retry_ && (!next || reg_retry_ < next)) next = reg_retry_;
   Result r = next ? loop_.arm_timer(timer_, static_cast<std::uint32_t>(detail::ms_until(next)))
                   : loop_.disarm_timer(timer_);
   (void)r;
@@ -4041,6 +4407,10 @@ inline void Service::on_timer() noexcept {
     accept_retry_ = 0;
     Result r = loop_.set_events(listen_watch_, Readable);
     (void)r;
+  }
+  if (reg_retry_ && reg_retry_ <= now && dir_mode_) {
+    reg_retry_ = 0;
+    register_again();
   }
   std::uint32_t late[LEMSG_MAX_HANDSHAKES];
   std::size_t n = 0;
@@ -4210,6 +4580,17 @@ class Session {
   /// for a service that runs as root or as a known system user. uid_t(-1),
   /// the default, accepts any server. Applies from the next open.
   void require_server_uid(uid_t uid) noexcept { required_uid_ = uid; }
+  /// Direct (the socket file <runtime dir>/<name>) or through the service
+  /// directory, where `name` is this client's name for the interface and
+  /// its binding decides the server; Auto, the default, reads
+  /// LEMSG_DIRECTORY at each open (see Discovery and section 13). In
+  /// directory mode open and open_sync wait in the directory for a binding
+  /// and a server (and for the directory itself while it is not running);
+  /// try_open gives NotPermitted when this uid has no binding for `name`
+  /// and NotFound when the bound server (or the directory) is not there;
+  /// require_server_uid and server_credentials use the server's identity as
+  /// the directory saw it. Applies from the next open.
+  void set_discovery(Discovery d) noexcept { discovery_ = d; }
   /// Closes (or stops opening). Pending requests complete with Closed before
   /// this returns; the close handler is not called (it is for the server's
   /// side going away), also when close() runs inside a handler while the
@@ -4250,7 +4631,8 @@ class Session {
   Loop& loop() noexcept { return loop_; }
 
  private:
-  enum class State : std::uint8_t { Idle, Waiting, Handshake, Open, Backoff };
+  // Asking: directory mode, waiting for the directory to hand us over.
+  enum class State : std::uint8_t { Idle, Waiting, Asking, Handshake, Open, Backoff };
   struct Pending {
     ResponseHandler done;
     std::int64_t deadline = 0;  // 0 = none
@@ -4261,6 +4643,16 @@ class Session {
   // destroyed meanwhile, and the caller returns without touching it.
   Result prepare(const char* name) noexcept;
   Result connect_checked(int& fd) noexcept;
+  // Directory mode: asks the directory for the interface and blocks for its
+  // answer until dir_deadline_ (waiting in it when dir_wait_). Ok with `fd`
+  // now the server's and server_ set; Timeout; NotFound (no directory, or
+  // the server is not registered and we do not wait); NotPermitted (not
+  // bound); UntrustedServer; WaitTableFull; BadFrame; as connect_checked.
+  Result ask_directory(int& fd) noexcept;
+  // The directory's answer, on the loop (state Asking).
+  void on_directory_answer() noexcept;
+  // The server the directory names: as require_server_uid asks?
+  Result check_named_server(const detail::dirwire::Record& a) noexcept;
   void attempt() noexcept;
   bool watch_dir() noexcept;
   void stop_watching_dir() noexcept;
@@ -4323,6 +4715,11 @@ class Session {
   int dir_parent_wd_ = -1;  // its watch on the runtime dir's parent, while the dir is missing
   WatchId dir_watch_;
   uid_t required_uid_ = static_cast<uid_t>(-1);
+  Discovery discovery_ = Discovery::Auto;
+  bool via_dir_ = false;             // this open goes through the directory; path_ is its socket
+  bool dir_wait_ = false;            // ask_directory: wait in the directory
+  std::int64_t dir_deadline_ = 0;    // ask_directory: until then
+  char iface_[LEMSG_MAX_NAME + 1] = {};  // directory mode: the interface asked for
   char path_[sizeof(sockaddr_un::sun_path)] = {};
   const char* name_ = nullptr;  // points into path_
   OpenCallback open_cb_;
@@ -4397,6 +4794,13 @@ inline Result Session::prepare(const char* name) noexcept {
   }
   if (state_ != State::Idle) return Result::Busy;
   open_failed_ = Result::Ok;  // the report of an earlier attempt goes with it
+  via_dir_ = detail::directory_mode(discovery_, path_);
+  if (via_dir_) {
+    if (!detail::valid_name(name) || !path_[0]) return Result::BadParameter;
+    detail::dirwire::set_text(iface_, sizeof iface_, name);
+    name_ = iface_;
+    return Result::Ok;
+  }
   Result r = detail::socket_path(name, path_);
   if (r != Result::Ok) return r;
   name_ = std::strrchr(path_, '/') + 1;
@@ -4446,7 +4850,7 @@ inline void Session::on_dir_event() noexcept {
       const struct inotify_event* ev = reinterpret_cast<const struct inotify_event*>(buf + off);
       // Made in the parent: maybe the dir. A queue overflow (wd -1) may hide anything.
       if (ev->wd == dir_parent_wd_ || (ev->mask & IN_Q_OVERFLOW)) moved = true;
-      else if (ev->len && std::strcmp(ev->name, name_) == 0) ours = true;
+      else if (ev->len && std::strcmp(ev->name, std::strrchr(path_, '/') + 1) == 0) ours = true;  // the socket's file
       if (ev->mask & (IN_IGNORED | IN_DELETE_SELF | IN_MOVE_SELF)) moved = true;  // the directory went away
       off += static_cast<ssize_t>(sizeof(struct inotify_event) + ev->len);
     }
@@ -4458,8 +4862,62 @@ inline void Session::on_dir_event() noexcept {
   attempt();
 }
 
+inline Result Session::check_named_server(const detail::dirwire::Record& a) noexcept {
+  server_.pid = static_cast<pid_t>(a.b);
+  server_.uid = static_cast<uid_t>(a.c);
+  server_.gid = static_cast<gid_t>(a.d);
+  if (required_uid_ == static_cast<uid_t>(-1) || server_.uid == required_uid_) return Result::Ok;
+  LEMSG_LOG(Warning, "session %s: the directory's server runs as uid %u, not the required %u: refused", name_,
+            static_cast<unsigned>(server_.uid), static_cast<unsigned>(required_uid_));
+  return Result::UntrustedServer;
+}
+
+inline Result Session::ask_directory(int& fd) noexcept {
+  namespace dw = detail::dirwire;
+  fd = -1;
+  dw::Record req;
+  req.op = dw::Open;
+  req.flags = dir_wait_ ? dw::FlagWait : 0;
+  dw::set_text(req.name, sizeof req.name, iface_);
+  detail::SocketWaiter waiter;
+  bool watched = false;
+  for (;;) {
+    int s = -1;
+    Result r = dw::ask(path_, req, s);
+    bool soon = r == Result::Busy;
+    if (r == Result::Ok) {
+      dw::Record a;
+      r = dw::wait(s, a, dir_deadline_);
+      if (r == Result::Ok) r = a.op == dw::Answer ? dw::answer_code(a.a) : Result::BadFrame;
+      if (r == Result::Ok) r = check_named_server(a);
+      if (r == Result::Ok) {
+        fd = s;
+        return r;
+      }
+      ::close(s);
+      if (r != Result::Closed) return r;
+      soon = true;  // the directory went away: it may be back at once
+      LEMSG_LOG(Info, "session %s: the directory went away; asking again", name_);
+    } else if (r != Result::NotFound && r != Result::Busy) {
+      return r;
+    }
+    if (!dir_wait_ && r != Result::Busy) return Result::NotFound;
+    if (detail::ms_until(dir_deadline_) == 0) return Result::Timeout;
+    if (!watched) {
+      watched = true;
+      const bool armed = waiter.start(path_);
+      if (r == Result::NotFound)
+        LEMSG_LOG(Info, "session %s: no directory at %s yet; waiting (%s)", name_, path_,
+                  armed ? "inotify" : "checking every 20 ms");
+      continue;
+    }
+    waiter.wait(path_, detail::ms_until(dir_deadline_), soon);
+  }
+}
+
 inline Result Session::connect_checked(int& fd) noexcept {
   fd = -1;
+  if (via_dir_) return ask_directory(fd);
   Result r = detail::check_socket_dir(path_);
   if (r == Result::Ok) r = detail::connect_to(path_, fd);
   if (r != Result::Ok || required_uid_ == static_cast<uid_t>(-1)) return r;
@@ -4479,7 +4937,43 @@ inline Result Session::connect_checked(int& fd) noexcept {
 
 inline void Session::attempt() noexcept {
   int fd = -1;
-  Result r = connect_checked(fd);
+  Result r;
+  if (via_dir_) {
+    // Connect and ask; the answer comes on the loop (on_directory_answer).
+    detail::dirwire::Record req;
+    req.op = detail::dirwire::Open;
+    req.flags = detail::dirwire::FlagWait;
+    detail::dirwire::set_text(req.name, sizeof req.name, iface_);
+    r = detail::dirwire::ask(path_, req, fd);
+    if (r == Result::NotFound) {
+      const bool was_watching = dir_fd_ >= 0;
+      if (watch_dir() && !was_watching) r = detail::dirwire::ask(path_, req, fd);
+    }
+    if (r == Result::Ok) {
+      stop_watching_dir();
+      r = loop_.add_watch(fd, Readable, [this](int, short ev) { on_socket(ev); }, ch_.watch);
+      if (r != Result::Ok) {
+        ::close(fd);
+        backoff();
+        return;
+      }
+      ch_.fd = fd;
+      state_ = State::Asking;
+      LEMSG_LOG(Debug, "session %s: asked the directory %s", name_, path_);
+      reschedule();
+      return;
+    }
+    if (r == Result::NotFound && dir_fd_ >= 0) {
+      if (state_ != State::Waiting) LEMSG_LOG(Info, "session %s: no directory at %s yet; waiting for it (inotify)", name_, path_);
+      state_ = State::Waiting;
+      reschedule();
+      return;
+    }
+    if (r == Result::NotPermitted || r == Result::UnsafeRuntimeDir) fail_open(r);
+    else backoff();
+    return;
+  }
+  r = connect_checked(fd);
   bool watching = false;
   if (r == Result::NotFound) {
     // Watch only once the server is missing (closing an inotify watch costs
@@ -4626,7 +5120,9 @@ inline bool Session::wait_for_room(Result refused, std::int64_t deadline, std::u
 }
 
 inline Result Session::finish_open(int fd) noexcept {
-  Result r = detail::peer_credentials(fd, server_);
+  // Through the directory, SO_PEERCRED would name the directory: server_ has
+  // what the directory told us.
+  Result r = via_dir_ ? Result::Ok : detail::peer_credentials(fd, server_);
   server_here_ = r == Result::Ok && server_.pid == ::getpid();
   if (r == Result::Ok) r = loop_.add_watch(fd, Readable, [this](int, short ev) { on_socket(ev); }, ch_.watch);
   if (r != Result::Ok) {
@@ -4648,6 +5144,8 @@ inline Result Session::open_sync(const char* name, int timeout_ms) noexcept {
   if (r != Result::Ok) return r;
   if (detail::served_by_this_thread(path_)) return Result::WouldDeadlock;
   const std::int64_t deadline = detail::now_ns() + static_cast<std::int64_t>(timeout_ms) * 1000000;
+  dir_wait_ = true;  // directory mode: connect_checked waits in the directory until the deadline
+  dir_deadline_ = deadline;
   detail::SocketWaiter waiter;
   bool watched = false;
   std::uint32_t pause_ms = 10;
@@ -4667,6 +5165,7 @@ inline Result Session::open_sync(const char* name, int timeout_ms) noexcept {
         continue;
       }
       if (r != Result::Closed) break;  // Closed: the server went away meanwhile; wait for it again
+      if (via_dir_) continue;          // the directory holds us until it is back
     } else if (r != Result::NotFound && r != Result::Busy) {
       break;
     }
@@ -4702,6 +5201,8 @@ inline Result Session::try_open(const char* name) noexcept {
   if (r != Result::Ok) return r;
   if (detail::served_by_this_thread(path_)) return Result::WouldDeadlock;
   const std::int64_t deadline = detail::now_ns() + static_cast<std::int64_t>(LEMSG_OPEN_TIMEOUT_MS) * 1000000;
+  dir_wait_ = false;  // directory mode: one question, no waiting
+  dir_deadline_ = deadline;
   std::uint32_t pause_ms = 10;
   Result refused = Result::Ok;
   for (;;) {
@@ -4778,7 +5279,57 @@ inline bool Session::lose_server(Result reason) noexcept {
   return true;
 }
 
+inline void Session::on_directory_answer() noexcept {
+  namespace dw = detail::dirwire;
+  dw::Record a;
+  int got = -1;
+  Result r = dw::recv(ch_.fd, a, got);
+  if (r == Result::WouldBlock) return;
+  if (got >= 0) {
+    ::close(got);
+    r = Result::BadFrame;
+  }
+  if (r != Result::Ok) {
+    // The directory went away (or misbehaved): ask again, waiting for it.
+    LEMSG_LOG(Info, "session %s: lost the directory while waiting (%s); asking again", name_, to_string(r));
+    ch_.reset(loop_);
+    state_ = State::Idle;
+    attempt();
+    return;
+  }
+  r = a.op == dw::Answer ? dw::answer_code(a.a) : Result::BadFrame;
+  if (r == Result::Ok) r = check_named_server(a);
+  if (r == Result::Ok) {
+    // The socket is the server's now: the same hello as in direct mode.
+    r = send_hello(ch_.fd);
+    if (r == Result::Closed) r = Result::Ok;  // refused at once: read its answer
+    if (r != Result::Ok) {
+      ch_.reset(loop_);
+      backoff();
+      return;
+    }
+    server_here_ = server_.pid == ::getpid();
+    detail::set_send_buffer(ch_.fd, sndbuf_);
+    ch_.blocking = detail::clear_nonblock(ch_.fd);
+    state_ = State::Handshake;
+    handshake_deadline_ = detail::now_ns() + static_cast<std::int64_t>(LEMSG_OPEN_TIMEOUT_MS) * 1000000;
+    reschedule();
+    return;
+  }
+  ch_.reset(loop_);
+  if (r == Result::WaitTableFull || r == Result::BadFrame) {
+    LEMSG_LOG(Warning, "session %s: the directory answered %s; asking again later", name_, to_string(r));
+    backoff();
+    return;
+  }
+  fail_open(r);
+}
+
 inline void Session::on_socket(short revents) noexcept {
+  if (state_ == State::Asking) {
+    on_directory_answer();
+    return;
+  }
   if (state_ == State::Handshake) {
     on_handshake_frame();
     return;
@@ -6693,6 +7244,776 @@ namespace lemsg {
 // [introspection]
 
 // [directory]
+
+// TEMP-BINDINGS-STUB (replaced by the bindings parser)
+struct Binding { uid_t client_uid; char iface[LEMSG_MAX_NAME + 1]; uid_t server_uid; char service[LEMSG_MAX_NAME + 1]; std::uint32_t line; };
+class Bindings {
+ public:
+  Result load(const char* path, char* err, std::size_t err_len) noexcept {
+    (void)err; (void)err_len;
+    int fd = ::open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return Result::NotFound;
+    char buf[4096]; ssize_t n = ::read(fd, buf, sizeof buf - 1); ::close(fd);
+    if (n < 0) return Result::SystemError;
+    buf[n] = 0; n_ = 0;
+    char* save = nullptr;
+    for (char* line = strtok_r(buf, "\n", &save); line; line = strtok_r(nullptr, "\n", &save)) {
+      unsigned cu, su; char a[64], b[64];
+      if (std::sscanf(line, "%u.%63s -> %u.%63s", &cu, a, &su, b) == 4 && n_ < LEMSG_DIR_MAX_BINDINGS) {
+        e_[n_].client_uid = cu; e_[n_].server_uid = su;
+        detail::dirwire::set_text(e_[n_].iface, sizeof e_[n_].iface, a);
+        detail::dirwire::set_text(e_[n_].service, sizeof e_[n_].service, b);
+        ++n_;
+      }
+    }
+    return Result::Ok;
+  }
+  const Binding* find(uid_t client, const char* iface) const noexcept {
+    for (std::size_t i = 0; i < n_; ++i) if (e_[i].client_uid == client && std::strcmp(e_[i].iface, iface) == 0) return &e_[i];
+    return nullptr;
+  }
+  std::size_t size() const noexcept { return n_; }
+  const Binding& operator[](std::size_t i) const noexcept { return e_[i]; }
+ private:
+  Binding e_[LEMSG_DIR_MAX_BINDINGS] = {};
+  std::size_t n_ = 0;
+};
+// END-TEMP-BINDINGS-STUB
+
+// -- directory mode: the protocol --------------------------------------------
+//
+// Directory mode. A daemon built from this header (class Directory; the
+// program is examples/lemsg-dir.cpp) listens on one socket, by default
+// <runtime dir>/directory, mode 0666: who may do what is decided by the
+// bindings, by uid from SO_PEERCRED, not by the file's mode.
+//
+//   - A server (Service::advertise in directory mode) connects, registers its
+//     name and keeps that connection open: the directory sees the server die
+//     (the connection hangs up) and unregisters it at once. The directory
+//     checks the server's uid with SO_PEERCRED. A second server registering a
+//     name already registered gets Duplicate; a name a binding gives to
+//     another user's service gets NotPermitted (nobody can squat a bound
+//     name). When the directory goes away, the server registers again by
+//     itself (after 50 ms, doubling to 1 s) until it is back; its open
+//     sessions do not notice.
+//   - A client (Session::open, open_sync, try_open in directory mode) connects
+//     and asks for an interface by its own name. The directory finds the
+//     binding of (client uid, interface) -> (server uid, service). try_open:
+//     no binding is NotPermitted, a bound server not registered is NotFound.
+//     open/open_sync: the request waits in the directory (no polling on
+//     either side) until the binding exists (SIGHUP reload) and its server is
+//     registered, or until the client's own timeout ends it. Then the
+//     directory answers the client (Ok, with the server's pid, uid and gid),
+//     hands the client's connected socket to the server over its
+//     registration connection (SCM_RIGHTS) and closes its own copy. From
+//     there the session is a direct socket, exactly as in direct mode: the
+//     same hello, protocol check, allow-list and speed; the directory is off
+//     the path, and its death does not touch the session. A client waiting
+//     when the directory dies connects to it again (waiting, with inotify, for
+//     its socket to reappear) within its timeout.
+//   - Bindings change on reload (Directory::reload, SIGHUP in lemsg-dir): new
+//     bindings apply to new requests and to the clients waiting. A session
+//     already handed over is not touched when its binding is removed: the
+//     directory is no longer on its path. Restart the server (or close the
+//     session in it) to end such sessions.
+//   - A tool (the `lemsg` program) may ask for a registered service by its
+//     name, not an interface (Connect): only root and the service's own uid
+//     get its socket (for the info query and the monitor); anyone may wait for
+//     a name to be registered (probe) and list the directory.
+//
+// Frames are the wire section's: a 16-byte header of type Message, txn 0,
+// the fd flag only on HandOff. The payload is one record:
+//   byte 0 op: 1 Register, 2 Open, 3 Connect, 4 List (to the directory);
+//              0x81 Registered, 0x82 Answer, 0x83 HandOff, 0x84 Entry,
+//              0x85 End (from it)
+//   byte 1 flags: bit 0 wait, bit 1 probe (Connect); for Entry the kind
+//              (1 service, 2 waiting client, 3 binding)
+//   byte 2 name length, byte 3 text length
+//   bytes 4-19  u32 a, b, c, d (per op)
+//   then the name and the text (no NUL)
+// Register: a = max payload, name = service, text = protocol id.
+// Registered: a = Result. Open: name = interface. Connect: name = service.
+// Answer: a = Result, b, c, d = the server's pid, uid, gid when Ok.
+// HandOff: a, b, c = the client's pid, uid, gid (the server reads them again
+// from SO_PEERCRED of the socket it gets). Entry: service: a uid, b pid,
+// c max payload, name, text protocol id; waiting client: a uid, b pid, name
+// interface; binding: a client uid, b server uid, name interface, text
+// service. End: a = the number of entries.
+// A receiver checks the header, then that the lengths add up exactly, the
+// op is one it expects and the names are valid; anything else closes the
+// connection.
+
+
+// -- directory mode: tools ------------------------------------------------------
+
+/// One line of the directory's state, for `lemsg list` and `lemsg bindings`.
+struct DirectoryEntry {
+  enum Kind : std::uint8_t { Service = 1, WaitingClient = 2, Binding = 3 };
+  Kind kind = Service;
+  uid_t uid = 0;         // service: its owner; waiting client: the client; binding: the client user
+  uid_t server_uid = 0;  // binding: the server user
+  pid_t pid = 0;         // service and waiting client
+  std::uint32_t max_payload = 0;                       // service
+  char name[LEMSG_MAX_NAME + 1] = {};                  // service name, or interface
+  char text[detail::dirwire::max_text + 1] = {};       // protocol id, or a binding's service
+};
+
+/// Asks the directory (Discovery::Auto's path, or the default when directory
+/// mode is off) for its state and calls f(const DirectoryEntry&) for each
+/// entry: registered services, waiting clients, bindings. Ok; NotFound (no
+/// directory running); Timeout; BadFrame; the errors of connecting.
+template <typename F>
+Result directory_list(F&& f, int timeout_ms) noexcept;
+
+/// Waits until service `name` is registered with the directory, at most
+/// `timeout_ms` (0: just look). Ok, Timeout, NotFound (timeout 0 and not
+/// registered, or no directory), BadParameter.
+inline Result directory_wait(const char* name, int timeout_ms) noexcept;
+
+/// A connected socket to registered service `name`, handed over by the
+/// directory like a client's (for the info query and the monitor: the
+/// directory gives it only to root and the service's own uid, else
+/// NotPermitted). `fd` is then the caller's to close. Ok, NotFound,
+/// NotPermitted, Timeout, BadParameter, BadFrame.
+inline Result directory_connect(const char* name, int& fd, int timeout_ms) noexcept;
+
+namespace detail {
+// The directory's socket: the environment's when set, else <runtime dir>/directory.
+inline void directory_path(char (&path)[sizeof(sockaddr_un::sun_path)]) noexcept {
+  if (!directory_mode(Discovery::Auto, path)) (void)directory_mode(Discovery::Directory, path);
+}
+// One request and its answer (Answer or End records are handled by the caller).
+inline Result directory_request(const dirwire::Record& req, int& fd, std::int64_t deadline) noexcept {
+  char path[sizeof(sockaddr_un::sun_path)];
+  directory_path(path);
+  if (!path[0]) return Result::BadParameter;
+  Result r;
+  for (;;) {
+    r = dirwire::ask(path, req, fd);
+    if (r != Result::Busy || ms_until(deadline) == 0) return r;
+    while (::poll(nullptr, 0, 10) < 0 && errno == EINTR) {
+    }
+  }
+}
+}  // namespace detail
+
+template <typename F>
+Result directory_list(F&& f, int timeout_ms) noexcept {
+  detail::dirwire::Record req;
+  req.op = detail::dirwire::List;
+  const std::int64_t deadline = detail::now_ns() + static_cast<std::int64_t>(timeout_ms) * 1000000;
+  int fd = -1;
+  Result r = detail::directory_request(req, fd, deadline);
+  if (r != Result::Ok) return r;
+  std::uint32_t count = 0;
+  for (;;) {
+    detail::dirwire::Record e;
+    r = detail::dirwire::wait(fd, e, deadline);
+    if (r != Result::Ok) break;
+    if (e.op == detail::dirwire::End) {
+      r = e.a == count ? Result::Ok : Result::BadFrame;
+      break;
+    }
+    if (e.op != detail::dirwire::Entry || e.flags < 1 || e.flags > 3) {
+      r = Result::BadFrame;
+      break;
+    }
+    DirectoryEntry out;
+    out.kind = static_cast<DirectoryEntry::Kind>(e.flags);
+    out.uid = static_cast<uid_t>(e.a);
+    if (out.kind == DirectoryEntry::Binding) out.server_uid = static_cast<uid_t>(e.b);
+    else out.pid = static_cast<pid_t>(e.b);
+    out.max_payload = e.c;
+    std::memcpy(out.name, e.name, sizeof out.name);
+    std::memcpy(out.text, e.text, sizeof out.text);
+    ++count;
+    f(static_cast<const DirectoryEntry&>(out));
+  }
+  ::close(fd);
+  return r;
+}
+
+inline Result directory_connect(const char* name, int& fd, int timeout_ms) noexcept {
+  fd = -1;
+  if (!detail::valid_name(name) || timeout_ms < 0) return Result::BadParameter;
+  detail::dirwire::Record req;
+  req.op = detail::dirwire::Connect;
+  detail::dirwire::set_text(req.name, sizeof req.name, name);
+  const std::int64_t deadline = detail::now_ns() + static_cast<std::int64_t>(timeout_ms) * 1000000;
+  int s = -1;
+  Result r = detail::directory_request(req, s, deadline);
+  if (r != Result::Ok) return r;
+  detail::dirwire::Record a;
+  r = detail::dirwire::wait(s, a, deadline);
+  if (r == Result::Ok) r = a.op == detail::dirwire::Answer ? detail::dirwire::answer_code(a.a) : Result::BadFrame;
+  if (r != Result::Ok) {
+    ::close(s);
+    return r;
+  }
+  fd = s;
+  return Result::Ok;
+}
+
+inline Result directory_wait(const char* name, int timeout_ms) noexcept {
+  if (!detail::valid_name(name) || timeout_ms < 0) return Result::BadParameter;
+  detail::dirwire::Record req;
+  req.op = detail::dirwire::Connect;
+  req.flags = detail::dirwire::FlagProbe | (timeout_ms > 0 ? detail::dirwire::FlagWait : 0);
+  detail::dirwire::set_text(req.name, sizeof req.name, name);
+  const std::int64_t deadline = detail::now_ns() + static_cast<std::int64_t>(timeout_ms) * 1000000;
+  char path[sizeof(sockaddr_un::sun_path)];
+  detail::directory_path(path);
+  detail::SocketWaiter waiter;
+  bool watched = false;
+  for (;;) {
+    int s = -1;
+    Result r = detail::dirwire::ask(path, req, s);
+    if (r == Result::Ok) {
+      detail::dirwire::Record a;
+      r = detail::dirwire::wait(s, a, deadline);
+      ::close(s);
+      if (r == Result::Ok) return a.op == detail::dirwire::Answer ? detail::dirwire::answer_code(a.a) : Result::BadFrame;
+      if (r != Result::Closed) return r;  // Closed: the directory went away; wait for it again
+    } else if (r != Result::NotFound && r != Result::Busy) {
+      return r;
+    }
+    if (detail::ms_until(deadline) == 0) return timeout_ms == 0 ? Result::NotFound : Result::Timeout;
+    if (!watched) {
+      watched = true;
+      (void)waiter.start(path);
+      continue;
+    }
+    waiter.wait(path, detail::ms_until(deadline), r == Result::Busy || r == Result::Closed);
+  }
+}
+
+// -- directory mode: the daemon ---------------------------------------------------
+
+/// How a Directory starts.
+struct DirectoryOptions {
+  /// Its socket; nullptr: LEMSG_DIRECTORY when it is a path, else
+  /// <runtime dir>/directory (the runtime dir is created, mode 0755, if missing).
+  const char* socket_path = nullptr;
+  /// The bindings file (see Bindings); nullptr: none, so nothing is bound
+  /// (servers may register; clients wait or are refused).
+  const char* bindings_path = nullptr;
+  /// The socket file's mode: 0666, everyone may ask; the bindings decide.
+  mode_t mode = 0666;
+};
+
+/// The service directory: the core of the lemsg-dir daemon, on a Loop like
+/// everything else (so tests run it in a forked child). Fixed tables: at
+/// most LEMSG_DIR_MAX_SERVICES registered services (more: RegistryFull to
+/// the server), LEMSG_DIR_MAX_WAITING waiting clients (more: WaitTableFull
+/// to the client; one uid other than root may hold half of them, so one
+/// user's flood does not lock the others out), and LEMSG_DIR_MAX_CONNECTIONS
+/// connections that have not sent their request yet (per uid at most
+/// LEMSG_DIR_MAX_CONNECTIONS_PER_UID; beyond either, the oldest of them is
+/// closed; each must speak within LEMSG_OPEN_TIMEOUT_MS). Every connection
+/// takes one of the loop's watches.
+class Directory {
+ public:
+  explicit Directory(Loop& loop) noexcept;
+  /// Closes every connection (servers register again elsewhere; waiting
+  /// clients reconnect) and removes the socket file if it is still ours.
+  ~Directory();
+  Directory(const Directory&) = delete;
+  Directory& operator=(const Directory&) = delete;
+
+  /// Loads the bindings file (errors, with file name and line, go to `err`),
+  /// then listens. Ok; the errors of Bindings::load; Duplicate (another
+  /// directory listens there); Busy (started already); NoRuntimeDir,
+  /// UnsafeRuntimeDir, NotPermitted, WatchTableFull, SystemError.
+  Result start(const DirectoryOptions& options, char* err, std::size_t err_len) noexcept;
+  /// Reads the bindings file again. Ok: new bindings apply to new requests
+  /// and to the clients waiting (those now bound to a registered server are
+  /// handed over at once); sessions already handed over are not touched.
+  /// On error (in `err`) the old bindings stay in force.
+  Result reload(char* err, std::size_t err_len) noexcept;
+  /// Blocks SIGHUP, SIGTERM and SIGINT in the calling thread and takes them
+  /// from a signalfd on the loop: SIGHUP reloads (the outcome is logged),
+  /// SIGTERM and SIGINT stop the loop. Ok, SystemError, WatchTableFull.
+  Result handle_signals() noexcept;
+
+  std::size_t service_count() const noexcept { return servers_; }
+  std::size_t waiting_count() const noexcept { return waiting_; }
+  /// Clients handed over to their server since start.
+  std::uint64_t handed_count() const noexcept { return handed_; }
+  const Bindings& bindings() const noexcept { return bindings_; }
+  const char* socket_path() const noexcept { return path_; }
+
+ private:
+  enum class Role : std::uint8_t { Free, New, Server, Waiting };
+  struct Conn {
+    int fd = -1;
+    WatchId watch;
+    Credentials creds;
+    Role role = Role::Free;
+    std::int64_t deadline = 0;  // New: closed when nothing came by then
+    std::uint64_t seq = 0;      // accept order
+    detail::dirwire::Record req;  // Server: its Register; Waiting: its Open or Connect
+  };
+  static constexpr std::size_t slots = LEMSG_DIR_MAX_CONNECTIONS + LEMSG_DIR_MAX_SERVICES + LEMSG_DIR_MAX_WAITING;
+
+  void on_listen() noexcept;
+  void on_conn(std::size_t i) noexcept;
+  void on_signal() noexcept;
+  void on_timer() noexcept;
+  void reschedule() noexcept;
+  void request(std::size_t i, const detail::dirwire::Record& r) noexcept;
+  // Hands waiting or new connection `i` over when it can be; true when it
+  // was answered (and is gone).
+  bool resolve(std::size_t i, bool may_wait) noexcept;
+  void resolve_waiting() noexcept;
+  void hand_over(std::size_t i, std::size_t server) noexcept;
+  void answer(std::size_t i, Result code) noexcept;  // answers and closes
+  void drop(std::size_t i) noexcept;
+  int find_service(const char* name) const noexcept;
+  bool make_room(uid_t uid) noexcept;  // for a new connection of `uid`
+  std::size_t count(Role role, uid_t uid) const noexcept;
+
+  Loop& loop_;
+  Bindings bindings_;
+  char bindings_path_[256] = {};
+  char path_[sizeof(sockaddr_un::sun_path)] = {};
+  detail::SocketFile file_;
+  pid_t owner_pid_ = 0;
+  int listen_fd_ = -1;
+  WatchId listen_watch_;
+  int signal_fd_ = -1;
+  WatchId signal_watch_;
+  TimerId timer_;
+  Conn conns_[slots];
+  std::size_t new_ = 0, servers_ = 0, waiting_ = 0;
+  std::uint64_t seq_ = 0;
+  std::uint64_t handed_ = 0;
+};
+
+inline Directory::Directory(Loop& loop) noexcept : loop_(loop) {
+  Result r = loop_.add_timer([this] { on_timer(); }, timer_);
+  if (r != Result::Ok) LEMSG_LOG(Error, "directory: no timer: %s", to_string(r));
+}
+
+inline Directory::~Directory() {
+  for (std::size_t i = 0; i < slots; ++i)
+    if (conns_[i].role != Role::Free) drop(i);
+  Result r;
+  if (listen_fd_ >= 0) {
+    r = loop_.remove_watch(listen_watch_);
+    if (owner_pid_ == ::getpid()) (void)detail::remove_socket_file(path_, file_);
+    ::close(listen_fd_);
+  }
+  if (signal_fd_ >= 0) {
+    r = loop_.remove_watch(signal_watch_);
+    ::close(signal_fd_);
+  }
+  if (timer_) r = loop_.remove_timer(timer_);
+  (void)r;
+}
+
+inline Result Directory::start(const DirectoryOptions& options, char* err, std::size_t err_len) noexcept {
+  if (err && err_len) err[0] = '\0';
+  if (listen_fd_ >= 0) return Result::Busy;
+  if (!timer_) return Result::TimerTableFull;
+  if (options.socket_path) {
+    if (std::strlen(options.socket_path) >= sizeof path_) return Result::BadParameter;
+    std::memcpy(path_, options.socket_path, std::strlen(options.socket_path) + 1);
+  } else {
+    detail::directory_path(path_);
+    if (!path_[0]) return Result::BadParameter;
+    const char* dir = runtime_dir();
+    if (std::strncmp(path_, dir, std::strlen(dir)) == 0 && ::mkdir(dir, 0755) == 0) (void)::chmod(dir, 0755);
+  }
+  if (options.bindings_path) {
+    if (std::strlen(options.bindings_path) >= sizeof bindings_path_) return Result::BadParameter;
+    std::memcpy(bindings_path_, options.bindings_path, std::strlen(options.bindings_path) + 1);
+    const Result b = bindings_.load(bindings_path_, err, err_len);
+    if (b != Result::Ok) return b;
+  }
+  Result r = detail::check_socket_dir(path_);
+  if (r == Result::NotFound) r = Result::NoRuntimeDir;
+  if (r != Result::Ok) return r;
+  int fd = -1;
+  r = detail::listen_at(path_, options.mode, fd, static_cast<gid_t>(-1), &file_);
+  if (r != Result::Ok) return r;
+  r = loop_.add_watch(fd, Readable, [this](int, short) { on_listen(); }, listen_watch_);
+  if (r != Result::Ok) {
+    (void)detail::remove_socket_file(path_, file_);
+    ::close(fd);
+    return r;
+  }
+  listen_fd_ = fd;
+  owner_pid_ = ::getpid();
+  LEMSG_LOG(Info, "directory: listening at %s, %lu bindings", path_, static_cast<unsigned long>(bindings_.size()));
+  return Result::Ok;
+}
+
+inline Result Directory::reload(char* err, std::size_t err_len) noexcept {
+  if (err && err_len) err[0] = '\0';
+  if (!bindings_path_[0]) return Result::NotFound;
+  const Result r = bindings_.load(bindings_path_, err, err_len);
+  if (r != Result::Ok) return r;
+  LEMSG_LOG(Info, "directory: %lu bindings loaded from %s", static_cast<unsigned long>(bindings_.size()),
+            bindings_path_);
+  resolve_waiting();
+  return Result::Ok;
+}
+
+inline Result Directory::handle_signals() noexcept {
+  if (signal_fd_ >= 0) return Result::Busy;
+  sigset_t set;
+  sigemptyset(&set);
+  sigaddset(&set, SIGHUP);
+  sigaddset(&set, SIGTERM);
+  sigaddset(&set, SIGINT);
+  if (::pthread_sigmask(SIG_BLOCK, &set, nullptr) != 0) return Result::SystemError;
+  const int fd = ::signalfd(-1, &set, SFD_NONBLOCK | SFD_CLOEXEC);
+  if (fd < 0) return Result::SystemError;
+  const Result r = loop_.add_watch(fd, Readable, [this](int, short) { on_signal(); }, signal_watch_);
+  if (r != Result::Ok) {
+    ::close(fd);
+    return r;
+  }
+  signal_fd_ = fd;
+  return Result::Ok;
+}
+
+inline void Directory::on_signal() noexcept {
+  struct signalfd_siginfo si;
+  while (::read(signal_fd_, &si, sizeof si) == static_cast<ssize_t>(sizeof si)) {
+    if (si.ssi_signo == SIGHUP) {
+      char err[256];
+      const Result r = reload(err, sizeof err);
+      if (r != Result::Ok)
+        LEMSG_LOG(Error, "directory: reload failed, the old bindings stay: %s", err[0] ? err : to_string(r));
+    } else {
+      LEMSG_LOG(Info, "directory: signal %u; stopping", static_cast<unsigned>(si.ssi_signo));
+      loop_.stop();
+    }
+  }
+}
+
+inline std::size_t Directory::count(Role role, uid_t uid) const noexcept {
+  std::size_t n = 0;
+  for (const Conn& c : conns_)
+    if (c.role == role && c.creds.uid == uid) ++n;
+  return n;
+}
+
+inline bool Directory::make_room(uid_t uid) noexcept {
+  // Beyond its uid's share, or when the table is full, the oldest silent
+  // connection (of that uid first) makes room: silent connections cannot
+  // lock others out.
+  const bool over_share = uid != 0 && count(Role::New, uid) >= LEMSG_DIR_MAX_CONNECTIONS_PER_UID;
+  if (!over_share && new_ < LEMSG_DIR_MAX_CONNECTIONS) return true;
+  std::size_t oldest = slots;
+  for (std::size_t i = 0; i < slots; ++i) {
+    const Conn& c = conns_[i];
+    if (c.role != Role::New || (over_share && c.creds.uid != uid)) continue;
+    if (oldest == slots || c.seq < conns_[oldest].seq) oldest = i;
+  }
+  if (oldest == slots) return false;
+  LEMSG_LOG(Warning, "directory: too many silent connections%s; closing the oldest (uid %u)",
+            over_share ? " of one uid" : "", static_cast<unsigned>(conns_[oldest].creds.uid));
+  drop(oldest);
+  return true;
+}
+
+inline void Directory::on_listen() noexcept {
+  for (int n = 0; n < 16; ++n) {
+    const int fd = ::accept4(listen_fd_, nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC);
+    if (fd < 0) {
+      if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR && errno != ECONNABORTED) {
+        LEMSG_LOG(Warning, "directory: accept failed: %s", std::strerror(errno));
+        // Out of fds: stop listening for a moment (the timer turns it back on).
+        Result r = loop_.set_events(listen_watch_, 0);
+        r = loop_.arm_timer(timer_, 100);
+        (void)r;
+      }
+      return;
+    }
+    Credentials c;
+    if (detail::peer_credentials(fd, c) != Result::Ok || !make_room(c.uid)) {
+      ::close(fd);
+      continue;
+    }
+    std::size_t i = 0;
+    while (i < slots && conns_[i].role != Role::Free) ++i;
+    if (i == slots) {  // cannot happen: New, Server and Waiting each have their own room
+      ::close(fd);
+      continue;
+    }
+    Conn& k = conns_[i];
+    if (loop_.add_watch(fd, Readable, [this, i](int, short) { on_conn(i); }, k.watch) != Result::Ok) {
+      LEMSG_LOG(Warning, "directory: watch table full (raise LEMSG_MAX_WATCHES); closing a connection");
+      ::close(fd);
+      continue;
+    }
+    k.fd = fd;
+    k.creds = c;
+    k.role = Role::New;
+    k.seq = ++seq_;
+    k.deadline = detail::now_ns() + static_cast<std::int64_t>(LEMSG_OPEN_TIMEOUT_MS) * 1000000;
+    k.req = detail::dirwire::Record{};
+    ++new_;
+    reschedule();
+  }
+}
+
+inline void Directory::drop(std::size_t i) noexcept {
+  Conn& c = conns_[i];
+  if (c.role == Role::Free) return;
+  Result r = loop_.remove_watch(c.watch);
+  (void)r;
+  ::close(c.fd);
+  if (c.role == Role::New) --new_;
+  else if (c.role == Role::Server) --servers_;
+  else if (c.role == Role::Waiting) --waiting_;
+  c = Conn{};
+}
+
+inline void Directory::answer(std::size_t i, Result code) noexcept {
+  detail::dirwire::Record a;
+  a.op = detail::dirwire::Answer;
+  a.a = static_cast<std::uint32_t>(code);
+  (void)detail::dirwire::send(conns_[i].fd, a);
+  drop(i);
+}
+
+inline int Directory::find_service(const char* name) const noexcept {
+  for (std::size_t i = 0; i < slots; ++i)
+    if (conns_[i].role == Role::Server && std::strcmp(conns_[i].req.name, name) == 0) return static_cast<int>(i);
+  return -1;
+}
+
+inline void Directory::on_conn(std::size_t i) noexcept {
+  Conn& c = conns_[i];
+  detail::dirwire::Record r;
+  int fd = -1;
+  const Result got = detail::dirwire::recv(c.fd, r, fd);
+  if (got == Result::WouldBlock) return;
+  if (fd >= 0) {
+    ::close(fd);  // nobody sends the directory an fd
+    LEMSG_LOG(Warning, "directory: uid %u sent an fd; closing", static_cast<unsigned>(c.creds.uid));
+    drop(i);
+    return;
+  }
+  if (c.role != Role::New || got != Result::Ok) {
+    // A server or a waiting client says nothing more: this is its end (or a
+    // bad frame, which ends it too).
+    if (c.role == Role::Server)
+      LEMSG_LOG(Info, "directory: service %s (uid %u) unregistered: %s", c.req.name,
+                static_cast<unsigned>(c.creds.uid), got == Result::Ok ? "unexpected frame" : to_string(got));
+    else if (got != Result::Closed)
+      LEMSG_LOG(Warning, "directory: uid %u: %s; closing", static_cast<unsigned>(c.creds.uid),
+                got == Result::Ok ? "unexpected frame" : to_string(got));
+    drop(i);
+    return;
+  }
+  --new_;
+  c.role = Role::Free;  // until request() gives it a role; counted nowhere meanwhile
+  c.req = r;
+  request(i, r);
+}
+
+// Connection `i`, counted in no role, asks `r`.
+inline void Directory::request(std::size_t i, const detail::dirwire::Record& r) noexcept {
+  Conn& c = conns_[i];
+  namespace dw = detail::dirwire;
+  auto refuse = [&](Result why) {
+    c.role = Role::Waiting;  // counted as a waiting client so drop() keeps the books
+    ++waiting_;
+    answer(i, why);
+  };
+  if (r.op == dw::Register) {
+    Result why = Result::Ok;
+    if (!r.name[0] || !r.text[0]) why = Result::BadParameter;
+    else if (find_service(r.name) >= 0) why = Result::Duplicate;
+    else if (servers_ >= LEMSG_DIR_MAX_SERVICES) why = Result::RegistryFull;
+    for (std::size_t b = 0; why == Result::Ok && b < bindings_.size(); ++b)
+      if (std::strcmp(bindings_[b].service, r.name) == 0 && bindings_[b].server_uid != c.creds.uid)
+        why = Result::NotPermitted;  // bound to another user's service: no squatting
+    if (why != Result::Ok) {
+      LEMSG_LOG(Warning, "directory: uid %u may not register %s: %s", static_cast<unsigned>(c.creds.uid), r.name,
+                to_string(why));
+      dw::Record a;
+      a.op = dw::Registered;
+      a.a = static_cast<std::uint32_t>(why);
+      (void)dw::send(c.fd, a);
+      c.role = Role::Waiting;
+      ++waiting_;
+      drop(i);
+      return;
+    }
+    c.role = Role::Server;
+    ++servers_;
+    dw::Record a;
+    a.op = dw::Registered;
+    if (dw::send(c.fd, a) != Result::Ok) {
+      drop(i);
+      return;
+    }
+    LEMSG_LOG(Info, "directory: service %s registered by uid %u pid %ld", r.name, static_cast<unsigned>(c.creds.uid),
+              static_cast<long>(c.creds.pid));
+    resolve_waiting();
+    return;
+  }
+  if (r.op == dw::List) {
+    std::uint32_t n = 0;
+    auto entry = [&](dw::Record& e) {
+      e.op = dw::Entry;
+      if (dw::send(c.fd, e) == Result::Ok) ++n;
+    };
+    for (const Conn& k : conns_) {
+      if (k.role != Role::Server && k.role != Role::Waiting) continue;
+      dw::Record e;
+      e.flags = k.role == Role::Server ? dw::KindService : dw::KindWaiting;
+      e.a = static_cast<std::uint32_t>(k.creds.uid);
+      e.b = static_cast<std::uint32_t>(k.creds.pid);
+      e.c = k.role == Role::Server ? k.req.a : 0;
+      std::memcpy(e.name, k.req.name, sizeof e.name);
+      if (k.role == Role::Server) std::memcpy(e.text, k.req.text, sizeof e.text);
+      entry(e);
+    }
+    for (std::size_t b = 0; b < bindings_.size(); ++b) {
+      dw::Record e;
+      e.flags = dw::KindBinding;
+      e.a = static_cast<std::uint32_t>(bindings_[b].client_uid);
+      e.b = static_cast<std::uint32_t>(bindings_[b].server_uid);
+      dw::set_text(e.name, sizeof e.name, bindings_[b].iface);
+      dw::set_text(e.text, sizeof e.text, bindings_[b].service);
+      entry(e);
+    }
+    dw::Record end;
+    end.op = dw::End;
+    end.a = n;
+    (void)dw::send(c.fd, end);
+    c.role = Role::Waiting;
+    ++waiting_;
+    drop(i);
+    return;
+  }
+  if ((r.op != dw::Open && r.op != dw::Connect) || !r.name[0]) {
+    LEMSG_LOG(Warning, "directory: uid %u sent a bad request; closing", static_cast<unsigned>(c.creds.uid));
+    refuse(Result::BadParameter);
+    return;
+  }
+  if (resolve(i, (r.flags & dw::FlagWait) != 0)) return;
+  // It waits: for a binding, or for its server.
+  const std::size_t share = (LEMSG_DIR_MAX_WAITING + 1) / 2;
+  if (waiting_ >= LEMSG_DIR_MAX_WAITING || (c.creds.uid != 0 && count(Role::Waiting, c.creds.uid) >= share)) {
+    LEMSG_LOG(Warning, "directory: uid %u cannot wait for %s: %s", static_cast<unsigned>(c.creds.uid), r.name,
+              to_string(Result::WaitTableFull));
+    refuse(Result::WaitTableFull);
+    return;
+  }
+  c.role = Role::Waiting;
+  ++waiting_;
+  LEMSG_LOG(Debug, "directory: uid %u waits for %s", static_cast<unsigned>(c.creds.uid), r.name);
+}
+
+inline bool Directory::resolve(std::size_t i, bool may_wait) noexcept {
+  Conn& c = conns_[i];
+  namespace dw = detail::dirwire;
+  const bool counted = c.role == Role::Waiting;
+  auto finish = [&](Result why) {
+    if (!counted) {
+      c.role = Role::Waiting;
+      ++waiting_;
+    }
+    answer(i, why);
+    return true;
+  };
+  if (c.req.op == dw::Connect) {
+    const int s = find_service(c.req.name);
+    if (s < 0) return may_wait ? false : finish(Result::NotFound);
+    if (c.req.flags & dw::FlagProbe) return finish(Result::Ok);
+    if (c.creds.uid != 0 && c.creds.uid != conns_[s].creds.uid) return finish(Result::NotPermitted);
+    if (!counted) {
+      c.role = Role::Waiting;
+      ++waiting_;
+    }
+    hand_over(i, static_cast<std::size_t>(s));
+    return true;
+  }
+  const Binding* b = bindings_.find(c.creds.uid, c.req.name);
+  int s = b ? find_service(b->service) : -1;
+  if (s >= 0 && conns_[s].creds.uid != b->server_uid) s = -1;  // another user's service of that name
+  if (s < 0) {
+    if (may_wait) return false;
+    if (!b)
+      LEMSG_LOG(Info, "directory: uid %u asked for %s: not bound", static_cast<unsigned>(c.creds.uid), c.req.name);
+    return finish(b ? Result::NotFound : Result::NotPermitted);
+  }
+  if (!counted) {
+    c.role = Role::Waiting;
+    ++waiting_;
+  }
+  hand_over(i, static_cast<std::size_t>(s));
+  return true;
+}
+
+inline void Directory::resolve_waiting() noexcept {
+  for (std::size_t i = 0; i < slots; ++i)
+    if (conns_[i].role == Role::Waiting) (void)resolve(i, true);
+}
+
+inline void Directory::hand_over(std::size_t i, std::size_t server) noexcept {
+  namespace dw = detail::dirwire;
+  Conn& c = conns_[i];
+  const Conn& s = conns_[server];
+  dw::Record a;
+  a.op = dw::Answer;
+  a.b = static_cast<std::uint32_t>(s.creds.pid);
+  a.c = static_cast<std::uint32_t>(s.creds.uid);
+  a.d = static_cast<std::uint32_t>(s.creds.gid);
+  if (dw::send(c.fd, a) != Result::Ok) {  // the client is gone
+    drop(i);
+    return;
+  }
+  dw::Record h;
+  h.op = dw::HandOff;
+  h.a = static_cast<std::uint32_t>(c.creds.pid);
+  h.b = static_cast<std::uint32_t>(c.creds.uid);
+  h.c = static_cast<std::uint32_t>(c.creds.gid);
+  const Result r = dw::send(s.fd, h, c.fd);
+  if (r != Result::Ok) {
+    // The client was told Ok: closing it now makes it ask again.
+    LEMSG_LOG(Warning, "directory: cannot hand uid %u over to %s: %s", static_cast<unsigned>(c.creds.uid), s.req.name,
+              to_string(r));
+    drop(i);
+    if (r == Result::Closed) drop(server);
+    return;
+  }
+  ++handed_;
+  LEMSG_LOG(Debug, "directory: uid %u pid %ld handed over to %s", static_cast<unsigned>(c.creds.uid),
+            static_cast<long>(c.creds.pid), s.req.name);
+  drop(i);
+}
+
+inline void Directory::reschedule() noexcept {
+  std::int64_t next = 0;
+  for (const Conn& c : conns_)
+    if (c.role == Role::New && (!next || c.deadline < next)) next = c.deadline;
+  Result r = next ? loop_.arm_timer(timer_, static_cast<std::uint32_t>(detail::ms_until(next)))
+                  : loop_.disarm_timer(timer_);
+  (void)r;
+}
+
+inline void Directory::on_timer() noexcept {
+  if (listen_fd_ >= 0) {
+    Result r = loop_.set_events(listen_watch_, Readable);  // after running out of fds
+    (void)r;
+  }
+  const std::int64_t now = detail::now_ns();
+  for (std::size_t i = 0; i < slots; ++i) {
+    if (conns_[i].role == Role::New && conns_[i].deadline <= now) {
+      LEMSG_LOG(Warning, "directory: uid %u said nothing in time; closing", static_cast<unsigned>(conns_[i].creds.uid));
+      drop(i);
+    }
+  }
+  reschedule();
+}
 
 }  // namespace lemsg
 
