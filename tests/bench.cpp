@@ -265,6 +265,55 @@ int typed_server(testutil::Pipe& ready, testutil::Pipe& stop) {
 // ---- raw clients ----------------------------------------------------------------
 
 // A raw connection; `nonblocking` for the poll() baseline.
+// The service directory (lemsg-dir's core) in a child, with one binding: this
+// uid's "bench-dir" to this uid's "bench-dir". Stops on SIGTERM.
+int directory_process(testutil::Pipe& ready, testutil::Pipe& stop) {
+  die_with_parent();
+  stop.close_write();  // the servers leave when the parent closes its end
+  char bindings[300];
+  std::snprintf(bindings, sizeof bindings, "%s/bindings", lemsg::runtime_dir());
+  FILE* f = std::fopen(bindings, "w");
+  if (!f) return 2;
+  std::fprintf(f, "%u.bench-dir -> %u.bench-dir\n", static_cast<unsigned>(geteuid()), static_cast<unsigned>(geteuid()));
+  std::fclose(f);
+  static lemsg::Loop loop;
+  static lemsg::Directory dir(loop);
+  lemsg::DirectoryOptions o;
+  o.bindings_path = bindings;
+  char err[256];
+  if (dir.start(o, err, sizeof err) != Result::Ok || dir.handle_signals() != Result::Ok) {
+    std::fprintf(stderr, "bench directory: %s\n", err);
+    return 2;
+  }
+  ready.put('d');
+  return loop.run() == Result::Ok ? 0 : 3;
+}
+
+// lemsg_server's twin, registered with the directory as "bench-dir".
+int dir_server(testutil::Pipe& ready, testutil::Pipe& stop) {
+  die_with_parent();
+  stop.close_write();
+  static lemsg::Loop loop;
+  static lemsg::MessagePool<kMaxPayload, 64> pool;
+  static lemsg::Service svc(loop, kProto, pool);
+  svc.set_receive_handler([](Message& m) {
+    if (!m.needs_response()) return;
+    const Result r = svc.respond(std::move(m));
+    if (r != Result::Ok) std::fprintf(stderr, "bench dir server: respond: %s\n", lemsg::to_string(r));
+  });
+  lemsg::ServiceOptions o;
+  o.discovery = lemsg::Discovery::Directory;
+  const Result r = svc.advertise("bench-dir", o);
+  if (r != Result::Ok || !svc.is_registered()) {
+    std::fprintf(stderr, "bench dir server: advertise: %s\n", lemsg::to_string(r));
+    return 2;
+  }
+  lemsg::WatchId stop_watch;
+  if (loop.add_watch(stop.fd[0], lemsg::Readable, [](int, short) { loop.stop(); }, stop_watch) != Result::Ok) return 3;
+  ready.put('l');
+  return loop.run() == Result::Ok ? 0 : 4;
+}
+
 int raw_connect(const char* name, bool nonblocking) {
   sockaddr_un sa;
   socklen_t len;
@@ -490,10 +539,10 @@ double lemsg_pipelined(Client& c, std::size_t size, int n) {
   return n / ((now_us() - t0) / 1e6);
 }
 
-double lemsg_open(Client& c, int n) {
+double lemsg_open(Client& c, int n, const char* name = "bench") {
   const double t0 = now_us();
   for (int i = 0; i < n; ++i) {
-    const Result r = c.session.open_sync("bench", kTimeoutMs);
+    const Result r = c.session.open_sync(name, kTimeoutMs);
     if (r != Result::Ok) return fail("open_sync %d: %s", i, lemsg::to_string(r)), 0;
     c.session.close();
   }
@@ -533,6 +582,7 @@ enum Figure {
   RawPipe1K, PollPipe1K, LemsgPipe1K,
   RawOpen, LemsgOpen,
   TypedRtt64,
+  DirRtt64, DirOpen,
   kFigures
 };
 
@@ -565,11 +615,14 @@ int main(int argc, char** argv) {
   const pid_t raw_poll_srv = testutil::spawn([&] { return raw_poll_server(ready, stop); });
   const pid_t lemsg_srv = testutil::spawn([&] { return lemsg_server(ready, stop); });
   const pid_t typed_srv = testutil::spawn([&] { return typed_server(ready, stop); });
-  bool up = true;
-  for (int i = 0; i < 5; ++i) up = up && ready.get(kTimeoutMs) >= 0;
+  testutil::Pipe dir_ready;
+  const pid_t directory = testutil::spawn([&] { return directory_process(dir_ready, stop); });
+  bool up = dir_ready.get(kTimeoutMs) == 'd';
+  const pid_t dir_srv = testutil::spawn([&] { return dir_server(ready, stop); });
+  for (int i = 0; i < 6; ++i) up = up && ready.get(kTimeoutMs) >= 0;
   // The raw servers block in accept or recv for ever: kill them. The lemsg
   // servers must leave by themselves, with status 0, when the stop pipe closes.
-  int lemsg_status = -1, typed_status = -1;
+  int lemsg_status = -1, typed_status = -1, dir_status = -1, directory_status = -1;
   auto stop_children = [&] {
     testutil::kill9(raw_echo);
     testutil::kill9(raw_open_srv);
@@ -577,6 +630,9 @@ int main(int argc, char** argv) {
     stop.close_write();
     lemsg_status = testutil::wait_exit(lemsg_srv, kTimeoutMs);
     typed_status = testutil::wait_exit(typed_srv, kTimeoutMs);
+    dir_status = testutil::wait_exit(dir_srv, kTimeoutMs);
+    kill(directory, SIGTERM);
+    directory_status = testutil::wait_exit(directory, kTimeoutMs);
   };
   if (!up) {
     std::fprintf(stderr, "bench: the servers did not start\n");
@@ -586,13 +642,16 @@ int main(int argc, char** argv) {
 
   Client c;
   TypedUser t;
+  Client cd;  // a session opened through the directory
+  cd.session.set_discovery(lemsg::Discovery::Directory);
+  const Result rd = cd.session.open_sync("bench-dir", kTimeoutMs);
   const int raw = raw_connect("raw-echo", false);
   const int rawp = raw_connect("raw-poll", true);
   Result r = c.session.open_sync("bench", kTimeoutMs);
   const Result rt = t.client.open_sync("bench-typed", kTimeoutMs);
-  if (raw < 0 || rawp < 0 || r != Result::Ok || rt != Result::Ok) {
-    std::fprintf(stderr, "bench: cannot connect (raw %d, poll %d, lemsg %s, typed %s)\n", raw, rawp,
-                 lemsg::to_string(r), lemsg::to_string(rt));
+  if (raw < 0 || rawp < 0 || r != Result::Ok || rt != Result::Ok || rd != Result::Ok) {
+    std::fprintf(stderr, "bench: cannot connect (raw %d, poll %d, lemsg %s, typed %s, directory %s)\n", raw, rawp,
+                 lemsg::to_string(r), lemsg::to_string(rt), lemsg::to_string(rd));
     stop_children();
     return 1;
   }
@@ -609,22 +668,29 @@ int main(int argc, char** argv) {
     int fd;    // raw socket, or -1 for lemsg
     std::size_t size;
     bool typed = false;  // lemsg's typed layer (a round trip of kSmall)
+    bool dir = false;    // a session opened through the directory
   };
   const Case cases[] = {
       {"raw-rtt", RawRtt64, 0, raw, kSmall},         {"poll-rtt", PollRtt64, 0, rawp, kSmall},
       {"lemsg-rtt", LemsgRtt64, 0, -1, kSmall},      {"typed-rtt", TypedRtt64, 0, -1, kSmall, true},
+      {"dir-rtt", DirRtt64, 0, -1, kSmall, false, true},
       {"raw-rtt", RawRtt1K, 0, raw, kLarge},
       {"poll-rtt", PollRtt1K, 0, rawp, kLarge},      {"lemsg-rtt", LemsgRtt1K, 0, -1, kLarge},
       {"raw-pipelined", RawPipe64, 1, raw, kSmall},  {"poll-pipelined", PollPipe64, 1, rawp, kSmall},
       {"lemsg-pipelined", LemsgPipe64, 1, -1, kSmall}, {"raw-pipelined", RawPipe1K, 1, raw, kLarge},
       {"poll-pipelined", PollPipe1K, 1, rawp, kLarge}, {"lemsg-pipelined", LemsgPipe1K, 1, -1, kLarge},
       {"raw-open", RawOpen, 2, 0, kSmall},           {"lemsg-open", LemsgOpen, 2, -1, kSmall},
+      {"dir-open", DirOpen, 2, -1, kSmall, false, true},
   };
   constexpr int kCases = static_cast<int>(sizeof cases / sizeof cases[0]);
   Client o;  // the session opened and closed again and again
+  Client od;  // the same, through the directory
+  od.session.set_discovery(lemsg::Discovery::Directory);
   auto run = [&](const Case& k, int scale_div) -> double {
     const bool is_lemsg = k.fd < 0;
     if (k.typed) return typed_rtt(t, n_rtt / scale_div);
+    if (k.dir && k.kind == 0) return lemsg_rtt(cd, k.size, n_rtt / scale_div);
+    if (k.dir) return lemsg_open(od, n_open / scale_div, "bench-dir");
     if (k.kind == 0)
       return is_lemsg ? lemsg_rtt(c, k.size, n_rtt / scale_div)
                       : raw_rtt(k.fd, k.size, n_rtt / scale_div, k.fd == rawp);
@@ -658,7 +724,10 @@ int main(int argc, char** argv) {
   close(rawp);
   c.session.close();
   t.client.close();
+  cd.session.close();
   stop_children();
+  if (dir_status != 0) fail("the directory's server ended with status %d", dir_status);
+  if (directory_status != 0) fail("the directory ended with status %d", directory_status);
   if (lemsg_status != 0) fail("the lemsg server ended with status %d", lemsg_status);
   if (typed_status != 0) fail("the typed server ended with status %d", typed_status);
   if (g_failures) {
@@ -703,5 +772,14 @@ int main(int argc, char** argv) {
   for (int rep = 0; rep < kReps; ++rep)
     paired[rep] = v[LemsgRtt64][rep] > 0 ? v[TypedRtt64][rep] / v[LemsgRtt64][rep] : 0;
   print_ratio("typed_call_64B_vs_message_paired", median(paired, kReps), 1);
+  print("directory_open_us", m[DirOpen]);
+  print("directory_sync_rtt_64B_us", m[DirRtt64]);
+  std::printf("# directory mode: open through lemsg-dir against a direct open (target <= 2), and the\n"
+              "# round trip of a session it opened against a direct one (target <= 1.02)\n");
+  print_ratio("open_directory_vs_direct", m[DirOpen], m[LemsgOpen]);
+  print_ratio("sync_rtt_directory_vs_direct", m[DirRtt64], m[LemsgRtt64]);
+  for (int rep = 0; rep < kReps; ++rep)
+    paired[rep] = v[LemsgRtt64][rep] > 0 ? v[DirRtt64][rep] / v[LemsgRtt64][rep] : 0;
+  print_ratio("sync_rtt_directory_vs_direct_paired", median(paired, kReps), 1);
   return 0;
 }
