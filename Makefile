@@ -40,7 +40,8 @@ TINY_FLAGS := -DLEMSG_TINY=1 -DLEMSG_MAX_WATCHES=6 -DLEMSG_MAX_TIMERS=3 \
               -DLEMSG_MAX_POSTED=2 -DLEMSG_MAX_SESSIONS=4 -DLEMSG_MAX_PENDING=4 \
               -DLEMSG_MAX_OUTGOING=2 -DLEMSG_MAX_DEFERRED=2 -DLEMSG_MAX_SERVICES=4 \
               -DLEMSG_MAX_TRACKED=2 -DLEMSG_TXN_BITS=6 -DLEMSG_MAX_HANDSHAKES=2 \
-              -DLEMSG_HANDLE_GENERATIONS=7
+              -DLEMSG_HANDLE_GENERATIONS=7 -DLEMSG_DIR_MAX_SERVICES=2 -DLEMSG_DIR_MAX_WAITING=2 \
+              -DLEMSG_DIR_MAX_CONNECTIONS=1
 
 CLANG_CXX ?= clang++
 TEST_OPT ?= -O2 -g
@@ -157,7 +158,9 @@ help:
 	@echo '  examples  build examples/*.cpp and examples/*/*.cpp for TARGET into'
 	@echo '            build/$$TARGET/examples/, then run examples/modem (server and'
 	@echo '            client, under qemu-user on ARM); build-examples only builds'
-	@echo '  install   lemsg.hpp and lemsg.pc into $$DESTDIR$$PREFIX (/usr/local)'
+	@echo '  demo-directory  examples/directory: lemsg-dir, a server and a client as two users'
+	@echo '  install   lemsg.hpp, lemsg.pc and the lemsg-dir and lemsg programs (for TARGET)'
+	@echo '            into $$DESTDIR$$PREFIX (/usr/local)'
 	@echo '  clean     remove build/'
 	@echo 'Variables: TARGET, CXX, CLANG_CXX, TINY_FLAGS, TEST_ARGS, CPPFLAGS,'
 	@echo '  CXXFLAGS, LDFLAGS, LDLIBS, PREFIX, DESTDIR, INSTALL_DEPS=: (skip), V=1,'
@@ -415,7 +418,32 @@ demo:
 	$(Q)$(INSTALL_DEPS)
 	$(Q)$(MAKE) --no-print-directory build/$(TARGET)/examples/demo
 	$(Q)timeout -k 5 60 $(EXEC) ./build/$(TARGET)/examples/demo
-.PHONY: bench demo
+
+# demo-directory: examples/directory with the service directory, in a private
+# runtime dir: lemsg-dir with a bindings file, the server as one user and the
+# client as another (uids 1500 and 1501 through setpriv when run as root;
+# otherwise all three as this user), then `lemsg list` while they run.
+DEMO_DIR_BINS := $(addprefix build/$(TARGET)/examples/,lemsg-dir lemsg directory/server directory/client)
+demo-directory:
+	$(Q)$(MAKE) --no-print-directory $(DEMO_DIR_BINS)
+	$(Q)b=build/$(TARGET)/examples; d=$$(mktemp -d "$${TMPDIR:-/tmp}/lemsg-demo.XXXXXX") || exit 1; \
+	  chmod 755 "$$d"; export LEMSG_RUNTIME_DIR=$$d LEMSG_DIRECTORY=1; \
+	  if [ "$$(id -u)" = 0 ] && command -v setpriv > /dev/null; then \
+	    su="setpriv --reuid=1500 --regid=1500 --clear-groups"; cu="setpriv --reuid=1501 --regid=1501 --clear-groups"; \
+	    echo "1501.position -> 1500.location   # the UI app's position is the GNSS app's location" > $$d/bindings; \
+	  else \
+	    su=; cu=; u=$$(id -u); echo "$$u.position -> $$u.location" > $$d/bindings; \
+	  fi; \
+	  echo "bindings file:"; sed 's/^/  /' $$d/bindings; \
+	  timeout -k 5 60 $(EXEC) ./$$b/lemsg-dir -b $$d/bindings & dir=$$!; \
+	  for i in 1 2 3 4 5 6 7 8 9 10; do [ -S $$d/directory ] && break; sleep 0.2; done; \
+	  timeout -k 5 30 $$su $(EXEC) ./$$b/directory/server & srv=$$!; \
+	  timeout -k 5 30 $(EXEC) ./$$b/lemsg wait location 10000 && timeout -k 5 30 $(EXEC) ./$$b/lemsg list; \
+	  timeout -k 5 30 $$cu $(EXEC) ./$$b/directory/client; crc=$$?; \
+	  wait $$srv; src=$$?; kill $$dir; wait $$dir; rm -rf "$$d"; \
+	  echo "demo-directory $(TARGET): client exit $$crc, server exit $$src"; \
+	  [ "$$crc" = 0 ] && [ "$$src" = 0 ]
+.PHONY: bench demo demo-directory
 
 # -- fuzz ----------------------------------------------------------------------
 
@@ -485,7 +513,7 @@ build/fuzz/%: tests/fuzz/%.cpp tests/fuzz/fuzz.hpp lemsg.hpp
 
 # lemsg.pc's Version is LEMSG_VERSION_STR, or MAJOR.MINOR.PATCH when the
 # string is not a plain literal.
-install:
+install: build/$(TARGET)/examples/lemsg-dir build/$(TARGET)/examples/lemsg
 	$(Q)v=$$(sed -n 's/^[[:space:]]*#[[:space:]]*define[[:space:]][[:space:]]*LEMSG_VERSION_STR[[:space:]][[:space:]]*"\([^"]*\)".*/\1/p' lemsg.hpp | head -n 1); \
 	  if [ -z "$$v" ]; then \
 	    num() { sed -n "s/^[[:space:]]*#[[:space:]]*define[[:space:]][[:space:]]*LEMSG_VERSION_$$1[[:space:]][[:space:]]*\([0-9][0-9]*\).*/\1/p" lemsg.hpp | head -n 1; }; \
@@ -497,6 +525,8 @@ install:
 	  sed -e 's|@PREFIX@|$(PREFIX)|g' \
 	      -e "s|@VERSION@|$$v|g" toolchains/lemsg.pc.in > "$(DESTDIR)$(PKGCONFIGDIR)/lemsg.pc" && \
 	  chmod 644 "$(DESTDIR)$(PKGCONFIGDIR)/lemsg.pc" && \
-	  echo "installed lemsg $$v: $(DESTDIR)$(PREFIX)/include/lemsg.hpp, $(DESTDIR)$(PKGCONFIGDIR)/lemsg.pc"
+	  install -d "$(DESTDIR)$(PREFIX)/bin" && \
+	  install -m 755 build/$(TARGET)/examples/lemsg-dir build/$(TARGET)/examples/lemsg "$(DESTDIR)$(PREFIX)/bin/" && \
+	  echo "installed lemsg $$v: $(DESTDIR)$(PREFIX)/include/lemsg.hpp, $(DESTDIR)$(PKGCONFIGDIR)/lemsg.pc, $(DESTDIR)$(PREFIX)/bin/lemsg-dir and lemsg ($(TARGET))"
 
 FORCE:
