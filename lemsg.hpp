@@ -7241,47 +7241,556 @@ void TypedClient<I>::deliver_event(Message& m) noexcept {
 
 namespace lemsg {
 
-// [bindings]
+// ---- Bindings: who reaches which service through the directory
+//
+// A client asks the directory for an interface by its own name ("modem");
+// the directory finds the binding by the client's uid and hands it the
+// server's socket. The bindings come from a plain-text file (the daemon's
+// default is /etc/lemsg/bindings), one binding per line:
+//
+//     # client.interface  ->  server.service
+//     ui.modem     -> modem.modem
+//     logger.modem -> modem.modem
+//     1003.log->logger.log        # blanks around the arrow are optional
+//
+//   - CLIENT and SERVER are users: a decimal uid (digits only, no sign, less
+//     than (uid_t)-1, which means "no uid") or a user name found in the
+//     passwd file (below). The user ends at the first '.', so a user whose
+//     name holds a '.' is written as its uid.
+//   - INTERFACE and SERVICE are names as services have them: 1 to
+//     LEMSG_MAX_NAME characters of [A-Za-z0-9._-], not starting with '.'.
+//   - '#' starts a comment anywhere on a line; blank lines, leading and
+//     trailing blanks and CRLF line ends are ignored.
+//   - One client uid binds one interface once: a second line with the same
+//     client uid and interface is an error, whether the user is written as a
+//     name or as a uid. Several clients may reach one service.
+//   - At most LEMSG_DIR_MAX_BINDINGS bindings (more: BindingTableFull, at the
+//     first line that does not fit) in a file of at most
+//     LEMSG_DIR_MAX_BINDINGS_FILE bytes (default 64 KiB).
+//
+// Errors name the file and the line, as a compiler does:
+//     bindings:7: unknown user 'ui' (not in /etc/passwd) (and 2 more errors)
+// Parsing goes on to the end of the file so that the count is right; only
+// the first error is spelled out. `lemsg-dir --check FILE` prints it.
+//
+// All or nothing: parse() and load() replace the table only when the whole
+// file is good. A bad file leaves the table exactly as it was, so a daemon
+// that reloads a broken file keeps serving the bindings it had.
+//
+// User names are resolved by reading the passwd file directly (name:pw:uid:
+// ..., first match wins), not through NSS: no heap, no shared modules, the
+// same answer in a chroot or under qemu-user. The file is /etc/passwd, or
+// $LEMSG_PASSWD when set and not empty (tests; systems that keep it
+// elsewhere). Users known only to LDAP or another NSS source are written as
+// uids. Names are resolved when the file is parsed: after renumbering a user,
+// reload.
+
+#ifndef LEMSG_DIR_MAX_BINDINGS_FILE
+#define LEMSG_DIR_MAX_BINDINGS_FILE 65536
+#endif
+static_assert(LEMSG_DIR_MAX_BINDINGS_FILE >= 64 && LEMSG_DIR_MAX_BINDINGS_FILE <= 16777216,
+              "LEMSG_DIR_MAX_BINDINGS_FILE must be 64..16777216");
+
+/// One line of a bindings file: the client with uid `client_uid` asking for
+/// `iface` reaches service `service` of the server running as `server_uid`.
+/// `line` is where it was written (1-based), for messages.
+struct Binding {
+  uid_t client_uid;
+  char iface[LEMSG_MAX_NAME + 1];
+  uid_t server_uid;
+  char service[LEMSG_MAX_NAME + 1];
+  std::uint32_t line;
+};
+
+/// The bindings table: at most LEMSG_DIR_MAX_BINDINGS entries, filled from a
+/// bindings file's text (parse) or the file itself (load), all or nothing.
+/// Fixed storage, no heap: two tables (the one in use and the one being
+/// parsed) plus LEMSG_DIR_MAX_BINDINGS_FILE bytes for load(), about 100 KiB
+/// with the defaults, so keep it static or in a long-lived object rather
+/// than on a small thread stack. Not thread-safe: it belongs to one thread.
+class Bindings {
+ public:
+  Bindings() noexcept = default;
+  Bindings(const Bindings&) = delete;
+  Bindings& operator=(const Bindings&) = delete;
+
+  /// Replaces the table with the bindings in `text` (`len` bytes, need not
+  /// end in a NUL), or changes nothing on any error. On error `err` (when
+  /// not null, `err_len` bytes, always NUL-terminated) gets
+  /// "FILE:LINE: what is wrong" for the first error, with
+  /// " (and N more errors)" when there are more; `file_name` is only for
+  /// the messages (nullptr: "bindings"). On Ok `err` is an empty string.
+  /// Ok; BadParameter (syntax, names, unknown user, uid out of range, a
+  /// client and interface bound twice; `text` null with `len` > 0);
+  /// BindingTableFull (more than LEMSG_DIR_MAX_BINDINGS bindings). The
+  /// Result is the first error's.
+  Result parse(const char* text, std::size_t len, const char* file_name, char* err,
+               std::size_t err_len) noexcept;
+
+  /// Reads the file `path` (open/read, at most LEMSG_DIR_MAX_BINDINGS_FILE
+  /// bytes) and parses it, all or nothing; messages as parse(), with `path`
+  /// as the file name, and for the file itself "FILE: cannot open: <why>".
+  /// Ok; NotFound (no such file); BadParameter (not a regular file, larger
+  /// than LEMSG_DIR_MAX_BINDINGS_FILE, or any parse error); BindingTableFull;
+  /// SystemError (cannot open or read it for another reason).
+  Result load(const char* path, char* err, std::size_t err_len) noexcept;
+
+  /// The binding of client uid `client` for interface `iface`, or nullptr.
+  /// Valid until the next successful parse() or load().
+  const Binding* find(uid_t client, const char* iface) const noexcept;
+
+  /// How many bindings the table holds.
+  std::size_t size() const noexcept { return count_[active_]; }
+
+  /// Binding `i`, in file order; `i` < size().
+  const Binding& operator[](std::size_t i) const noexcept {
+    LEMSG_ASSERT(i < count_[active_]);
+    return table_[active_][i];
+  }
+
+ private:
+  Binding table_[2][LEMSG_DIR_MAX_BINDINGS] = {};
+  std::size_t count_[2] = {0, 0};
+  unsigned active_ = 0;
+  char file_[LEMSG_DIR_MAX_BINDINGS_FILE] = {};
+};
+
+namespace detail {
+
+/// The passwd file user names are looked up in: $LEMSG_PASSWD if set and
+/// not empty, else /etc/passwd. Read at each call.
+inline const char* passwd_path() noexcept;
+
+/// The uid of user `name` in the passwd file (first match). False when the
+/// file has no such user or cannot be read. No NSS, no heap.
+inline bool lookup_user(const char* name, uid_t& uid) noexcept;
+
+/// The name of the first user with `uid` in the passwd file, into `out`
+/// (`len` bytes, NUL-terminated). False when there is none, the file cannot
+/// be read, or the name does not fit.
+inline bool user_name(uid_t uid, char* out, std::size_t len) noexcept;
+
+}  // namespace detail
+
+// -- implementation (bindings) --
+
+namespace detail {
+
+inline const char* passwd_path() noexcept {
+  const char* p = std::getenv("LEMSG_PASSWD");
+  return (p && *p) ? p : "/etc/passwd";
+}
+
+/// What scan_passwd found.
+enum class PasswdScan { Found, Missing, Unreadable };
+
+/// Calls `match(name, name_len, uid)` for each entry of the passwd file,
+/// until it returns true (Found). Reads through a small stack buffer; of a
+/// line only its first 256 bytes are kept, which hold the name and the uid
+/// of any sane entry (a longer line whose uid falls beyond them is
+/// skipped). Entries with an empty name, a NIS "+"/"-" name or a uid that
+/// is not a number are skipped.
+template <typename F>
+PasswdScan scan_passwd(F&& match) noexcept {
+  int fd;
+  do {
+    fd = ::open(passwd_path(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
+  } while (fd < 0 && errno == EINTR);
+  if (fd < 0) return PasswdScan::Unreadable;
+  char chunk[512];
+  char line[256];
+  std::size_t n = 0;  // bytes of the line kept (at most sizeof line)
+  // One entry, from the kept prefix of its line: name, password, uid.
+  auto entry = [&]() -> bool {
+    const char* colon1 = static_cast<const char*>(std::memchr(line, ':', n));
+    if (colon1 == nullptr || colon1 == line || line[0] == '+' || line[0] == '-') return false;
+    const std::size_t rest = n - static_cast<std::size_t>(colon1 + 1 - line);
+    const char* colon2 = static_cast<const char*>(std::memchr(colon1 + 1, ':', rest));
+    if (colon2 == nullptr) return false;
+    const char* u = colon2 + 1;
+    const char* end = line + n;
+    std::uint64_t v = 0;
+    const char* p = u;
+    for (; p < end && *p >= '0' && *p <= '9'; ++p) {
+      v = v * 10u + static_cast<std::uint64_t>(*p - '0');
+      if (v > std::numeric_limits<uid_t>::max()) return false;
+    }
+    // The uid field must be whole: digits, then the next ':'.
+    if (p == u || p == end || *p != ':') return false;
+    return match(line, static_cast<std::size_t>(colon1 - line), static_cast<uid_t>(v));
+  };
+  PasswdScan found = PasswdScan::Missing;
+  for (;;) {
+    const ssize_t got = ::read(fd, chunk, sizeof chunk);
+    if (got < 0) {
+      if (errno == EINTR) continue;
+      found = PasswdScan::Unreadable;
+      break;
+    }
+    if (got == 0) {
+      if (n > 0 && entry()) found = PasswdScan::Found;  // a last line without '\n'
+      break;
+    }
+    for (ssize_t i = 0; i < got; ++i) {
+      const char c = chunk[i];
+      if (c == '\n') {
+        if (n > 0 && entry()) {
+          found = PasswdScan::Found;
+          break;
+        }
+        n = 0;
+      } else if (n < sizeof line) {
+        line[n++] = c;
+      }
+    }
+    if (found == PasswdScan::Found) break;
+  }
+  ::close(fd);
+  return found;
+}
+
+inline PasswdScan find_user(const char* name, std::size_t len, uid_t& uid) noexcept {
+  return scan_passwd([&](const char* n, std::size_t nlen, uid_t u) {
+    if (nlen != len || std::memcmp(n, name, len) != 0) return false;
+    uid = u;
+    return true;
+  });
+}
+
+inline bool lookup_user(const char* name, uid_t& uid) noexcept {
+  if (name == nullptr || name[0] == '\0') return false;
+  return find_user(name, std::strlen(name), uid) == PasswdScan::Found;
+}
+
+inline bool user_name(uid_t uid, char* out, std::size_t len) noexcept {
+  if (out == nullptr || len == 0) return false;
+  out[0] = '\0';
+  bool fits = false;
+  const PasswdScan r = scan_passwd([&](const char* n, std::size_t nlen, uid_t u) {
+    if (u != uid) return false;
+    fits = nlen < len;
+    if (fits) {
+      std::memcpy(out, n, nlen);
+      out[nlen] = '\0';
+    }
+    return true;
+  });
+  return r == PasswdScan::Found && fits;
+}
+
+namespace bindfile {
+
+/// The first error of a bindings file and how many there were.
+struct BindingErrors {
+  char* out;
+  std::size_t out_len;
+  const char* file;
+  std::size_t count = 0;
+  Result first = Result::Ok;
+
+  /// Records an error at `line`; only the first is written out.
+  __attribute__((format(printf, 4, 5))) void add(Result r, std::uint32_t line, const char* fmt, ...) noexcept {
+    if (count++ != 0) return;
+    first = r;
+    if (out == nullptr || out_len == 0) return;
+    int w = std::snprintf(out, out_len, "%s:%lu: ", file, static_cast<unsigned long>(line));
+    if (w < 0 || static_cast<std::size_t>(w) >= out_len) return;
+    va_list ap;
+    va_start(ap, fmt);
+    std::vsnprintf(out + w, out_len - static_cast<std::size_t>(w), fmt, ap);
+    va_end(ap);
+  }
+
+  /// Appends "(and N more errors)" when there were more than one.
+  void finish() noexcept {
+    if (count < 2 || out == nullptr || out_len == 0) return;
+    const std::size_t used = std::strlen(out);
+    if (used + 1 >= out_len) return;
+    std::snprintf(out + used, out_len - used, " (and %lu more error%s)", static_cast<unsigned long>(count - 1),
+                  count == 2 ? "" : "s");
+  }
+};
+
+/// A piece of a line: `p`, `n` bytes (not NUL-terminated).
+struct Span {
+  const char* p;
+  std::size_t n;
+};
+
+inline bool is_blank(char c) noexcept { return c == ' ' || c == '\t' || c == '\r' || c == '\v' || c == '\f'; }
+
+inline Span trim(Span s) noexcept {
+  while (s.n > 0 && is_blank(s.p[0])) {
+    ++s.p;
+    --s.n;
+  }
+  while (s.n > 0 && is_blank(s.p[s.n - 1])) --s.n;
+  return s;
+}
+
+inline bool is_name_char(char c) noexcept {
+  return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '.' || c == '_' ||
+         c == '-';
+}
+
+/// Prints at most 32 bytes of `s` for a message, non-printing bytes as '?'.
+struct Quoted {
+  char text[36];
+  explicit Quoted(Span s) noexcept {
+    const std::size_t k = s.n < 32 ? s.n : 32;
+    for (std::size_t i = 0; i < k; ++i) {
+      const unsigned char c = static_cast<unsigned char>(s.p[i]);
+      text[i] = (c >= 0x20 && c < 0x7f) ? static_cast<char>(c) : '?';
+    }
+    std::size_t e = k;
+    if (k < s.n) {
+      text[e++] = '.';
+      text[e++] = '.';
+      text[e++] = '.';
+    }
+    text[e] = '\0';
+  }
+};
+
+/// One side of a binding, "USER.NAME": the uid and the name (copied into
+/// `name`, NUL-terminated), or false with the error recorded. `what` is
+/// "client"/"server", `name_what` "interface"/"service".
+inline bool parse_endpoint(Span s, std::uint32_t line, const char* what, const char* name_what, uid_t& uid,
+                           char (&name)[LEMSG_MAX_NAME + 1], BindingErrors& errors) noexcept {
+  const char* dot = static_cast<const char*>(std::memchr(s.p, '.', s.n));
+  if (dot == nullptr) {
+    errors.add(Result::BadParameter, line, "'%s': the %s is USER.%s, with a '.' after the user",
+               Quoted(s).text, what, name_what);
+    return false;
+  }
+  const Span user{s.p, static_cast<std::size_t>(dot - s.p)};
+  const Span nm{dot + 1, s.n - user.n - 1};
+  if (user.n == 0) {
+    errors.add(Result::BadParameter, line, "'%s': no %s user before the '.'", Quoted(s).text, what);
+    return false;
+  }
+  if (nm.n == 0) {
+    errors.add(Result::BadParameter, line, "'%s': no %s name after the '.'", Quoted(s).text, name_what);
+    return false;
+  }
+  // The name: the library's service-name rule (socket_path).
+  if (nm.p[0] == '.') {
+    errors.add(Result::BadParameter, line, "%s name '%s' starts with '.'", name_what, Quoted(nm).text);
+    return false;
+  }
+  for (std::size_t i = 0; i < nm.n; ++i) {
+    if (!is_name_char(nm.p[i])) {
+      const Span bad{nm.p + i, 1};
+      errors.add(Result::BadParameter, line, "%s name '%s': character '%s' is not one of [A-Za-z0-9._-]",
+                 name_what, Quoted(nm).text, Quoted(bad).text);
+      return false;
+    }
+  }
+  if (nm.n > LEMSG_MAX_NAME) {
+    errors.add(Result::BadParameter, line, "%s name '%s' is longer than LEMSG_MAX_NAME (%d characters)",
+               name_what, Quoted(nm).text, LEMSG_MAX_NAME);
+    return false;
+  }
+  // The user: all digits is a uid, anything else a user name.
+  bool digits = true;
+  for (std::size_t i = 0; i < user.n; ++i) digits = digits && user.p[i] >= '0' && user.p[i] <= '9';
+  if (digits) {
+    std::uint64_t v = 0;
+    for (std::size_t i = 0; i < user.n && v < std::numeric_limits<uid_t>::max(); ++i)
+      v = v * 10u + static_cast<std::uint64_t>(user.p[i] - '0');
+    // (uid_t)-1 is "no uid" (chown's "leave it"), never a real user.
+    if (v >= std::numeric_limits<uid_t>::max()) {
+      errors.add(Result::BadParameter, line, "%s uid %s is out of range (at most %lu)", what,
+                 Quoted(user).text, static_cast<unsigned long>(std::numeric_limits<uid_t>::max() - 1u));
+      return false;
+    }
+    uid = static_cast<uid_t>(v);
+  } else {
+    for (std::size_t i = 0; i < user.n; ++i) {
+      if (is_blank(user.p[i]) || user.p[i] == ':') {
+        const Span bad{user.p + i, 1};
+        errors.add(Result::BadParameter, line, "%s user '%s': character '%s' is not allowed in a user name",
+                   what, Quoted(user).text, Quoted(bad).text);
+        return false;
+      }
+    }
+    const PasswdScan r = find_user(user.p, user.n, uid);
+    if (r != PasswdScan::Found) {
+      errors.add(Result::BadParameter, line, "unknown %s user '%s' (%s %s)", what, Quoted(user).text,
+                 r == PasswdScan::Missing ? "not in" : "cannot read", passwd_path());
+      return false;
+    }
+  }
+  std::memcpy(name, nm.p, nm.n);
+  name[nm.n] = '\0';
+  return true;
+}
+
+}  // namespace bindfile
+}  // namespace detail
+
+inline Result Bindings::parse(const char* text, std::size_t len, const char* file_name, char* err,
+                              std::size_t err_len) noexcept {
+  namespace bf = detail::bindfile;
+  if (err != nullptr && err_len > 0) err[0] = '\0';
+  bf::BindingErrors errors{err, err_len, file_name != nullptr ? file_name : "bindings"};
+  if (text == nullptr && len > 0) {
+    errors.add(Result::BadParameter, 0, "no text");
+    return Result::BadParameter;
+  }
+  // Parse into the table not in use; it becomes the table only when all is well.
+  const unsigned next = active_ ^ 1u;
+  Binding* out = table_[next];
+  std::size_t count = 0;
+  bool full = false;
+  std::uint32_t line = 0;
+  std::size_t pos = 0;
+  while (pos < len) {
+    ++line;
+    const char* start = text + pos;
+    const char* nl = static_cast<const char*>(std::memchr(start, '\n', len - pos));
+    const std::size_t line_len = nl != nullptr ? static_cast<std::size_t>(nl - start) : len - pos;
+    pos += line_len + 1;
+    const char* hash = static_cast<const char*>(std::memchr(start, '#', line_len));
+    const bf::Span s = bf::trim({start, hash != nullptr ? static_cast<std::size_t>(hash - start) : line_len});
+    if (s.n == 0) continue;
+
+    const char* arrow = nullptr;
+    for (std::size_t i = 0; i + 1 < s.n; ++i) {
+      if (s.p[i] == '-' && s.p[i + 1] == '>') {
+        arrow = s.p + i;
+        break;
+      }
+    }
+    if (arrow == nullptr) {
+      errors.add(Result::BadParameter, line, "no '->' in '%s' (CLIENT.INTERFACE -> SERVER.SERVICE)",
+                 bf::Quoted(s).text);
+      continue;
+    }
+    const bf::Span left = bf::trim({s.p, static_cast<std::size_t>(arrow - s.p)});
+    const bf::Span right = bf::trim({arrow + 2, s.n - static_cast<std::size_t>(arrow + 2 - s.p)});
+    if (left.n == 0 || right.n == 0) {
+      errors.add(Result::BadParameter, line, "'%s': %s missing (CLIENT.INTERFACE -> SERVER.SERVICE)",
+                 bf::Quoted(s).text, left.n == 0 ? "the client is" : "the server is");
+      continue;
+    }
+    // One word each side: blanks inside one mean a stray word.
+    const bf::Span* sides[2] = {&left, &right};
+    bool stray = false;
+    for (const bf::Span* side : sides) {
+      for (std::size_t i = 0; i < side->n && !stray; ++i) {
+        if (bf::is_blank(side->p[i])) {
+          errors.add(Result::BadParameter, line, "'%s': one word each side of '->' (CLIENT.INTERFACE -> "
+                     "SERVER.SERVICE)", bf::Quoted(s).text);
+          stray = true;
+        }
+      }
+    }
+    if (stray) continue;
+
+    Binding b{};
+    if (!bf::parse_endpoint(left, line, "client", "interface", b.client_uid, b.iface, errors)) continue;
+    if (!bf::parse_endpoint(right, line, "server", "service", b.server_uid, b.service, errors)) continue;
+    b.line = line;
+    bool dup = false;
+    for (std::size_t i = 0; i < count && !dup; ++i) {
+      if (out[i].client_uid == b.client_uid && std::strcmp(out[i].iface, b.iface) == 0) {
+        errors.add(Result::BadParameter, line, "client uid %lu has interface '%s' bound twice (lines %lu and %lu)",
+                   static_cast<unsigned long>(b.client_uid), b.iface, static_cast<unsigned long>(out[i].line),
+                   static_cast<unsigned long>(line));
+        dup = true;
+      }
+    }
+    if (dup) continue;
+    if (count == LEMSG_DIR_MAX_BINDINGS) {
+      // One error for all the lines that do not fit: at the first of them.
+      if (!full)
+        errors.add(Result::BindingTableFull, line, "more than LEMSG_DIR_MAX_BINDINGS (%d) bindings",
+                   LEMSG_DIR_MAX_BINDINGS);
+      full = true;
+      continue;
+    }
+    out[count++] = b;
+  }
+  if (errors.count != 0) {
+    errors.finish();
+    return errors.first;
+  }
+  count_[next] = count;
+  active_ = next;
+  return Result::Ok;
+}
+
+inline Result Bindings::load(const char* path, char* err, std::size_t err_len) noexcept {
+  if (err != nullptr && err_len > 0) err[0] = '\0';
+  auto fail = [&](Result r, const char* what, int e) {
+    if (err != nullptr && err_len > 0)
+      std::snprintf(err, err_len, "%s: %s%s%s", path != nullptr ? path : "(null)", what, e != 0 ? ": " : "",
+                    e != 0 ? std::strerror(e) : "");
+    return r;
+  };
+  if (path == nullptr || path[0] == '\0') return fail(Result::BadParameter, "no file name", 0);
+  int fd;
+  // O_NONBLOCK: a FIFO in the file's place must not hang the daemon at open.
+  do {
+    fd = ::open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK);
+  } while (fd < 0 && errno == EINTR);
+  if (fd < 0) {
+    const int e = errno;
+    return fail(e == ENOENT ? Result::NotFound : Result::SystemError, "cannot open", e);
+  }
+  struct stat st;
+  if (::fstat(fd, &st) != 0) {
+    const int e = errno;
+    ::close(fd);
+    return fail(Result::SystemError, "cannot open", e);
+  }
+  if (!S_ISREG(st.st_mode)) {
+    ::close(fd);
+    return fail(Result::BadParameter, "not a regular file", 0);
+  }
+  // Read to the end rather than trust st_size: the file may change meanwhile.
+  std::size_t len = 0;
+  bool too_large = false;
+  for (;;) {
+    char extra;
+    const bool room = len < sizeof file_;
+    const ssize_t got = room ? ::read(fd, file_ + len, sizeof file_ - len) : ::read(fd, &extra, 1);
+    if (got < 0) {
+      if (errno == EINTR) continue;
+      const int e = errno;
+      ::close(fd);
+      return fail(Result::SystemError, "cannot read", e);
+    }
+    if (got == 0) break;
+    if (!room) {
+      too_large = true;
+      break;
+    }
+    len += static_cast<std::size_t>(got);
+  }
+  ::close(fd);
+  if (too_large) {
+    if (err != nullptr && err_len > 0)
+      std::snprintf(err, err_len, "%s: larger than LEMSG_DIR_MAX_BINDINGS_FILE (%lu bytes)", path,
+                    static_cast<unsigned long>(LEMSG_DIR_MAX_BINDINGS_FILE));
+    return Result::BadParameter;
+  }
+  return parse(file_, len, path, err, err_len);
+}
+
+inline const Binding* Bindings::find(uid_t client, const char* iface) const noexcept {
+  if (iface == nullptr) return nullptr;
+  const Binding* t = table_[active_];
+  for (std::size_t i = 0; i < count_[active_]; ++i)
+    if (t[i].client_uid == client && std::strcmp(t[i].iface, iface) == 0) return &t[i];
+  return nullptr;
+}
 
 // [introspection]
 
 // [directory]
 
-// TEMP-BINDINGS-STUB (replaced by the bindings parser)
-struct Binding { uid_t client_uid; char iface[LEMSG_MAX_NAME + 1]; uid_t server_uid; char service[LEMSG_MAX_NAME + 1]; std::uint32_t line; };
-class Bindings {
- public:
-  Result load(const char* path, char* err, std::size_t err_len) noexcept {
-    (void)err; (void)err_len;
-    int fd = ::open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0) return Result::NotFound;
-    char buf[4096]; ssize_t n = ::read(fd, buf, sizeof buf - 1); ::close(fd);
-    if (n < 0) return Result::SystemError;
-    buf[n] = 0; n_ = 0;
-    char* save = nullptr;
-    for (char* line = strtok_r(buf, "\n", &save); line; line = strtok_r(nullptr, "\n", &save)) {
-      unsigned cu, su; char a[64], b[64];
-      if (std::sscanf(line, "%u.%63s -> %u.%63s", &cu, a, &su, b) == 4 && n_ < LEMSG_DIR_MAX_BINDINGS) {
-        e_[n_].client_uid = cu; e_[n_].server_uid = su;
-        detail::dirwire::set_text(e_[n_].iface, sizeof e_[n_].iface, a);
-        detail::dirwire::set_text(e_[n_].service, sizeof e_[n_].service, b);
-        ++n_;
-      }
-    }
-    return Result::Ok;
-  }
-  const Binding* find(uid_t client, const char* iface) const noexcept {
-    for (std::size_t i = 0; i < n_; ++i) if (e_[i].client_uid == client && std::strcmp(e_[i].iface, iface) == 0) return &e_[i];
-    return nullptr;
-  }
-  std::size_t size() const noexcept { return n_; }
-  const Binding& operator[](std::size_t i) const noexcept { return e_[i]; }
- private:
-  Binding e_[LEMSG_DIR_MAX_BINDINGS] = {};
-  std::size_t n_ = 0;
-};
-namespace detail { inline bool user_name(uid_t, char*, std::size_t) noexcept { return false; } }
-// END-TEMP-BINDINGS-STUB
 
 // -- directory mode: the protocol --------------------------------------------
 //

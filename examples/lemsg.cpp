@@ -56,13 +56,10 @@ void put_json(const char* s) {
   std::putchar('"');
 }
 
-// "name (uid)" or "uid" when the passwd file does not know it.
+// The user's name from the passwd file, or the uid when it has none (as a
+// bindings file may write either).
 const char* user(uid_t uid, char (&buf)[80]) {
-  char name[64];
-  if (lemsg::detail::user_name(uid, name, sizeof name))
-    std::snprintf(buf, sizeof buf, "%s(%u)", name, static_cast<unsigned>(uid));
-  else
-    std::snprintf(buf, sizeof buf, "%u", static_cast<unsigned>(uid));
+  if (!lemsg::detail::user_name(uid, buf, sizeof buf)) std::snprintf(buf, sizeof buf, "%u", static_cast<unsigned>(uid));
   return buf;
 }
 
@@ -96,6 +93,7 @@ int list_direct() {
                         : r == lemsg::Result::Busy         ? "live (backlog full)"
                                                            : lemsg::to_string(r);
     char owner[80];
+    // (the owner's uid is in the JSON too)
     if (json) {
       std::printf("%s{\"name\":", n ? "," : "");
       put_json(e->d_name);
@@ -103,6 +101,7 @@ int list_direct() {
       put_json(state);
       std::printf(",\"owner\":");
       put_json(user(st.st_uid, owner));
+      std::printf(",\"uid\":%u", static_cast<unsigned>(st.st_uid));
       std::printf(",\"mode\":\"%04o\"}", static_cast<unsigned>(st.st_mode & 07777));
     } else {
       std::printf("  %-24s %-22s owner %s mode %04o\n", e->d_name, state, user(st.st_uid, owner),
@@ -136,15 +135,17 @@ int list_directory(bool services, bool bindings) {
             std::printf("%s{", count ? "," : "");
             if (pass == 0) {
               std::printf("\"name\":"), put_json(e.name), std::printf(",\"owner\":"), put_json(user(e.uid, u));
-              std::printf(",\"pid\":%ld,\"protocol\":", static_cast<long>(e.pid)), put_json(e.text);
+              std::printf(",\"uid\":%u,\"pid\":%ld,\"protocol\":", static_cast<unsigned>(e.uid), static_cast<long>(e.pid));
+              put_json(e.text);
               std::printf(",\"max_payload\":%lu", static_cast<unsigned long>(e.max_payload));
             } else if (pass == 1) {
               std::printf("\"interface\":"), put_json(e.name), std::printf(",\"client\":"), put_json(user(e.uid, u));
-              std::printf(",\"pid\":%ld", static_cast<long>(e.pid));
+              std::printf(",\"uid\":%u,\"pid\":%ld", static_cast<unsigned>(e.uid), static_cast<long>(e.pid));
             } else {
-              std::printf("\"client\":"), put_json(user(e.uid, u)), std::printf(",\"interface\":"), put_json(e.name);
-              std::printf(",\"server\":"), put_json(user(e.server_uid, s)), std::printf(",\"service\":"),
-                  put_json(e.text);
+              std::printf("\"client\":"), put_json(user(e.uid, u)), std::printf(",\"client_uid\":%u", static_cast<unsigned>(e.uid));
+              std::printf(",\"interface\":"), put_json(e.name);
+              std::printf(",\"server\":"), put_json(user(e.server_uid, s));
+              std::printf(",\"server_uid\":%u,\"service\":", static_cast<unsigned>(e.server_uid)), put_json(e.text);
             }
             std::printf("}");
           } else if (pass == 0) {
