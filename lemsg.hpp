@@ -4374,6 +4374,11 @@ inline void Service::attach_monitor(int fd, const Credentials& c, std::uint32_t 
     refuse(fd, c, r);
     return;
   }
+  // Room for a monitor that falls behind for a moment: as many records as
+  // the system lets a socket hold (the kernel caps the request at wmem_max).
+  int big = 1 << 20;
+  if (::setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &big, sizeof big) != 0)
+    LEMSG_LOG(Debug, "service %s: SO_SNDBUF for a monitor: %s", log_name(), std::strerror(errno));
   m.fd = fd;
   m.payload = payload < LEMSG_MONITOR_PAYLOAD ? payload : LEMSG_MONITOR_PAYLOAD;
   m.pid = c.pid;

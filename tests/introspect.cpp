@@ -315,6 +315,7 @@ TEST_CASE("introspect: a monitor attached and detached under load sees every fra
       CHILD_CHECK(b.value == echo_of(n));
       ++n;
       if (n % 16 == 0) CHILD_CHECK(tell(s, n) == Result::Ok);
+      usleep(50);  // a steady load, not a flood: the monitor reads one record at a time
     }
     CHILD_CHECK(n > 0);
     return 0;
@@ -325,26 +326,34 @@ TEST_CASE("introspect: a monitor attached and detached under load sees every fra
   REQUIRE(testutil::run_until(loop, [&] { return srv.opens == 1; }, kWaitMs));
 
   // A monitor in another process attaches three times, each time reading
-  // records, checking them and detaching, while the client goes on.
-  const pid_t watcher = testutil::spawn([] {
+  // records, checking them and detaching, while the client goes on. A
+  // monitor that falls too far behind is dropped (the rule that keeps the
+  // service from waiting for it): on a loaded machine that may happen, and
+  // the monitor then attaches again. Three full rounds must succeed.
+  testutil::Pipe drops;
+  const pid_t watcher = testutil::spawn([&] {
     die_with_parent();
-    for (int round = 0; round < 3; ++round) {
+    drops.close_read();
+    int rounds = 0;
+    for (int attempt = 0; rounds < 3 && attempt < 30; ++attempt) {
       Monitor mon;
-      const bool payload = round != 1;
-      // The service may not have seen the last detach yet: it frees the place
-      // at its next dispatch.
-      Result r = Result::Busy;
-      const long long end = testutil::now_ms() + kWaitMs;
-      while ((r = mon.attach("watched", payload, kWaitMs)) == Result::Busy && testutil::now_ms() < end) usleep(5000);
-      CHILD_CHECK(r == Result::Ok);
+      const bool payload = rounds != 1;
+      // The service frees a detached monitor's place when it sees the hang-up.
+      CHILD_CHECK(mon.attach("watched", payload, kWaitMs) == Result::Ok);
       CHILD_CHECK(mon.fd() >= 0);
       std::uint32_t txns[64];
       std::uint32_t seen_in = 0, matched = 0;
       std::uint64_t last = 0;
       std::uint32_t session = 0;
+      bool dropped = false;
       for (int i = 0; i < 200; ++i) {
         MonitorRecord rec;
-        CHILD_CHECK(mon.next(rec, kWaitMs) == Result::Ok);
+        const Result r = mon.next(rec, kWaitMs);
+        if (r == Result::Closed) {
+          dropped = true;
+          break;
+        }
+        CHILD_CHECK(r == Result::Ok);
         CHILD_CHECK(rec.time_ns >= last);
         last = rec.time_ns;
         CHILD_CHECK(rec.session);
@@ -365,21 +374,29 @@ TEST_CASE("introspect: a monitor attached and detached under load sees every fra
           CHILD_CHECK(rec.txn == 0);
           if (payload) CHILD_CHECK(b.op == OpNote);
         } else {
-          // The answer to a request seen before (unless the monitor
+          // The answer to the request seen just before (unless the monitor
           // attached between the two).
           CHILD_CHECK(rec.direction == lemsg::Direction::Out);
           CHILD_CHECK(rec.type == lemsg::wire::FrameType::Response);
           CHILD_CHECK(rec.txn != 0);
+          if (payload) CHILD_CHECK(b.op == OpEcho && b.value % 3 == 1);  // echo_of(v) = 3v + 1
           if (seen_in && txns[(seen_in - 1) % 64] == rec.txn) ++matched;
           else CHILD_CHECK(seen_in == 0);
         }
+      }
+      if (dropped) {
+        CHILD_CHECK(!mon.attached());
+        CHILD_CHECK(drops.put('d'));
+        continue;
       }
       CHILD_CHECK(matched >= 90);
       mon.detach();
       CHILD_CHECK(!mon.attached());
       MonitorRecord rec;
       CHILD_CHECK(mon.next(rec, 0) == Result::NotFound);
+      ++rounds;
     }
+    CHILD_CHECK(rounds == 3);
     return 0;
   });
   REQUIRE(watcher > 0);
@@ -390,7 +407,13 @@ TEST_CASE("introspect: a monitor attached and detached under load sees every fra
   bool gone = false;
   for (int i = 0; i < 100 && !gone; ++i) gone = query(loop, "watched", info) == Result::Ok && info.monitors == 0;
   CHECK(gone);
-  CHECK(info.counters.monitors_dropped == 0);
+  // Drops the monitor saw, if any, are counted (one more may have come after
+  // a round's last record, before its detach).
+  drops.close_write();
+  int seen_drops = 0;
+  while (drops.get(0) == 'd') ++seen_drops;
+  if (seen_drops || info.counters.monitors_dropped) MESSAGE("the monitor fell behind and was dropped " << info.counters.monitors_dropped << " time(s)");
+  CHECK(info.counters.monitors_dropped >= static_cast<std::uint64_t>(seen_drops));
   CHECK(info.session_count == 1);
   const std::uint64_t before = info.counters.requests;
   REQUIRE(testutil::run_until(loop, [&] { return static_cast<std::uint64_t>(srv.received) > before + 10; }, kWaitMs));
