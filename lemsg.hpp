@@ -85,6 +85,10 @@
 //                             frames wait for it is closed with Stalled, whatever
 //                             its socket's other holders do (ServiceOptions::
 //                             stall_timeout_ms overrides it per Service).
+//   LEMSG_MAX_MONITORS     2  monitors attached to one Service at once
+//                             (section 13); one more is refused with Busy.
+//   LEMSG_MONITOR_PAYLOAD 64  payload bytes of each frame a monitor that
+//                             asks for payloads receives (0..4096).
 //   LEMSG_DIR_MAX_SERVICES 32  services one directory holds registered;
 //                             more: RegistryFull (section 13).
 //   LEMSG_DIR_MAX_WAITING 32  clients one directory holds waiting for a
@@ -317,6 +321,12 @@
 #ifndef LEMSG_STALL_TIMEOUT_MS
 #define LEMSG_STALL_TIMEOUT_MS 30000
 #endif
+#ifndef LEMSG_MAX_MONITORS
+#define LEMSG_MAX_MONITORS 2
+#endif
+#ifndef LEMSG_MONITOR_PAYLOAD
+#define LEMSG_MONITOR_PAYLOAD 64
+#endif
 #ifndef LEMSG_DIR_MAX_SERVICES
 #define LEMSG_DIR_MAX_SERVICES 32
 #endif
@@ -354,6 +364,8 @@ static_assert(LEMSG_MAX_PROTOCOL_ID >= 1 && LEMSG_MAX_PROTOCOL_ID <= 256, "LEMSG
 static_assert(LEMSG_OPEN_TIMEOUT_MS >= 1, "LEMSG_OPEN_TIMEOUT_MS must be positive");
 static_assert(LEMSG_TXN_BITS >= 2 && LEMSG_TXN_BITS <= 32, "LEMSG_TXN_BITS must be 2..32");
 static_assert(LEMSG_HANDLE_GENERATIONS >= 0, "LEMSG_HANDLE_GENERATIONS must be 0 (all) or more");
+static_assert(LEMSG_MAX_MONITORS >= 1 && LEMSG_MAX_MONITORS <= 64, "LEMSG_MAX_MONITORS must be 1..64");
+static_assert(LEMSG_MONITOR_PAYLOAD >= 0 && LEMSG_MONITOR_PAYLOAD <= 4096, "LEMSG_MONITOR_PAYLOAD must be 0..4096");
 static_assert(LEMSG_DIR_MAX_SERVICES >= 1 && LEMSG_DIR_MAX_SERVICES <= 4096, "LEMSG_DIR_MAX_SERVICES must be 1..4096");
 static_assert(LEMSG_DIR_MAX_WAITING >= 1 && LEMSG_DIR_MAX_WAITING <= 4096, "LEMSG_DIR_MAX_WAITING must be 1..4096");
 static_assert(LEMSG_DIR_MAX_BINDINGS >= 1 && LEMSG_DIR_MAX_BINDINGS <= 65536, "LEMSG_DIR_MAX_BINDINGS must be 1..65536");
@@ -1125,6 +1137,47 @@ inline std::size_t RefMapBase::release_owner_ptr(std::uint32_t owner, ReleaseFn 
 // at most the protocol maximum; txn agrees with the type. What the type may
 // do in the current state, and whether txn is pending, is the messaging
 // layer's check.
+//
+// Introspection (section 13). Two protocol ids are reserved; a Service
+// answers them itself, before its protocol check, and only to uid 0 or its
+// own uid (others: Refuse NotPermitted). Such a connection takes no session
+// slot and runs no handler.
+//   "lemsg.info"     Hello's max payload field is 0. The answer is one
+//                    Message frame (txn 0, no fd) carrying the info record
+//                    below, then the server closes.
+//   "lemsg.monitor"  Hello's max payload field: payload bytes wanted per
+//                    record (0 = none; the server sends at most
+//                    LEMSG_MONITOR_PAYLOAD). Answer: Welcome, or Refuse
+//                    (NotPermitted; Busy when LEMSG_MAX_MONITORS are
+//                    attached). Then one Message frame per frame the service
+//                    sends or receives, carrying a monitor record. The
+//                    monitor sends nothing more: anything it sends, or its
+//                    hang-up, detaches it.
+//
+// Info record (all fields u32 unless said; host byte order):
+//   0  version (1)          4  mode (0 direct, 1 directory)
+//   8  max payload         12  pool blocks in use
+//  16  pool high water     20  pool capacity
+//  24  name length N (0..LEMSG_MAX_NAME; 0 when not advertised)
+//  28  protocol id length P (1..LEMSG_MAX_PROTOCOL_ID)
+//  32  sessions S (0..LEMSG_MAX_SESSIONS)
+//  36  monitors attached
+//  40  counters: info_counter_count u64, in wire::InfoCounter order
+//  info_fixed_size: the name (N bytes, no NUL), the protocol id (P bytes),
+//      then S entries of 24 bytes: session ref, pid, uid, gid, requests
+//      received and not yet answered, frames waiting in its send queue.
+//  The record's length is exactly info_fixed_size + N + P + 24 S.
+//
+// Monitor record (28 bytes, then the payload bytes):
+//   0  u64 time: CLOCK_MONOTONIC, ns, when the service handled the frame
+//   8  u32 session ref
+//  12  u8 direction (0 received by the service, 1 sent or queued by it)
+//  13  u8 frame type (Message, Request or Response)
+//  14  u8 frame flags (FlagFd, FlagError)
+//  15  u8 reserved, 0
+//  16  u32 txn             20  u32 the frame's payload bytes
+//  24  u32 payload bytes that follow (at most what was asked for, the size
+//      and LEMSG_MONITOR_PAYLOAD); the record's length is 28 + that.
 
 namespace wire {
 
@@ -1136,6 +1189,36 @@ constexpr std::uint8_t version = 1;
 enum class FrameType : std::uint8_t { Hello = 1, Welcome, Refuse, Message, Request, Response };
 
 enum : std::uint8_t { FlagFd = 1u << 0, FlagError = 1u << 1 };
+
+/// The reserved protocol ids of the info query and the monitor.
+constexpr char info_id[] = "lemsg.info";
+constexpr char monitor_id[] = "lemsg.monitor";
+
+/// The counters of the info record, in their order there.
+enum InfoCounter : std::uint32_t {
+  CountRequests,         // requests received
+  CountResponses,        // responses sent (error responses included)
+  CountMessagesIn,       // one-way messages received
+  CountMessagesOut,      // one-way messages sent
+  CountBadFrames,        // malformed frames and hellos received
+  CountOpened,           // sessions opened
+  CountRefused,          // connections refused (Refuse sent)
+  CountMonitorsDropped,  // monitors dropped for not reading
+  CountClosedByClient,   // sessions closed: Closed (the client closed or died)
+  CountClosedHere,       // Ok (this side closed it)
+  CountClosedBadFrame,   // BadFrame
+  CountClosedTooLarge,   // TooLarge
+  CountClosedOverflow,   // Overflow
+  CountClosedStalled,    // Stalled
+  CountClosedOther,      // any other reason
+  info_counter_count
+};
+constexpr std::size_t info_fixed_size = 40 + 8 * info_counter_count;
+constexpr std::size_t info_session_size = 24;
+/// Longest info record.
+constexpr std::size_t info_max_size =
+    info_fixed_size + LEMSG_MAX_NAME + LEMSG_MAX_PROTOCOL_ID + info_session_size * LEMSG_MAX_SESSIONS;
+constexpr std::size_t record_fixed_size = 28;
 
 /// The decoded header.
 struct Header {
@@ -3356,6 +3439,22 @@ inline bool served_by_this_thread(const char* path) noexcept;
 /// the Service (or close sessions); the library touches nothing of it
 /// afterwards. A received request may outlive the Service: releasing it then
 /// answers nothing (the Service's destructor closed its session anyway).
+///
+/// Introspection (section 13, query_info and Monitor): every Service answers
+/// the info query by itself, to uid 0 and to its own uid only (others get
+/// NotPermitted, whatever the allow-list says; the allow-list and the session
+/// tables do not apply to them): its name, protocol, mode, sessions (uid,
+/// gid, pid, requests not yet answered, frames queued), pool blocks in use,
+/// high water and capacity, and counters (requests, responses, one-way
+/// messages both ways, bad frames, sessions opened and closed by reason,
+/// refusals). The same users may attach up to LEMSG_MAX_MONITORS monitors,
+/// which get one record per frame the service receives from or sends (or
+/// queues) to a session. A monitor costs a watch of the loop while attached;
+/// records go out with one non-blocking send each, and a monitor whose
+/// socket is full (it does not read) or gone is dropped at once (logged at
+/// Info): the service never waits for one. With no monitor attached a frame
+/// costs one test of a counter. Neither takes a session slot or calls a
+/// handler.
 class Service {
  public:
   Service(Loop& loop, const Protocol& protocol, MessagePoolBase& pool) noexcept;
@@ -3458,6 +3557,7 @@ class Service {
     Credentials creds;
     void* context = nullptr;
     std::uint64_t events = 0;  // typed events this session subscribed to (bit = item index)
+    std::uint32_t pending = 0;  // requests received and not answered yet (info query)
     bool used = false;
     bool open = false;
     bool closing = false;
@@ -3523,6 +3623,7 @@ class Service {
   Result set_events(SessionRef s, std::uint64_t bits) noexcept;
   std::size_t subscribers(std::uint64_t bit, SessionRef* out) const noexcept;
   static void unanswered(void* svc, std::uint32_t session, std::uint32_t txn) noexcept {
+    static_cast<Service*>(svc)->request_done(session);
     static_cast<Service*>(svc)->answer_error(session, txn, Result::Unanswered);
   }
 
@@ -3563,6 +3664,43 @@ class Service {
   char dir_path_[sizeof(sockaddr_un::sun_path)] = {};
   char dir_name_[LEMSG_MAX_NAME + 1] = {};
   Tracked tracked_[LEMSG_MAX_TRACKED];
+  // Introspection (section 13): the info query's counters and the monitors.
+  struct MonitorSlot {
+    int fd = -1;  // -1: free
+    WatchId watch;
+    std::uint32_t payload = 0;  // payload bytes it gets per record
+    pid_t pid = 0;
+  };
+  enum : int { IntroNone = 0, IntroInfo, IntroMonitor };
+  // The hello read_hello() just read named a reserved id: which, and its
+  // max payload field (the monitor's payload bytes). on_hello() takes it.
+  int intro_kind_ = IntroNone;
+  std::uint32_t intro_arg_ = 0;
+  std::uint64_t counters_[wire::info_counter_count] = {};
+  MonitorSlot monitors_[LEMSG_MAX_MONITORS];
+  std::uint32_t monitor_count_ = 0;  // the only thing a frame tests when none is attached
+  void serve_intro(int fd, const Credentials& c, int kind, std::uint32_t arg) noexcept;
+  void send_info(int fd) noexcept;
+  void attach_monitor(int fd, const Credentials& c, std::uint32_t payload) noexcept;
+  void drop_monitor(std::size_t i, const char* why, bool dropped) noexcept;
+  // Shows every monitor one frame: its wire header and payload bytes.
+  void monitor_frame(bool out, std::uint32_t ref, const unsigned char* header, const unsigned char* payload) noexcept;
+  void monitor_block(bool out, std::uint32_t ref, const detail::MsgBlock* b) noexcept;
+  // Sends or queues on a session's channel; with monitors attached, shows
+  // them the frame when it went or was queued.
+  Result channel_send(Peer& p, std::uint32_t ref, Message& m, wire::FrameType type, std::uint32_t txn,
+                      std::uint8_t flags) noexcept {
+    if (!monitor_count_) return p.ch.send(loop_, m, type, txn, flags);
+    return send_monitored(p, ref, m, type, txn, flags);
+  }
+  Result send_monitored(Peer& p, std::uint32_t ref, Message& m, wire::FrameType type, std::uint32_t txn,
+                        std::uint8_t flags) noexcept;
+  // A request of session `ref` was answered (or let go): one fewer pending.
+  void request_done(std::uint32_t ref) noexcept {
+    Peer* p = peer_refs_.lookup(ref);
+    if (p && p->pending) --p->pending;
+  }
+  static std::uint32_t close_counter(Result reason) noexcept;
   detail::Lifeline life_;
 };
 
@@ -3635,6 +3773,7 @@ inline Service::~Service() {
     const int fd = drop_handshake(shakes[i]);
     if (fd >= 0) ::close(fd);
   }
+  for (std::size_t i = 0; i < LEMSG_MAX_MONITORS; ++i) drop_monitor(i, "the service is going", false);
   Result r = hide();
   (void)r;
   if (timer_) r = loop_.remove_timer(timer_);
@@ -3915,6 +4054,9 @@ inline bool Service::admit(int fd) noexcept {
   Credentials c;
   Result r = detail::peer_credentials(fd, c);
   if (r != Result::Ok) r = Result::SystemError;
+  // Root and our own uid may query or monitor whatever the allow-list and
+  // the tables say: for them both are checked at the hello (on_hello).
+  else if (!share_applies(c.uid)) r = Result::Ok;
   else if (!allowed(c)) r = Result::NotPermitted;
   else r = session_room(c);
   if (r != Result::Ok) {
@@ -3966,6 +4108,7 @@ inline void Service::refuse(int fd, const Credentials& c, Result why) noexcept {
   Result r = detail::send_control(fd, wire::FrameType::Refuse, 0, wire::FlagError, &code, 4);
   (void)r;
   ::close(fd);
+  ++counters_[wire::CountRefused];
 }
 
 inline void Service::add_handshake(int fd, const Credentials& c) noexcept {
@@ -4097,7 +4240,16 @@ inline Result Service::read_hello(int fd, const Credentials& c) noexcept {
     if (r != Result::Closed)
       LEMSG_LOG(Warning, "service %s: bad hello from pid %ld: %s", log_name(), static_cast<long>(c.pid),
                 to_string(r));
+    if (r == Result::BadFrame || r == Result::TooLarge) ++counters_[wire::CountBadFrames];
     return r == Result::TooLarge ? Result::BadFrame : r;
+  }
+  const unsigned char* id = buf + wire::header_size + 8;
+  if (idlen == sizeof wire::info_id - 1 && std::memcmp(id, wire::info_id, idlen) == 0) intro_kind_ = IntroInfo;
+  if (idlen == sizeof wire::monitor_id - 1 && std::memcmp(id, wire::monitor_id, idlen) == 0)
+    intro_kind_ = IntroMonitor;
+  if (intro_kind_ != IntroNone) {
+    intro_arg_ = max;
+    return Result::Ok;
   }
   if (idlen != std::strlen(protocol_.id) || std::memcmp(buf + wire::header_size + 8, protocol_.id, idlen) != 0)
     return Result::ProtocolMismatch;
@@ -4108,6 +4260,12 @@ inline Result Service::read_hello(int fd, const Credentials& c) noexcept {
 // Completes a handshake whose hello read as `hello`: a good one opens a
 // session (true: the open handler ran), anything else closes `fd`.
 inline bool Service::on_hello(int fd, const Credentials& c, Result hello) noexcept {
+  const int intro = intro_kind_;
+  intro_kind_ = IntroNone;
+  if (intro != IntroNone && hello == Result::Ok) {
+    serve_intro(fd, c, intro, intro_arg_);
+    return false;
+  }
   if (hello == Result::ProtocolMismatch || hello == Result::SizeMismatch) {
     refuse(fd, c, hello);
     return false;
@@ -4116,8 +4274,9 @@ inline bool Service::on_hello(int fd, const Credentials& c, Result hello) noexce
     ::close(fd);  // gone, or a bad hello (logged)
     return false;
   }
-  // The tables may have filled while this client was slow.
-  Result r = session_room(c);
+  // The tables may have filled while this client was slow (and root and our
+  // own uid were not checked at accept).
+  Result r = allowed(c) ? session_room(c) : Result::NotPermitted;
   Peer* slot = nullptr;
   std::uint32_t ref = 0;
   if (r == Result::Ok) {
@@ -4144,6 +4303,7 @@ inline bool Service::on_hello(int fd, const Credentials& c, Result hello) noexce
   slot->closing = false;
   slot->context = nullptr;
   slot->events = 0;
+  slot->pending = 0;
   slot->creds = c;
   slot->ch.fd = fd;
   detail::set_send_buffer(fd, sndbuf_);
@@ -4155,6 +4315,7 @@ inline bool Service::on_hello(int fd, const Credentials& c, Result hello) noexce
     return false;
   }
   slot->open = true;
+  ++counters_[wire::CountOpened];
   LEMSG_LOG(Info, "service %s: session opened for pid %ld uid %ld gid %ld (%lu open)", log_name(),
             static_cast<long>(c.pid), static_cast<long>(c.uid), static_cast<long>(c.gid),
             static_cast<unsigned long>(peer_refs_.size()));
@@ -4201,9 +4362,17 @@ inline void Service::on_peer(std::uint32_t ref, short revents) noexcept {
       if (r != Result::Closed)
         LEMSG_LOG(Warning, "service %s: closing session of pid %ld: %s", log_name(),
                   static_cast<long>(p->creds.pid), to_string(r));
+      if (r == Result::BadFrame || r == Result::TooLarge) ++counters_[wire::CountBadFrames];
       (void)close_peer(ref, r);
       return;
     }
+    if (h.type == wire::FrameType::Request) {
+      ++counters_[wire::CountRequests];
+      ++p->pending;
+    } else {
+      ++counters_[wire::CountMessagesIn];
+    }
+    if (monitor_count_) monitor_block(false, ref, m.blk_);
     if (!deliver(ref, m, h.type == wire::FrameType::Request)) return;
   }
 }
@@ -4239,14 +4408,20 @@ inline void Service::answer_error(std::uint32_t session, std::uint32_t txn, Resu
   Result r = pool_.create(m);
   if (r == Result::Ok) {
     r = m.assign(&c, 4);
-    if (r == Result::Ok) r = p->ch.send(loop_, m, wire::FrameType::Response, txn, wire::FlagError);
+    if (r == Result::Ok) r = channel_send(*p, session, m, wire::FrameType::Response, txn, wire::FlagError);
     if (r == Result::Ok) watch_stall(*p);
   } else if (p->ch.out_count == 0) {
     r = detail::send_control(p->ch.fd, wire::FrameType::Response, txn, wire::FlagError, &c, 4);
+    if (r == Result::Ok && monitor_count_) {
+      unsigned char head[wire::header_size];
+      wire::encode(wire::Header{wire::FrameType::Response, wire::FlagError, txn, 4}, head);
+      monitor_frame(true, session, head, reinterpret_cast<const unsigned char*>(&c));
+    }
   } else {
     r = Result::Overflow;
   }
   if (r == Result::WouldBlock) r = Result::Overflow;
+  if (r == Result::Ok) ++counters_[wire::CountResponses];
   // Called from Message::release(), which touches no Service afterwards.
   if (r != Result::Ok) (void)close_peer(session, r == Result::Overflow ? Result::Overflow : Result::Closed);
 }
@@ -4258,8 +4433,11 @@ inline Result Service::send(SessionRef s, Message&& m) noexcept {
   if (m.size() > protocol_.max_payload) return Result::TooLarge;
   Peer* p = peer_refs_.lookup(s.value);
   if (!p || !p->open || p->closing) return Result::NotFound;
-  const Result r = p->ch.send(loop_, m, wire::FrameType::Message, 0, 0);
-  if (r == Result::Ok) watch_stall(*p);
+  const Result r = channel_send(*p, s.value, m, wire::FrameType::Message, 0, 0);
+  if (r == Result::Ok) {
+    ++counters_[wire::CountMessagesOut];
+    watch_stall(*p);
+  }
   return r;
 }
 
@@ -4283,8 +4461,10 @@ inline Result Service::respond(Message&& m) noexcept {
   const std::uint32_t txn = b->txn;
   const std::uint32_t size = b->size;
   b->kind = detail::MsgKind::Outgoing;
-  const Result r = p->ch.send(loop_, m, wire::FrameType::Response, txn, 0);
+  if (p->pending) --p->pending;
+  const Result r = channel_send(*p, ref, m, wire::FrameType::Response, txn, 0);
   if (r == Result::Ok) {
+    ++counters_[wire::CountResponses];
     watch_stall(*p);
     return r;
   }
@@ -4315,6 +4495,7 @@ inline Result Service::respond_error(Message&& m, Result code) noexcept {
   const std::uint32_t session = b->session;
   const std::uint32_t txn = b->txn;
   m.release();
+  request_done(session);
   const Peer* p = peer_refs_.lookup(session);
   if (!p || !p->open || p->closing) return Result::Closed;
   answer_error(session, txn, code);  // closes the session when even that cannot be sent
@@ -4352,6 +4533,7 @@ inline bool Service::close_peer(std::uint32_t ref, Result reason) noexcept {
   if (p->open)
     LEMSG_LOG(Info, "service %s: session of pid %ld closed: %s", log_name(), static_cast<long>(p->creds.pid),
               reason == Result::Ok ? "closed by this side" : to_string(reason));
+  if (p->open) ++counters_[close_counter(reason)];
   // Stop the socket first, so nothing a handler does below can reach it.
   p->ch.reset(loop_);
   if (p->open && close_handler_) {
@@ -4441,6 +4623,195 @@ inline void Service::on_timer() noexcept {
     if (!close_peer(stalled[i], Result::Stalled)) return;  // a close handler destroyed the Service
   }
   reschedule();
+}
+
+// -- introspection: the info query and the monitors (section 13 is the client) --
+
+namespace detail {
+inline void put32(unsigned char* at, std::uint32_t v) noexcept { std::memcpy(at, &v, 4); }
+inline void put64(unsigned char* at, std::uint64_t v) noexcept { std::memcpy(at, &v, 8); }
+inline std::uint32_t get32(const unsigned char* at) noexcept {
+  std::uint32_t v;
+  std::memcpy(&v, at, 4);
+  return v;
+}
+inline std::uint64_t get64(const unsigned char* at) noexcept {
+  std::uint64_t v;
+  std::memcpy(&v, at, 8);
+  return v;
+}
+}  // namespace detail
+
+inline std::uint32_t Service::close_counter(Result reason) noexcept {
+  switch (reason) {
+    case Result::Closed: return wire::CountClosedByClient;
+    case Result::Ok: return wire::CountClosedHere;
+    case Result::BadFrame: return wire::CountClosedBadFrame;
+    case Result::TooLarge: return wire::CountClosedTooLarge;
+    case Result::Overflow: return wire::CountClosedOverflow;
+    case Result::Stalled: return wire::CountClosedStalled;
+    default: return wire::CountClosedOther;
+  }
+}
+
+inline void Service::serve_intro(int fd, const Credentials& c, int kind, std::uint32_t arg) noexcept {
+  if (c.uid != 0 && c.uid != own_uid_) {
+    refuse(fd, c, Result::NotPermitted);
+    return;
+  }
+  if (kind == IntroInfo) {
+    LEMSG_LOG(Debug, "service %s: info query from pid %ld uid %ld", log_name(), static_cast<long>(c.pid),
+              static_cast<long>(c.uid));
+    send_info(fd);
+    ::close(fd);
+    return;
+  }
+  attach_monitor(fd, c, arg);
+}
+
+inline void Service::send_info(int fd) noexcept {
+  // On the stack: about 24 bytes per LEMSG_MAX_SESSIONS (1.8 KiB by default).
+  unsigned char buf[wire::header_size + wire::info_max_size];
+  unsigned char* rec = buf + wire::header_size;
+  const char* name = dir_mode_ ? dir_name_ : path_[0] ? std::strrchr(path_, '/') + 1 : "";
+  std::size_t name_len = std::strlen(name);
+  if (name_len > LEMSG_MAX_NAME) name_len = 0;  // never: advertise checked it
+  const std::size_t id_len = std::strlen(protocol_.id);
+  std::uint32_t sessions = 0;
+  unsigned char* at = rec + wire::info_fixed_size + name_len + id_len;
+  peer_refs_.for_each([&](const Peer* p, std::uint32_t ref) {
+    if (!p->open || p->closing || sessions >= LEMSG_MAX_SESSIONS) return;
+    detail::put32(at, ref);
+    detail::put32(at + 4, static_cast<std::uint32_t>(p->creds.pid));
+    detail::put32(at + 8, static_cast<std::uint32_t>(p->creds.uid));
+    detail::put32(at + 12, static_cast<std::uint32_t>(p->creds.gid));
+    detail::put32(at + 16, p->pending);
+    detail::put32(at + 20, static_cast<std::uint32_t>(p->ch.out_count));
+    at += wire::info_session_size;
+    ++sessions;
+  });
+  detail::put32(rec, 1);
+  detail::put32(rec + 4, dir_mode_ ? 1 : 0);
+  detail::put32(rec + 8, protocol_.max_payload);
+  detail::put32(rec + 12, static_cast<std::uint32_t>(pool_.in_use()));
+  detail::put32(rec + 16, static_cast<std::uint32_t>(pool_.high_water()));
+  detail::put32(rec + 20, static_cast<std::uint32_t>(pool_.capacity()));
+  detail::put32(rec + 24, static_cast<std::uint32_t>(name_len));
+  detail::put32(rec + 28, static_cast<std::uint32_t>(id_len));
+  detail::put32(rec + 32, sessions);
+  detail::put32(rec + 36, monitor_count_);
+  for (std::size_t i = 0; i < wire::info_counter_count; ++i) detail::put64(rec + 40 + 8 * i, counters_[i]);
+  std::memcpy(rec + wire::info_fixed_size, name, name_len);
+  std::memcpy(rec + wire::info_fixed_size + name_len, protocol_.id, id_len);
+  const std::size_t len = static_cast<std::size_t>(at - rec);
+  wire::encode(wire::Header{wire::FrameType::Message, 0, 0, static_cast<std::uint32_t>(len)}, buf);
+  // A fresh socket: its buffer is empty, so one datagram of this size goes.
+  const Result r = detail::send_datagram(fd, buf, wire::header_size + len, -1);
+  if (r != Result::Ok)
+    LEMSG_LOG(Info, "service %s: info answer not sent: %s", log_name(), to_string(r));
+}
+
+inline void Service::attach_monitor(int fd, const Credentials& c, std::uint32_t payload) noexcept {
+  std::size_t i = 0;
+  while (i < LEMSG_MAX_MONITORS && monitors_[i].fd >= 0) ++i;
+  if (i == LEMSG_MAX_MONITORS) {
+    // A monitor that detached may not have been seen yet (its hang-up waits
+    // in this same poll round): look before refusing.
+    for (std::size_t j = 0; j < LEMSG_MAX_MONITORS; ++j) {
+      struct pollfd p = {monitors_[j].fd, POLLIN, 0};
+      if (::poll(&p, 1, 0) != 0) {
+        drop_monitor(j, "detached", false);
+        if (i == LEMSG_MAX_MONITORS) i = j;
+      }
+    }
+  }
+  if (i == LEMSG_MAX_MONITORS) {
+    refuse(fd, c, Result::Busy);
+    return;
+  }
+  MonitorSlot& m = monitors_[i];
+  // A monitor sends nothing after its hello: anything readable (data or its
+  // hang-up) detaches it.
+  Result r = loop_.add_watch(fd, Readable, [this, i](int, short) { drop_monitor(i, "detached", false); }, m.watch);
+  if (r == Result::Ok) r = detail::send_control(fd, wire::FrameType::Welcome, 0, 0, nullptr, 0);
+  if (r != Result::Ok) {
+    if (m.watch) {
+      Result rr = loop_.remove_watch(m.watch);
+      (void)rr;
+      m.watch = WatchId{};
+    }
+    refuse(fd, c, r);
+    return;
+  }
+  // Room for a monitor that falls behind for a moment: as many records as
+  // the system lets a socket hold (the kernel caps the request at wmem_max).
+  int big = 1 << 20;
+  if (::setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &big, sizeof big) != 0)
+    LEMSG_LOG(Debug, "service %s: SO_SNDBUF for a monitor: %s", log_name(), std::strerror(errno));
+  m.fd = fd;
+  m.payload = payload < LEMSG_MONITOR_PAYLOAD ? payload : LEMSG_MONITOR_PAYLOAD;
+  m.pid = c.pid;
+  ++monitor_count_;
+  LEMSG_LOG(Info, "service %s: monitor attached for pid %ld uid %ld (%lu attached)", log_name(),
+            static_cast<long>(c.pid), static_cast<long>(c.uid), static_cast<unsigned long>(monitor_count_));
+}
+
+inline void Service::drop_monitor(std::size_t i, const char* why, bool dropped) noexcept {
+  MonitorSlot& m = monitors_[i];
+  if (m.fd < 0) return;
+  if (m.watch) {
+    Result r = loop_.remove_watch(m.watch);
+    (void)r;
+  }
+  ::close(m.fd);
+  LEMSG_LOG(Info, "service %s: monitor of pid %ld %s: %s", log_name(), static_cast<long>(m.pid),
+            dropped ? "dropped" : "gone", why);
+  m = MonitorSlot{};
+  --monitor_count_;
+  if (dropped) ++counters_[wire::CountMonitorsDropped];
+}
+
+inline void Service::monitor_block(bool out, std::uint32_t ref, const detail::MsgBlock* b) noexcept {
+  monitor_frame(out, ref, b->header, detail::payload_of(const_cast<detail::MsgBlock*>(b)));
+}
+
+inline void Service::monitor_frame(bool out, std::uint32_t ref, const unsigned char* header,
+                                   const unsigned char* payload) noexcept {
+  unsigned char buf[wire::header_size + wire::record_fixed_size + LEMSG_MONITOR_PAYLOAD];
+  unsigned char* rec = buf + wire::header_size;
+  const std::uint32_t size = detail::get32(header + 8);
+  std::uint32_t most = 0;
+  for (const MonitorSlot& m : monitors_)
+    if (m.fd >= 0 && m.payload > most) most = m.payload;
+  if (most > size) most = size;
+  detail::put64(rec, static_cast<std::uint64_t>(detail::now_ns()));
+  detail::put32(rec + 8, ref);
+  rec[12] = out ? 1 : 0;
+  rec[13] = header[2];  // type
+  rec[14] = header[3];  // flags
+  rec[15] = 0;
+  std::memcpy(rec + 16, header + 4, 4);  // txn
+  detail::put32(rec + 20, size);
+  if (most) std::memcpy(rec + wire::record_fixed_size, payload, most);
+  for (std::size_t i = 0; i < LEMSG_MAX_MONITORS; ++i) {
+    const MonitorSlot& m = monitors_[i];
+    if (m.fd < 0) continue;
+    const std::uint32_t n = m.payload < size ? m.payload : size;
+    detail::put32(rec + 24, n);
+    const std::uint32_t len = static_cast<std::uint32_t>(wire::record_fixed_size + n);
+    wire::encode(wire::Header{wire::FrameType::Message, 0, 0, len}, buf);
+    const Result r = detail::send_datagram(m.fd, buf, wire::header_size + len, -1);
+    if (r == Result::WouldBlock) drop_monitor(i, "it does not read", true);
+    else if (r != Result::Ok) drop_monitor(i, to_string(r), r != Result::Closed);
+  }
+}
+
+inline Result Service::send_monitored(Peer& p, std::uint32_t ref, Message& m, wire::FrameType type,
+                                      std::uint32_t txn, std::uint8_t flags) noexcept {
+  Message seen = m;  // the frame, still readable after a send that releases `m`
+  const Result r = p.ch.send(loop_, m, type, txn, flags);
+  if (r == Result::Ok) monitor_block(true, ref, seen.blk_);
+  return r;
 }
 
 // =============================================================================
@@ -7787,7 +8158,415 @@ inline const Binding* Bindings::find(uid_t client, const char* iface) const noex
   return nullptr;
 }
 
-// [introspection]
+// -- introspection: the info query and the monitor ---------------------------
+//
+// Every Service answers these by itself (the application writes nothing), on
+// a connection of their own that takes no session slot and runs no handler,
+// and only for uid 0 or the service's own uid (SO_PEERCRED of the
+// connection): anyone else gets NotPermitted, whatever the allow-list says.
+// The connection is made to the socket file (query_info, Monitor::attach) or
+// is any connected socket to the service (query_info_fd, Monitor::attach_fd:
+// one the service directory handed over, say). The wire is in section 5
+// ("Introspection"): a Hello with a reserved protocol id, "lemsg.info" or
+// "lemsg.monitor", answered with one info record, or with a Welcome and then
+// one record per frame.
+//
+//   query_info   name, protocol id and maximum payload, mode (direct or
+//                directory), the open sessions (uid, gid, pid, requests
+//                received and not yet answered, frames waiting in the
+//                session's send queue), pool blocks in use, high water and
+//                capacity, monitors attached, and counters since the Service
+//                was made (see ServiceCounters).
+//   Monitor      attach, then next() returns one MonitorRecord per frame the
+//                service received from a session or sent (or queued) to one,
+//                in order: its time (CLOCK_MONOTONIC of the device), the
+//                direction, the session, type, txn, payload size, fd and
+//                error flags, and with `with_payload` its first
+//                LEMSG_MONITOR_PAYLOAD payload bytes. Handshake frames are
+//                not shown. At most LEMSG_MAX_MONITORS per Service (one more:
+//                Busy).
+//
+// The drop rule: the service sends each record once, without waiting. A
+// monitor that does not read fills its socket and is dropped at once (its
+// next() then returns Closed after the records already sent); the service's
+// clients see nothing of it. A service with no monitor attached pays one
+// test of a counter per frame.
+//
+// Both ends must be built with the same LEMSG_MAX_SESSIONS, LEMSG_MAX_NAME
+// and LEMSG_MAX_PROTOCOL_ID (at least 13, the reserved ids' length):
+// everything the service sends is checked against this build's bounds
+// before it is used, and a record beyond them is a BadFrame.
+
+/// How a service is reached, as its info says.
+enum class ServiceMode : std::uint32_t { Direct = 0, Directory = 1 };
+
+/// One open session of a service, as its info says.
+struct SessionInfo {
+  SessionRef session;
+  Credentials creds;          // of the client, from SO_PEERCRED at connect time
+  std::uint32_t pending = 0;  // requests the server received and has not answered
+  std::uint32_t queued = 0;   // frames waiting in its send queue (the client is slow)
+};
+
+/// What a service counted since it was made. Sessions closed by reason count
+/// opened sessions only; a refused connection counts in `refused`.
+struct ServiceCounters {
+  std::uint64_t requests = 0;          // requests received
+  std::uint64_t responses = 0;         // responses sent, error responses included
+  std::uint64_t messages_in = 0;       // one-way messages received
+  std::uint64_t messages_out = 0;      // one-way messages sent
+  std::uint64_t bad_frames = 0;        // malformed frames and hellos received
+  std::uint64_t opened = 0;            // sessions opened
+  std::uint64_t refused = 0;           // connections refused (allow-list, tables, ...)
+  std::uint64_t monitors_dropped = 0;  // monitors dropped for not reading
+  std::uint64_t closed_by_client = 0;  // close reason Closed: the client closed or died
+  std::uint64_t closed_here = 0;       // Ok: the server closed it
+  std::uint64_t closed_bad_frame = 0;  // BadFrame
+  std::uint64_t closed_too_large = 0;  // TooLarge
+  std::uint64_t closed_overflow = 0;   // Overflow
+  std::uint64_t closed_stalled = 0;    // Stalled
+  std::uint64_t closed_other = 0;      // any other reason
+};
+
+/// A service's answer to the info query. Fixed size (no heap); about 24
+/// bytes per LEMSG_MAX_SESSIONS: keep it off small stacks.
+struct ServiceInfo {
+  char name[LEMSG_MAX_NAME + 1] = {};  // advertised name; "" when not advertised
+  char protocol_id[LEMSG_MAX_PROTOCOL_ID + 1] = {};
+  std::uint32_t max_payload = 0;
+  ServiceMode mode = ServiceMode::Direct;
+  Credentials server;  // the server process (SO_PEERCRED of the connection, not its word)
+  std::uint32_t pool_in_use = 0;
+  std::uint32_t pool_high_water = 0;
+  std::uint32_t pool_capacity = 0;
+  std::uint32_t monitors = 0;  // monitors attached
+  std::uint32_t session_count = 0;
+  SessionInfo sessions[LEMSG_MAX_SESSIONS];
+  ServiceCounters counters;
+};
+
+/// Asks the service at the other end of the connected socket `fd` for its
+/// info, waiting at most `timeout_ms` in all. The fd stays the caller's
+/// (used up: close it). Ok with `out` filled; NotPermitted (not root nor the
+/// service's user); Timeout; Closed (the service closed without answering);
+/// BadFrame or TooLarge (the answer is malformed or beyond this build's
+/// bounds); BadParameter; another Result the service refused with; SystemError.
+inline Result query_info_fd(int fd, ServiceInfo& out, int timeout_ms) noexcept;
+
+/// query_info_fd on a connection to <runtime dir>/<name>. Also NotFound (no
+/// server), UnsafeRuntimeDir, Busy (backlog full), BadParameter (name).
+inline Result query_info(const char* name, ServiceInfo& out, int timeout_ms) noexcept;
+
+/// Which way a frame went, seen from the service.
+enum class Direction : std::uint8_t { In = 0, Out = 1 };
+
+/// One frame a service received or sent, as its monitor tells it.
+struct MonitorRecord {
+  std::uint64_t time_ns = 0;  // CLOCK_MONOTONIC on the device, when the service handled it
+  Direction direction = Direction::In;
+  SessionRef session;
+  wire::FrameType type = wire::FrameType::Message;  // Message, Request or Response
+  std::uint32_t txn = 0;                            // 0 for a Message
+  std::uint32_t size = 0;                           // the frame's payload bytes
+  bool has_fd = false;
+  bool error = false;  // an error response: the payload is a 4-byte Result
+  std::uint32_t payload_size = 0;  // bytes of `payload` filled (0 unless asked for)
+  unsigned char payload[LEMSG_MONITOR_PAYLOAD > 0 ? LEMSG_MONITOR_PAYLOAD : 1] = {};
+};
+
+/// A live view of a service's frames, for tools (`lemsg monitor NAME`).
+/// Blocking, with timeouts; fd() lets a caller poll it instead. Not
+/// thread-safe. Only root and the service's own uid may attach.
+class Monitor {
+ public:
+  Monitor() noexcept = default;
+  ~Monitor() { detach(); }
+  Monitor(const Monitor&) = delete;
+  Monitor& operator=(const Monitor&) = delete;
+
+  /// Attaches to <runtime dir>/<name>. `with_payload`: ask for the first
+  /// LEMSG_MONITOR_PAYLOAD bytes of each frame's payload. Ok; Busy (attached
+  /// already here, or the service has LEMSG_MAX_MONITORS); NotPermitted;
+  /// NotFound; Timeout; Closed; BadFrame; BadParameter; SystemError.
+  Result attach(const char* name, bool with_payload, int timeout_ms) noexcept;
+  /// Attaches over the connected socket `fd`, which it takes over in every
+  /// case (closed on failure and by detach()). Results as attach().
+  Result attach_fd(int fd, bool with_payload, int timeout_ms) noexcept;
+  /// The next record, waiting at most `timeout_ms` (0: only what is there).
+  /// Ok; Timeout; Closed (the service dropped this monitor, or went; the
+  /// monitor is detached); BadFrame (a malformed record: detached);
+  /// NotFound (not attached); SystemError.
+  Result next(MonitorRecord& out, int timeout_ms) noexcept;
+  /// Closes the connection; the service frees the monitor's place.
+  void detach() noexcept {
+    if (fd_ >= 0) ::close(fd_);
+    fd_ = -1;
+  }
+  bool attached() const noexcept { return fd_ >= 0; }
+  /// The connection, to poll for POLLIN; -1 when not attached.
+  int fd() const noexcept { return fd_; }
+
+ private:
+  int fd_ = -1;
+};
+
+// -- implementation --
+
+inline Result directory_connect(const char* name, int& fd, int timeout_ms, Credentials* server = nullptr) noexcept;  // below
+
+namespace detail {
+
+// Sends an introspection hello for `id` on `fd`.
+inline Result send_intro_hello(int fd, const char* id, std::uint32_t arg) noexcept {
+  const std::uint32_t idlen = static_cast<std::uint32_t>(std::strlen(id));
+  if (idlen > LEMSG_MAX_PROTOCOL_ID) return Result::BadParameter;
+  unsigned char hello[8 + LEMSG_MAX_PROTOCOL_ID];
+  std::memcpy(hello, &arg, 4);
+  std::memcpy(hello + 4, &idlen, 4);
+  std::memcpy(hello + 8, id, idlen);
+  return send_control(fd, wire::FrameType::Hello, 0, 0, hello, 8 + idlen);
+}
+
+// Receives one datagram of at most `cap` bytes from `fd` before `deadline`
+// (now_ns()); an fd that comes with it is closed and makes it a BadFrame.
+inline Result intro_receive(int fd, unsigned char* buf, std::size_t cap, std::size_t& len,
+                            std::int64_t deadline) noexcept {
+  for (;;) {
+    int rfd = -1;
+    Result r = recv_datagram(fd, buf, cap, len, rfd);
+    if (rfd >= 0) {
+      ::close(rfd);
+      return Result::BadFrame;
+    }
+    if (r != Result::WouldBlock) return r;
+    struct pollfd pfd = {fd, POLLIN, 0};
+    const int rc = ::poll(&pfd, 1, ms_until(deadline));
+    if (rc < 0 && errno != EINTR) return Result::SystemError;
+    if (rc == 0) return Result::Timeout;
+  }
+}
+
+// The Result a Refuse frame of `len` bytes at `buf` carries (BadFrame for
+// one this build does not know).
+inline Result refusal(const unsigned char* buf) noexcept {
+  std::int32_t code;
+  std::memcpy(&code, buf + wire::header_size, 4);
+  return known_result(code) ? static_cast<Result>(code) : Result::BadFrame;
+}
+
+// Empties `out` field by field (a ServiceInfo{} temporary would be as large
+// as the sessions array).
+inline void clear_info(ServiceInfo& out) noexcept {
+  std::memset(out.name, 0, sizeof out.name);
+  std::memset(out.protocol_id, 0, sizeof out.protocol_id);
+  out.max_payload = 0;
+  out.mode = ServiceMode::Direct;
+  out.server = Credentials{};
+  out.pool_in_use = out.pool_high_water = out.pool_capacity = 0;
+  out.monitors = 0;
+  out.session_count = 0;
+  for (SessionInfo& si : out.sessions) si = SessionInfo{};
+  out.counters = ServiceCounters{};
+}
+
+inline bool valid_name_bytes(const unsigned char* p, std::size_t n) noexcept {
+  for (std::size_t i = 0; i < n; ++i) {
+    const unsigned char c = p[i];
+    const bool ok = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '.' ||
+                    c == '_' || c == '-';
+    if (!ok || (i == 0 && c == '.')) return false;
+  }
+  return true;
+}
+
+// Decodes and checks an info record of exactly `len` bytes.
+inline Result decode_info(const unsigned char* rec, std::size_t len, ServiceInfo& out) noexcept {
+  if (len < wire::info_fixed_size) return Result::BadFrame;
+  const std::uint32_t version = get32(rec), mode = get32(rec + 4);
+  const std::uint32_t in_use = get32(rec + 12), high = get32(rec + 16), cap = get32(rec + 20);
+  const std::uint32_t name_len = get32(rec + 24), id_len = get32(rec + 28), count = get32(rec + 32);
+  if (version != 1 || mode > 1 || in_use > high || high > cap) return Result::BadFrame;
+  if (name_len > LEMSG_MAX_NAME || id_len == 0 || id_len > LEMSG_MAX_PROTOCOL_ID || count > LEMSG_MAX_SESSIONS)
+    return Result::BadFrame;
+  // Each bounded above, so the sum cannot wrap.
+  if (len != wire::info_fixed_size + name_len + id_len + wire::info_session_size * count) return Result::BadFrame;
+  const unsigned char* name = rec + wire::info_fixed_size;
+  const unsigned char* id = name + name_len;
+  if (!valid_name_bytes(name, name_len) || std::memchr(id, 0, id_len) != nullptr) return Result::BadFrame;
+  const Credentials server = out.server;
+  clear_info(out);
+  out.server = server;
+  std::memcpy(out.name, name, name_len);
+  std::memcpy(out.protocol_id, id, id_len);
+  out.max_payload = get32(rec + 8);
+  out.mode = static_cast<ServiceMode>(mode);
+  out.pool_in_use = in_use;
+  out.pool_high_water = high;
+  out.pool_capacity = cap;
+  out.monitors = get32(rec + 36);
+  out.session_count = count;
+  std::uint64_t ServiceCounters::* const fields[] = {
+      &ServiceCounters::requests,         &ServiceCounters::responses,       &ServiceCounters::messages_in,
+      &ServiceCounters::messages_out,     &ServiceCounters::bad_frames,      &ServiceCounters::opened,
+      &ServiceCounters::refused,          &ServiceCounters::monitors_dropped, &ServiceCounters::closed_by_client,
+      &ServiceCounters::closed_here,      &ServiceCounters::closed_bad_frame, &ServiceCounters::closed_too_large,
+      &ServiceCounters::closed_overflow,  &ServiceCounters::closed_stalled,  &ServiceCounters::closed_other};
+  static_assert(sizeof fields / sizeof fields[0] == wire::info_counter_count, "one field per counter");
+  for (std::size_t i = 0; i < wire::info_counter_count; ++i) out.counters.*fields[i] = get64(rec + 40 + 8 * i);
+  const unsigned char* at = id + id_len;
+  for (std::uint32_t i = 0; i < count; ++i, at += wire::info_session_size) {
+    SessionInfo& si = out.sessions[i];
+    si.session = SessionRef{get32(at)};
+    si.creds.pid = static_cast<pid_t>(get32(at + 4));
+    si.creds.uid = static_cast<uid_t>(get32(at + 8));
+    si.creds.gid = static_cast<gid_t>(get32(at + 12));
+    si.pending = get32(at + 16);
+    si.queued = get32(at + 20);
+    if (!si.session) return Result::BadFrame;
+  }
+  return Result::Ok;
+}
+
+// Connects to the socket of service `name` (direct mode).
+// `via` is set when the directory handed the socket over: then `server` has
+// the server's identity (SO_PEERCRED would name the directory).
+inline Result intro_connect(const char* name, int& fd, bool& via, Credentials& server) noexcept {
+  fd = -1;
+  char path[sizeof(sockaddr_un::sun_path)];
+  // Directory mode: the directory hands us the service's socket (to root and
+  // the service's own uid only).
+  via = directory_mode(Discovery::Auto, path);
+  if (via) return directory_connect(name, fd, LEMSG_OPEN_TIMEOUT_MS, &server);
+  Result r = socket_path(name, path);
+  if (r != Result::Ok) return r;
+  r = check_socket_dir(path);
+  if (r != Result::Ok) return r;
+  return connect_to(path, fd);
+}
+
+}  // namespace detail
+
+inline Result query_info_fd(int fd, ServiceInfo& out, int timeout_ms) noexcept {
+  if (fd < 0 || timeout_ms < 0) return Result::BadParameter;
+  const std::int64_t deadline = detail::now_ns() + static_cast<std::int64_t>(timeout_ms) * 1000000;
+  Result r = detail::send_intro_hello(fd, wire::info_id, 0);
+  // Closed: refused at accept, maybe; the Refuse is waiting to be read.
+  if (r != Result::Ok && r != Result::Closed) return r;
+  Credentials server;
+  if (detail::peer_credentials(fd, server) != Result::Ok) return Result::SystemError;
+  // The record is read into a buffer on the stack, sized like ServiceInfo's sessions.
+  unsigned char buf[wire::header_size + wire::info_max_size];
+  std::size_t len = 0;
+  r = detail::intro_receive(fd, buf, sizeof buf, len, deadline);
+  if (r != Result::Ok) return r;
+  wire::Header h;
+  r = wire::decode(buf, len, static_cast<std::uint32_t>(wire::info_max_size), h);
+  if (r != Result::Ok) return r;
+  if (h.type == wire::FrameType::Refuse) return detail::refusal(buf);
+  if (h.type != wire::FrameType::Message || h.flags != 0) return Result::BadFrame;
+  out.server = server;
+  r = detail::decode_info(buf + wire::header_size, h.length, out);
+  if (r != Result::Ok) detail::clear_info(out);
+  return r;
+}
+
+inline Result query_info(const char* name, ServiceInfo& out, int timeout_ms) noexcept {
+  if (timeout_ms < 0) return Result::BadParameter;
+  int fd = -1;
+  bool via = false;
+  Credentials server;
+  Result r = detail::intro_connect(name, fd, via, server);
+  if (r != Result::Ok) return r;
+  r = query_info_fd(fd, out, timeout_ms);
+  ::close(fd);
+  if (r == Result::Ok && via) out.server = server;
+  return r;
+}
+
+inline Result Monitor::attach(const char* name, bool with_payload, int timeout_ms) noexcept {
+  if (fd_ >= 0) return Result::Busy;
+  if (timeout_ms < 0) return Result::BadParameter;
+  int fd = -1;
+  bool via = false;
+  Credentials server;
+  const Result r = detail::intro_connect(name, fd, via, server);
+  if (r != Result::Ok) return r;
+  return attach_fd(fd, with_payload, timeout_ms);
+}
+
+inline Result Monitor::attach_fd(int fd, bool with_payload, int timeout_ms) noexcept {
+  if (fd < 0) return Result::BadParameter;
+  if (fd_ >= 0) {
+    ::close(fd);
+    return Result::Busy;
+  }
+  if (timeout_ms < 0) {
+    ::close(fd);
+    return Result::BadParameter;
+  }
+  const std::int64_t deadline = detail::now_ns() + static_cast<std::int64_t>(timeout_ms) * 1000000;
+  Result r = detail::send_intro_hello(fd, wire::monitor_id, with_payload ? LEMSG_MONITOR_PAYLOAD : 0);
+  if (r == Result::Closed) r = Result::Ok;  // refused at accept: read the Refuse
+  unsigned char buf[wire::header_size + 4];
+  std::size_t len = 0;
+  if (r == Result::Ok) r = detail::intro_receive(fd, buf, sizeof buf, len, deadline);
+  wire::Header h;
+  if (r == Result::Ok) r = wire::decode(buf, len, 0, h);
+  if (r == Result::Ok && h.type == wire::FrameType::Refuse) r = detail::refusal(buf);
+  else if (r == Result::Ok && h.type != wire::FrameType::Welcome) r = Result::BadFrame;
+  if (r != Result::Ok) {
+    ::close(fd);
+    return r;
+  }
+  fd_ = fd;
+  return Result::Ok;
+}
+
+inline Result Monitor::next(MonitorRecord& out, int timeout_ms) noexcept {
+  if (fd_ < 0) return Result::NotFound;
+  if (timeout_ms < 0) return Result::BadParameter;
+  const std::int64_t deadline = detail::now_ns() + static_cast<std::int64_t>(timeout_ms) * 1000000;
+  unsigned char buf[wire::header_size + wire::record_fixed_size + LEMSG_MONITOR_PAYLOAD];
+  std::size_t len = 0;
+  Result r = detail::intro_receive(fd_, buf, sizeof buf, len, deadline);
+  if (r == Result::Timeout || r == Result::SystemError) return r;
+  wire::Header h;
+  if (r == Result::Ok) r = wire::decode(buf, len, static_cast<std::uint32_t>(sizeof buf - wire::header_size), h);
+  if (r == Result::TooLarge) r = Result::BadFrame;
+  if (r == Result::Ok && (h.type != wire::FrameType::Message || h.flags != 0 || h.length < wire::record_fixed_size))
+    r = Result::BadFrame;
+  const unsigned char* rec = buf + wire::header_size;
+  if (r == Result::Ok) {
+    const std::uint8_t dir = rec[12], type = rec[13], flags = rec[14];
+    const std::uint32_t ref = detail::get32(rec + 8), txn = detail::get32(rec + 16);
+    const std::uint32_t size = detail::get32(rec + 20), n = detail::get32(rec + 24);
+    const bool typed = type == static_cast<std::uint8_t>(wire::FrameType::Message) ||
+                       type == static_cast<std::uint8_t>(wire::FrameType::Request) ||
+                       type == static_cast<std::uint8_t>(wire::FrameType::Response);
+    const bool has_txn = type != static_cast<std::uint8_t>(wire::FrameType::Message);
+    if (dir > 1 || !typed || (flags & ~(wire::FlagFd | wire::FlagError)) != 0 || rec[15] != 0 || ref == 0 ||
+        has_txn != (txn != 0) || n > LEMSG_MONITOR_PAYLOAD || n > size || h.length != wire::record_fixed_size + n)
+      r = Result::BadFrame;
+    if (r == Result::Ok) {
+      out.time_ns = detail::get64(rec);
+      out.direction = static_cast<Direction>(dir);
+      out.session = SessionRef{ref};
+      out.type = static_cast<wire::FrameType>(type);
+      out.txn = txn;
+      out.size = size;
+      out.has_fd = (flags & wire::FlagFd) != 0;
+      out.error = (flags & wire::FlagError) != 0;
+      out.payload_size = n;
+      if (n) std::memcpy(out.payload, rec + wire::record_fixed_size, n);
+      return Result::Ok;
+    }
+  }
+  if (r != Result::Closed)
+    LEMSG_LOG(Warning, "monitor: a malformed record from the service: %s; detaching", to_string(r));
+  detach();
+  return r == Result::Closed ? r : Result::BadFrame;
+}
+
 
 // [directory]
 
@@ -7885,9 +8664,11 @@ inline Result directory_wait(const char* name, int timeout_ms) noexcept;
 /// A connected socket to registered service `name`, handed over by the
 /// directory like a client's (for the info query and the monitor: the
 /// directory gives it only to root and the service's own uid, else
-/// NotPermitted). `fd` is then the caller's to close. Ok, NotFound,
-/// NotPermitted, Timeout, BadParameter, BadFrame.
-inline Result directory_connect(const char* name, int& fd, int timeout_ms) noexcept;
+/// NotPermitted). `fd` is then the caller's to close; `server`, when not
+/// null, gets the server's pid, uid and gid as the directory saw them (the
+/// socket's SO_PEERCRED names the directory). Ok, NotFound, NotPermitted,
+/// Timeout, BadParameter, BadFrame.
+inline Result directory_connect(const char* name, int& fd, int timeout_ms, Credentials* server) noexcept;
 
 namespace detail {
 // The directory's socket: the environment's when set, else <runtime dir>/directory.
@@ -7945,7 +8726,7 @@ Result directory_list(F&& f, int timeout_ms) noexcept {
   return r;
 }
 
-inline Result directory_connect(const char* name, int& fd, int timeout_ms) noexcept {
+inline Result directory_connect(const char* name, int& fd, int timeout_ms, Credentials* server) noexcept {
   fd = -1;
   if (!detail::valid_name(name) || timeout_ms < 0) return Result::BadParameter;
   detail::dirwire::Record req;
@@ -7961,6 +8742,11 @@ inline Result directory_connect(const char* name, int& fd, int timeout_ms) noexc
   if (r != Result::Ok) {
     ::close(s);
     return r;
+  }
+  if (server) {
+    server->pid = static_cast<pid_t>(a.b);
+    server->uid = static_cast<uid_t>(a.c);
+    server->gid = static_cast<gid_t>(a.d);
   }
   fd = s;
   return Result::Ok;

@@ -6,8 +6,9 @@
 //                                    the waiting clients and the bindings
 //   lemsg info NAME [--json]         a service's own figures (root or the
 //                                    service's user only)
-//   lemsg monitor NAME [--payload] [--json]  one line per frame the service
-//                                    sends or receives, until interrupted
+//   lemsg monitor NAME [COUNT] [--payload] [--json]  one line per frame the
+//                                    service sends or receives, until
+//                                    interrupted (or COUNT lines)
 //   lemsg wait NAME [TIMEOUT_MS]     exit 0 as soon as NAME is up (default
 //                                    timeout 10000 ms; 0 looks once), for
 //                                    start-up scripts; 1 when it is not
@@ -33,7 +34,7 @@ int usage() {
   std::fprintf(stderr,
                "usage: lemsg list [--json]\n"
                "       lemsg info NAME [--json]\n"
-               "       lemsg monitor NAME [--payload] [--json]\n"
+               "       lemsg monitor NAME [COUNT] [--payload] [--json]\n"
                "       lemsg wait NAME [TIMEOUT_MS]\n"
                "       lemsg bindings [--json]\n");
   return 2;
@@ -170,6 +171,127 @@ int list_directory(bool services, bool bindings) {
   return 0;
 }
 
+lemsg::ServiceInfo info;  // large (a line per possible session): not on the stack
+
+int show_info(const char* name) {
+  const lemsg::Result r = lemsg::query_info(name, info, 5000);
+  if (r != lemsg::Result::Ok) return fail(name, r);
+  const lemsg::ServiceCounters& k = info.counters;
+  const char* mode = info.mode == lemsg::ServiceMode::Directory ? "directory" : "direct";
+  char u[80];
+  if (json) {
+    std::printf("{\"name\":"), put_json(info.name), std::printf(",\"protocol\":"), put_json(info.protocol_id);
+    std::printf(",\"max_payload\":%lu,\"mode\":\"%s\",\"pid\":%ld,\"owner\":", static_cast<unsigned long>(info.max_payload),
+                mode, static_cast<long>(info.server.pid));
+    put_json(user(info.server.uid, u));
+    std::printf(",\"uid\":%u,\"pool\":{\"in_use\":%lu,\"high_water\":%lu,\"capacity\":%lu},\"monitors\":%lu,\"sessions\":[",
+                static_cast<unsigned>(info.server.uid), static_cast<unsigned long>(info.pool_in_use),
+                static_cast<unsigned long>(info.pool_high_water), static_cast<unsigned long>(info.pool_capacity),
+                static_cast<unsigned long>(info.monitors));
+    for (std::uint32_t i = 0; i < info.session_count; ++i) {
+      const lemsg::SessionInfo& s = info.sessions[i];
+      std::printf("%s{\"session\":%lu,\"pid\":%ld,\"uid\":%u,\"gid\":%u,\"pending\":%lu,\"queued\":%lu}", i ? "," : "",
+                  static_cast<unsigned long>(s.session.value), static_cast<long>(s.creds.pid),
+                  static_cast<unsigned>(s.creds.uid), static_cast<unsigned>(s.creds.gid),
+                  static_cast<unsigned long>(s.pending), static_cast<unsigned long>(s.queued));
+    }
+    std::printf("],\"counters\":{\"requests\":%llu,\"responses\":%llu,\"messages_in\":%llu,\"messages_out\":%llu,"
+                "\"bad_frames\":%llu,\"opened\":%llu,\"refused\":%llu,\"monitors_dropped\":%llu,\"closed_by_client\":%llu,"
+                "\"closed_here\":%llu,\"closed_bad_frame\":%llu,\"closed_too_large\":%llu,\"closed_overflow\":%llu,"
+                "\"closed_stalled\":%llu,\"closed_other\":%llu}}\n",
+                static_cast<unsigned long long>(k.requests), static_cast<unsigned long long>(k.responses),
+                static_cast<unsigned long long>(k.messages_in), static_cast<unsigned long long>(k.messages_out),
+                static_cast<unsigned long long>(k.bad_frames), static_cast<unsigned long long>(k.opened),
+                static_cast<unsigned long long>(k.refused), static_cast<unsigned long long>(k.monitors_dropped),
+                static_cast<unsigned long long>(k.closed_by_client), static_cast<unsigned long long>(k.closed_here),
+                static_cast<unsigned long long>(k.closed_bad_frame), static_cast<unsigned long long>(k.closed_too_large),
+                static_cast<unsigned long long>(k.closed_overflow), static_cast<unsigned long long>(k.closed_stalled),
+                static_cast<unsigned long long>(k.closed_other));
+    return 0;
+  }
+  std::printf("service   %s (%s mode), pid %ld, user %s\n", info.name, mode, static_cast<long>(info.server.pid),
+              user(info.server.uid, u));
+  std::printf("protocol  %s, max payload %lu bytes\n", info.protocol_id, static_cast<unsigned long>(info.max_payload));
+  std::printf("pool      %lu of %lu blocks in use, high-water mark %lu\n", static_cast<unsigned long>(info.pool_in_use),
+              static_cast<unsigned long>(info.pool_capacity), static_cast<unsigned long>(info.pool_high_water));
+  std::printf("sessions  %lu (monitors attached: %lu)\n", static_cast<unsigned long>(info.session_count),
+              static_cast<unsigned long>(info.monitors));
+  for (std::uint32_t i = 0; i < info.session_count; ++i) {
+    const lemsg::SessionInfo& s = info.sessions[i];
+    std::printf("  session %-8lu pid %-7ld user %-12s gid %-6u pending %-4lu queued %lu\n",
+                static_cast<unsigned long>(s.session.value), static_cast<long>(s.creds.pid), user(s.creds.uid, u),
+                static_cast<unsigned>(s.creds.gid), static_cast<unsigned long>(s.pending),
+                static_cast<unsigned long>(s.queued));
+  }
+  std::printf("counters  requests %llu, responses %llu, messages in %llu, out %llu, bad frames %llu\n",
+              static_cast<unsigned long long>(k.requests), static_cast<unsigned long long>(k.responses),
+              static_cast<unsigned long long>(k.messages_in), static_cast<unsigned long long>(k.messages_out),
+              static_cast<unsigned long long>(k.bad_frames));
+  std::printf("          sessions opened %llu, refused %llu; closed by the client %llu, by the server %llu,\n"
+              "          bad frame %llu, too large %llu, overflow %llu, stalled %llu, other %llu; monitors dropped %llu\n",
+              static_cast<unsigned long long>(k.opened), static_cast<unsigned long long>(k.refused),
+              static_cast<unsigned long long>(k.closed_by_client), static_cast<unsigned long long>(k.closed_here),
+              static_cast<unsigned long long>(k.closed_bad_frame), static_cast<unsigned long long>(k.closed_too_large),
+              static_cast<unsigned long long>(k.closed_overflow), static_cast<unsigned long long>(k.closed_stalled),
+              static_cast<unsigned long long>(k.closed_other), static_cast<unsigned long long>(k.monitors_dropped));
+  return 0;
+}
+
+const char* frame_name(lemsg::wire::FrameType t) {
+  switch (t) {
+    case lemsg::wire::FrameType::Message: return "message";
+    case lemsg::wire::FrameType::Request: return "request";
+    case lemsg::wire::FrameType::Response: return "response";
+    default: return "control";
+  }
+}
+
+// Until the service goes, the monitor is dropped, or `limit` records (0: no limit).
+int monitor(const char* name, bool payload, long limit) {
+  lemsg::Monitor m;
+  lemsg::Result r = m.attach(name, payload, 5000);
+  if (r != lemsg::Result::Ok) return fail(name, r);
+  if (!json) std::printf("monitoring %s (time s, direction, session, frame, txn, bytes)\n", name);
+  std::fflush(stdout);
+  lemsg::MonitorRecord rec;
+  for (long n = 0; limit == 0 || n < limit;) {
+    r = m.next(rec, 1000);
+    if (r == lemsg::Result::Timeout) continue;
+    if (r != lemsg::Result::Ok) {
+      std::fprintf(stderr, "lemsg: monitor of %s ended: %s\n", name, lemsg::to_string(r));
+      return 1;
+    }
+    ++n;
+    const double t = static_cast<double>(rec.time_ns) / 1e9;
+    const char* dir = rec.direction == lemsg::Direction::In ? "in" : "out";
+    if (json) {
+      std::printf("{\"time\":%.6f,\"direction\":\"%s\",\"session\":%lu,\"frame\":\"%s\",\"txn\":%lu,\"size\":%lu,"
+                  "\"fd\":%s,\"error\":%s",
+                  t, dir, static_cast<unsigned long>(rec.session.value), frame_name(rec.type),
+                  static_cast<unsigned long>(rec.txn), static_cast<unsigned long>(rec.size), rec.has_fd ? "true" : "false",
+                  rec.error ? "true" : "false");
+      if (payload) {
+        std::printf(",\"payload\":\"");
+        for (std::uint32_t i = 0; i < rec.payload_size; ++i) std::printf("%02x", rec.payload[i]);
+        std::printf("\"");
+      }
+      std::printf("}\n");
+    } else {
+      std::printf("%.6f %-3s session %-8lu %-8s txn %-10lu %5lu bytes%s%s", t, dir,
+                  static_cast<unsigned long>(rec.session.value), frame_name(rec.type),
+                  static_cast<unsigned long>(rec.txn), static_cast<unsigned long>(rec.size), rec.has_fd ? " +fd" : "",
+                  rec.error ? " (error)" : "");
+      if (payload && rec.payload_size) {
+        std::printf("  ");
+        for (std::uint32_t i = 0; i < rec.payload_size; ++i) std::printf("%02x", rec.payload[i]);
+      }
+      std::printf("\n");
+    }
+    std::fflush(stdout);
+  }
+  return 0;
+}
+
 int wait_for(const char* name, int timeout_ms) {
   lemsg::Result r;
   if (directory_mode()) {
@@ -222,7 +344,14 @@ int main(int argc, char** argv) {
     else if (!number) number = argv[i];
     else return usage();
   }
-  (void)payload;
+  if (std::strcmp(cmd, "info") == 0 && name && !number) return show_info(name);
+  if (std::strcmp(cmd, "monitor") == 0 && name) {
+    // A record count, after the name, stops it (for scripts and tests).
+    char* end = nullptr;
+    const long limit = number ? std::strtol(number, &end, 10) : 0;
+    if ((number && (*end || end == number)) || limit < 0) return usage();
+    return monitor(name, payload, limit);
+  }
   if (std::strcmp(cmd, "list") == 0 && !name) return directory_mode() ? list_directory(true, true) : list_direct();
   if (std::strcmp(cmd, "bindings") == 0 && !name) return list_directory(false, true);
   if (std::strcmp(cmd, "wait") == 0 && name) {

@@ -267,4 +267,104 @@ TEST_CASE("tools: examples/directory: the client's \"position\" reaches the serv
   unsetenv("LEMSG_DIRECTORY");
 }
 
+namespace {
+
+// The info and monitor story, in the mode the environment sets: a server
+// child, a client child that sends echo requests until told to stop, and the
+// tool in a third child.
+void info_and_monitor(const char* mode) {
+  testutil::Pipe ready, stop;
+  const pid_t server = testutil::spawn([&] {
+    testutil::die_with_parent();
+    Loop l;
+    SmallPool p;
+    Server srv(l, p);
+    if (srv.svc.advertise("inf") != Result::Ok) return 1;
+    ready.put('s');
+    return l.run() == Result::Ok ? 0 : 2;
+  });
+  REQUIRE(ready.get(kWaitMs) == 's');
+  const pid_t client = testutil::spawn([&] {
+    testutil::die_with_parent();
+    stop.close_write();
+    Loop l;
+    SmallPool p;
+    Session c(l, kProto, p);
+    if (c.open_sync("inf", kWaitMs) != Result::Ok) return 1;
+    Body b{0, 0};
+    for (std::uint32_t i = 0; i < 5; ++i)
+      if (call(c, OpEcho, i, b) != Result::Ok) return 2;
+    ready.put('c');
+    // Then one request every few ms, for the monitor, until `stop` is written.
+    for (std::uint32_t i = 0;; ++i) {
+      struct pollfd pf = {stop.fd[0], POLLIN, 0};
+      if (poll(&pf, 1, 5) == 1) break;
+      if (stop.get(0) >= 0) break;
+      if (call(c, OpEcho, i, b) != Result::Ok) return 3;
+      if (i == 0) ready.put('m');
+    }
+    return 0;
+  });
+  stop.close_read();
+  REQUIRE(ready.get(kWaitMs) == 'c');
+  REQUIRE(ready.get(kWaitMs) == 'm');
+  Run r = run(tool_main, {"lemsg", "info", "inf"});
+  CHECK(r.status == 0);
+  char want[200];
+  std::snprintf(want, sizeof want, "service   inf (%s mode), pid %ld", mode, static_cast<long>(server));
+  CHECK(r.has(want));
+  CHECK(r.has(kProto.id));
+  CHECK(r.has("sessions  1 "));
+  std::snprintf(want, sizeof want, "pid %-7ld", static_cast<long>(client));
+  CHECK(r.has(want));
+  CHECK(r.has("counters  requests "));
+  CHECK(r.has("bad frames 0"));
+  r = run(tool_main, {"lemsg", "info", "inf", "--json"});
+  CHECK(r.status == 0);
+  CHECK(r.has("{\"name\":\"inf\",\"protocol\":"));
+  std::snprintf(want, sizeof want, "\"sessions\":[{\"session\":");
+  CHECK(r.has(want));
+  CHECK(r.has("\"bad_frames\":0"));
+  // Four frames: requests in, responses out, with the payload asked for.
+  r = run(tool_main, {"lemsg", "monitor", "inf", "4", "--payload"});
+  CHECK(r.status == 0);
+  CHECK(r.has("monitoring inf"));
+  CHECK(r.has(" in  session "));
+  CHECK(r.has(" out session "));
+  CHECK(r.has("request"));
+  CHECK(r.has("response"));
+  CHECK(r.has("8 bytes  "));  // a Body and its bytes
+  r = run(tool_main, {"lemsg", "monitor", "inf", "2", "--json"});
+  CHECK(r.status == 0);
+  CHECK(r.has("\"direction\":\""));
+  CHECK(r.has("\"size\":8,\"fd\":false"));
+  CHECK(run(tool_main, {"lemsg", "info", "no-such-service"}, true).status == 1);
+  REQUIRE(stop.put('x'));
+  CHECK(testutil::wait_exit(client, kWaitMs) == 0);
+  testutil::kill9(server);
+}
+
+}  // namespace
+
+TEST_CASE("tools: lemsg info and lemsg monitor in direct mode") {
+  testutil::TidyRuntimeDir d;
+  unsetenv("LEMSG_DIRECTORY");
+  info_and_monitor("direct");
+}
+
+TEST_CASE("tools: lemsg info and lemsg monitor in directory mode, the service's socket handed over by lemsg-dir") {
+  testutil::TidyRuntimeDir d;
+  setenv("LEMSG_DIRECTORY", "1", 1);
+  char bindings[256], line[200];
+  const unsigned u = static_cast<unsigned>(geteuid());
+  std::snprintf(line, sizeof line, "%u.inf -> %u.inf\n", u, u);
+  REQUIRE(write_file(d, "bindings", line, bindings));
+  const pid_t dir = start_lemsg_dir(bindings);
+  REQUIRE(socket_appears(d, "directory"));
+  info_and_monitor("directory");
+  kill(dir, SIGTERM);
+  CHECK(testutil::wait_exit(dir, kWaitMs) == 0);
+  unsetenv("LEMSG_DIRECTORY");
+}
+
 }  // TEST_SUITE
