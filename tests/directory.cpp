@@ -13,7 +13,9 @@
 #include <doctest/doctest.h>
 #include "messaging_util.hpp"
 
+#include <grp.h>
 #include <sys/prctl.h>
+#include <sys/stat.h>
 
 TEST_SUITE("directory") {
 using namespace msgtest;
@@ -85,9 +87,16 @@ inline pid_t start_directory(const DirEnv& env, testutil::Pipe& ready) {
 // otherwise, then serves until it is killed or `stop` (when given) becomes
 // readable; then it exits 0 when its fd count is back to what it was after
 // advertise, 3 otherwise.
-inline pid_t start_server(const char* name, testutil::Pipe& ready, testutil::Pipe* stop = nullptr) {
+// Becomes user `uid` (group `uid`, no supplementary groups); the caller is root.
+inline bool become(uid_t uid) {
+  return setgroups(0, nullptr) == 0 && setresgid(uid, uid, uid) == 0 && setresuid(uid, uid, uid) == 0;
+}
+
+inline pid_t start_server(const char* name, testutil::Pipe& ready, testutil::Pipe* stop = nullptr,
+                          uid_t as = static_cast<uid_t>(-1)) {
   return testutil::spawn([&] {
-    testutil::die_with_parent();
+    if (as != static_cast<uid_t>(-1) && !become(as)) return 6;
+    testutil::die_with_parent();  // after the uid change, which clears it
     ready.close_read();
     if (stop) stop->close_write();
     Loop loop;
@@ -286,6 +295,12 @@ TEST_CASE("directory: a binding added by SIGHUP reaches a client already waiting
   CHECK(testutil::run_until(loop, [&] { return c.opens == 1; }, kWaitMs));
   CHECK(c.open_result == Result::Ok);
   CHECK(echoes(c.s, 1));
+  // A file with an error: the directory logs it and keeps what it had.
+  REQUIRE(env.write_bindings("this is not a binding\n"));
+  REQUIRE(kill(dir, SIGHUP) == 0);
+  usleep(100000);  // the reload (refused) happens in the directory meanwhile
+  CHECK(probe.try_open("hup") == Result::Ok);
+  probe.close();
   // Removing the binding: new opens are refused; the session handed over
   // before goes on (the directory is not on its path).
   REQUIRE(env.write_bindings("# none\n"));
@@ -575,6 +590,65 @@ TEST_CASE("directory: capacities: RegistryFull past LEMSG_DIR_MAX_SERVICES, Wait
   Session one_more(loop, kProto, pool);
   CHECK(one_more.open_sync("nobody", kWaitMs) == Result::WaitTableFull);
   for (int i = 0; i < fill; ++i) close(waiting[i]);
+  testutil::kill9(dir);
+}
+
+TEST_CASE("directory: bindings by uid: the bound user opens, others are NotPermitted, and nobody squats a bound name") {
+  if (geteuid() != 0) {
+    MESSAGE("not root: the cases with several users need setresuid; skipped");
+    return;
+  }
+  DirEnv env;
+  REQUIRE(chmod(env.path, 0755) == 0);  // the other users reach the directory's socket
+  // uid 2001's "modem" is uid 2003's "modem-svc"; 2002 has no binding.
+  REQUIRE(env.write_bindings("2001.modem -> 2003.modem-svc\n2002.other -> 2003.other-svc\n"));
+  testutil::Pipe dready, squat, sready;
+  const pid_t dir = start_directory(env, dready);
+  REQUIRE(ready(dready));
+  // Another user registering the bound name first is refused.
+  const pid_t squatter = start_server("modem-svc", squat, nullptr, 2002);
+  CHECK(ready(squat, 'p'));
+  CHECK(testutil::wait_exit(squatter, kWaitMs) == 1);
+  const pid_t srv = start_server("modem-svc", sready, nullptr, 2003);
+  REQUIRE(ready(sready));
+  auto client = [&](uid_t as, auto&& body) {
+    return testutil::spawn([&] {
+      if (!become(as)) return 6;
+      testutil::die_with_parent();
+      Loop l;
+      SmallPool p;
+      Session s(l, kProto, p);
+      return body(s);
+    });
+  };
+  const pid_t bound = client(2001, [](Session& s) {
+    if (s.open_sync("modem", kWaitMs) != Result::Ok) return 1;
+    lemsg::Credentials c;
+    if (s.server_credentials(c) != Result::Ok || c.uid != 2003 || c.gid != 2003) return 2;
+    return echoes(s, 42) ? 0 : 3;
+  });
+  CHECK(testutil::wait_exit(bound, kWaitMs) == 0);
+  const pid_t unbound = client(2002, [](Session& s) {
+    if (s.try_open("modem") != Result::NotPermitted) return 1;
+    // Bound, but to a service that is not registered: NotFound.
+    if (s.try_open("other") != Result::NotFound) return 2;
+    // Waiting, it is held until its timeout: never handed to 2003's service.
+    return s.open_sync("modem", 300) == Result::Timeout ? 0 : 3;
+  });
+  CHECK(testutil::wait_exit(unbound, kWaitMs) == 0);
+  // A client that asks for its server to be a given user, and the directory
+  // names another: UntrustedServer, before anything reaches that server.
+  const pid_t picky = client(2001, [](Session& s) {
+    s.require_server_uid(0);
+    return s.try_open("modem") == Result::UntrustedServer ? 0 : 1;
+  });
+  CHECK(testutil::wait_exit(picky, kWaitMs) == 0);
+  // Root has no binding either: bindings are per user.
+  Loop loop;
+  SmallPool pool;
+  Session s(loop, kProto, pool);
+  CHECK(s.try_open("modem") == Result::NotPermitted);
+  testutil::kill9(srv);
   testutil::kill9(dir);
 }
 
