@@ -298,7 +298,16 @@ TEST_CASE("directory: a binding added by SIGHUP reaches a client already waiting
   // A file with an error: the directory logs it and keeps what it had.
   REQUIRE(env.write_bindings("this is not a binding\n"));
   REQUIRE(kill(dir, SIGHUP) == 0);
-  usleep(100000);  // the reload (refused) happens in the directory meanwhile
+  // The signal is pending before the first List connects: once that List
+  // is answered, the reload has run (the same dispatch or an earlier one),
+  // so the second List and the open below come after it.
+  int bound = -1;
+  for (int i = 0; i < 2; ++i) {
+    bound = 0;
+    CHECK(lemsg::directory_list([&](const DirectoryEntry& e) { bound += e.kind == DirectoryEntry::Binding; },
+                                kWaitMs) == Result::Ok);
+  }
+  CHECK(bound == 1);
   CHECK(probe.try_open("hup") == Result::Ok);
   probe.close();
   // Removing the binding: new opens are refused; the session handed over
