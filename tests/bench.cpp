@@ -57,6 +57,10 @@ using lemsg::Result;
 constexpr std::uint32_t kMaxPayload = 1024;
 constexpr std::uint32_t kWindow = 16;
 constexpr int kReps = 7;
+// sync_rtt_64B_vs_raw_poll of lemsg 0.1.0 (commit 8b2c407, before the info
+// query and the monitor): the median of 6 runs of its bench, interleaved with
+// this one's, BENCH_CPU=0, on the project's 2-core build machine.
+constexpr double kReleaseRttVsPoll = 0.948;
 constexpr int kTimeoutMs = 5000;
 constexpr std::size_t kWire = lemsg::wire::header_size;
 constexpr std::size_t kSmall = 64;
@@ -213,7 +217,7 @@ int raw_poll_server(testutil::Pipe& ready, testutil::Pipe& stop) {
 // The lemsg server: a Service whose receive handler answers each request with
 // the request's own message. It leaves cleanly (so a profiler sees its end)
 // when the parent closes the write end of `stop`.
-int lemsg_server(testutil::Pipe& ready, testutil::Pipe& stop) {
+int lemsg_server(testutil::Pipe& ready, testutil::Pipe& stop, const char* name = "bench") {
   die_with_parent();
   stop.close_write();
   static lemsg::Loop loop;
@@ -224,7 +228,7 @@ int lemsg_server(testutil::Pipe& ready, testutil::Pipe& stop) {
     const Result r = svc.respond(std::move(m));
     if (r != Result::Ok) std::fprintf(stderr, "bench server: respond: %s\n", lemsg::to_string(r));
   });
-  const Result r = svc.advertise("bench");
+  const Result r = svc.advertise(name);
   if (r != Result::Ok) {
     std::fprintf(stderr, "bench server: advertise: %s\n", lemsg::to_string(r));
     return 2;
@@ -312,6 +316,27 @@ int dir_server(testutil::Pipe& ready, testutil::Pipe& stop) {
   if (loop.add_watch(stop.fd[0], lemsg::Readable, [](int, short) { loop.stop(); }, stop_watch) != Result::Ok) return 3;
   ready.put('l');
   return loop.run() == Result::Ok ? 0 : 4;
+}
+
+// A monitor of service `name` (lemsg monitor's Monitor), reading every
+// record with its payload until the stop pipe closes.
+int monitor_process(const char* name, testutil::Pipe& ready, testutil::Pipe& stop) {
+  die_with_parent();
+  stop.close_write();
+  lemsg::Monitor m;
+  const Result r = m.attach(name, true, kTimeoutMs);
+  if (r != Result::Ok) {
+    std::fprintf(stderr, "bench monitor: attach: %s\n", lemsg::to_string(r));
+    return 2;
+  }
+  ready.put('m');
+  lemsg::MonitorRecord rec;
+  for (;;) {
+    struct pollfd p[2] = {{m.fd(), POLLIN, 0}, {stop.fd[0], POLLIN, 0}};
+    if (poll(p, 2, -1) < 0 && errno != EINTR) return 3;
+    if (p[1].revents) return 0;
+    if (p[0].revents && m.next(rec, 0) != Result::Ok) return 4;
+  }
 }
 
 int raw_connect(const char* name, bool nonblocking) {
@@ -583,6 +608,7 @@ enum Figure {
   RawOpen, LemsgOpen,
   TypedRtt64,
   DirRtt64, DirOpen,
+  MonRtt64,
   kFigures
 };
 
@@ -615,14 +641,18 @@ int main(int argc, char** argv) {
   const pid_t raw_poll_srv = testutil::spawn([&] { return raw_poll_server(ready, stop); });
   const pid_t lemsg_srv = testutil::spawn([&] { return lemsg_server(ready, stop); });
   const pid_t typed_srv = testutil::spawn([&] { return typed_server(ready, stop); });
+  const pid_t mon_srv = testutil::spawn([&] { return lemsg_server(ready, stop, "bench-mon"); });
   testutil::Pipe dir_ready;
   const pid_t directory = testutil::spawn([&] { return directory_process(dir_ready, stop); });
   bool up = dir_ready.get(kTimeoutMs) == 'd';
   const pid_t dir_srv = testutil::spawn([&] { return dir_server(ready, stop); });
-  for (int i = 0; i < 6; ++i) up = up && ready.get(kTimeoutMs) >= 0;
+  for (int i = 0; i < 7; ++i) up = up && ready.get(kTimeoutMs) >= 0;
+  testutil::Pipe mon_ready;
+  const pid_t mon = testutil::spawn([&] { return monitor_process("bench-mon", mon_ready, stop); });
+  up = up && mon_ready.get(kTimeoutMs) == 'm';
   // The raw servers block in accept or recv for ever: kill them. The lemsg
   // servers must leave by themselves, with status 0, when the stop pipe closes.
-  int lemsg_status = -1, typed_status = -1, dir_status = -1, directory_status = -1;
+  int lemsg_status = -1, typed_status = -1, dir_status = -1, directory_status = -1, mon_status = -1, monitor_status = -1;
   auto stop_children = [&] {
     testutil::kill9(raw_echo);
     testutil::kill9(raw_open_srv);
@@ -631,6 +661,8 @@ int main(int argc, char** argv) {
     lemsg_status = testutil::wait_exit(lemsg_srv, kTimeoutMs);
     typed_status = testutil::wait_exit(typed_srv, kTimeoutMs);
     dir_status = testutil::wait_exit(dir_srv, kTimeoutMs);
+    mon_status = testutil::wait_exit(mon_srv, kTimeoutMs);
+    monitor_status = testutil::wait_exit(mon, kTimeoutMs);
     kill(directory, SIGTERM);
     directory_status = testutil::wait_exit(directory, kTimeoutMs);
   };
@@ -642,6 +674,8 @@ int main(int argc, char** argv) {
 
   Client c;
   TypedUser t;
+  Client cm;  // a session of a service a monitor watches
+  const Result rm = cm.session.open_sync("bench-mon", kTimeoutMs);
   Client cd;  // a session opened through the directory
   cd.session.set_discovery(lemsg::Discovery::Directory);
   const Result rd = cd.session.open_sync("bench-dir", kTimeoutMs);
@@ -649,7 +683,7 @@ int main(int argc, char** argv) {
   const int rawp = raw_connect("raw-poll", true);
   Result r = c.session.open_sync("bench", kTimeoutMs);
   const Result rt = t.client.open_sync("bench-typed", kTimeoutMs);
-  if (raw < 0 || rawp < 0 || r != Result::Ok || rt != Result::Ok || rd != Result::Ok) {
+  if (raw < 0 || rawp < 0 || r != Result::Ok || rt != Result::Ok || rd != Result::Ok || rm != Result::Ok) {
     std::fprintf(stderr, "bench: cannot connect (raw %d, poll %d, lemsg %s, typed %s, directory %s)\n", raw, rawp,
                  lemsg::to_string(r), lemsg::to_string(rt), lemsg::to_string(rd));
     stop_children();
@@ -669,11 +703,13 @@ int main(int argc, char** argv) {
     std::size_t size;
     bool typed = false;  // lemsg's typed layer (a round trip of kSmall)
     bool dir = false;    // a session opened through the directory
+    bool monitored = false;  // a session of a service with a monitor attached
   };
   const Case cases[] = {
       {"raw-rtt", RawRtt64, 0, raw, kSmall},         {"poll-rtt", PollRtt64, 0, rawp, kSmall},
       {"lemsg-rtt", LemsgRtt64, 0, -1, kSmall},      {"typed-rtt", TypedRtt64, 0, -1, kSmall, true},
       {"dir-rtt", DirRtt64, 0, -1, kSmall, false, true},
+      {"mon-rtt", MonRtt64, 0, -1, kSmall, false, false, true},
       {"raw-rtt", RawRtt1K, 0, raw, kLarge},
       {"poll-rtt", PollRtt1K, 0, rawp, kLarge},      {"lemsg-rtt", LemsgRtt1K, 0, -1, kLarge},
       {"raw-pipelined", RawPipe64, 1, raw, kSmall},  {"poll-pipelined", PollPipe64, 1, rawp, kSmall},
@@ -690,6 +726,7 @@ int main(int argc, char** argv) {
     const bool is_lemsg = k.fd < 0;
     if (k.typed) return typed_rtt(t, n_rtt / scale_div);
     if (k.dir && k.kind == 0) return lemsg_rtt(cd, k.size, n_rtt / scale_div);
+    if (k.monitored) return lemsg_rtt(cm, k.size, n_rtt / scale_div);
     if (k.dir) return lemsg_open(od, n_open / scale_div, "bench-dir");
     if (k.kind == 0)
       return is_lemsg ? lemsg_rtt(c, k.size, n_rtt / scale_div)
@@ -725,7 +762,10 @@ int main(int argc, char** argv) {
   c.session.close();
   t.client.close();
   cd.session.close();
+  cm.session.close();
   stop_children();
+  if (mon_status != 0) fail("the monitored server ended with status %d", mon_status);
+  if (monitor_status != 0) fail("the monitor ended with status %d", monitor_status);
   if (dir_status != 0) fail("the directory's server ended with status %d", dir_status);
   if (directory_status != 0) fail("the directory ended with status %d", directory_status);
   if (lemsg_status != 0) fail("the lemsg server ended with status %d", lemsg_status);
@@ -781,5 +821,15 @@ int main(int argc, char** argv) {
   for (int rep = 0; rep < kReps; ++rep)
     paired[rep] = v[LemsgRtt64][rep] > 0 ? v[DirRtt64][rep] / v[LemsgRtt64][rep] : 0;
   print_ratio("sync_rtt_directory_vs_direct_paired", median(paired, kReps), 1);
+  // The monitor: what a round trip costs with one attached (reading every
+  // record, payload included), and without one against the release before
+  // the monitor existed (0.1.0, measured as below; see kReleaseRttVsPoll).
+  print("monitored_sync_rtt_64B_us", m[MonRtt64]);
+  std::printf("# monitor: a round trip with a monitor attached against none; without one, this build's\n"
+              "# sync_rtt_64B_vs_raw_poll against 0.1.0's (%.3f, before the monitor existed); target ~1\n",
+              kReleaseRttVsPoll);
+  print_ratio("sync_rtt_64B_monitor_attached_vs_none", m[MonRtt64], m[LemsgRtt64]);
+  print_ratio("sync_rtt_64B_no_monitor_vs_0.1.0", m[PollRtt64] > 0 ? m[LemsgRtt64] / m[PollRtt64] : 0,
+              kReleaseRttVsPoll);
   return 0;
 }

@@ -105,7 +105,9 @@ inline pid_t start_server(const char* name, testutil::Pipe& ready, testutil::Pip
     {
       Server srv(loop, pool);
       const Result r = srv.svc.advertise(name);
-      const char c = r == Result::Ok             ? 'r'
+      // 'w': Ok, but not registered yet (the directory did not answer).
+      const char c = r == Result::Ok && !srv.svc.is_registered() ? 'w'
+                     : r == Result::Ok             ? 'r'
                      : r == Result::Duplicate    ? 'd'
                      : r == Result::NotPermitted ? 'p'
                      : r == Result::RegistryFull ? 'f'
@@ -117,8 +119,10 @@ inline pid_t start_server(const char* name, testutil::Pipe& ready, testutil::Pip
       lemsg::WatchId w;
       if (stop && loop.add_watch(stop->fd[0], lemsg::Readable, [&](int, short) { stopping = true; }, w) != Result::Ok)
         return 4;
-      while (!stopping)
-        if (loop.run_once(1000) != Result::Ok) return 5;
+      while (!stopping) {
+        const Result r1 = loop.run_once(1000);
+        if (r1 != Result::Ok && r1 != Result::Timeout) return 5;
+      }
       if (stop) {
         Result x = loop.remove_watch(w);
         (void)x;
