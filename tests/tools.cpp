@@ -189,8 +189,10 @@ TEST_CASE("tools: lemsg list, bindings and wait in directory mode, against lemsg
   SmallPool pool;
   Server back(loop, pool);
   REQUIRE(back.svc.advertise("back") == Result::Ok);
-  CHECK(back.svc.is_registered());
   CHECK(run_until_exit(loop, waiter, kWaitMs) == 0);
+  // (Registered by now: a directory that closed our first try, as a tiny
+  // build's may to make room, is asked again from the loop.)
+  CHECK(back.svc.is_registered());
   // A client waiting for an interface nobody bound.
   Client lost(loop, pool);
   REQUIRE(lost.open("elsewhere") == Result::Ok);
