@@ -444,6 +444,16 @@ TEST_CASE("directory: kill -9 of the directory under load: sessions carry on wit
   testutil::kill9(dir);
   CHECK(testutil::run_until(loop, [&] { return false; }, 200) == false);  // the waiter notices, and waits for the directory
   CHECK(waiter.opens == 0);
+  // A synchronous client that starts while no directory runs waits for one.
+  const pid_t sync_waiter = testutil::spawn([&] {
+    testutil::die_with_parent();
+    Loop l;
+    SmallPool p;
+    Session s(l, kProto, p);
+    if (s.open_sync("idle", kWaitMs) != Result::Ok) return 1;
+    return echoes(s, 6) ? 0 : 2;
+  });
+  usleep(100000);  // (not needed for correctness: lets it reach its wait)
   dir = start_directory(env, d2);
   REQUIRE(ready(d2));
   // The server is back in the directory by itself.
@@ -456,6 +466,7 @@ TEST_CASE("directory: kill -9 of the directory under load: sessions carry on wit
   CHECK(waiter.open_result == Result::Ok);
   CHECK(echoes(waiter.s, 4));
   waiter.s.close();
+  CHECK(testutil::wait_exit(sync_waiter, kWaitMs) == 0);
   // And new clients find the load server through the new directory.
   Session s(loop, kProto, pool);
   CHECK(s.open_sync("load", kWaitMs) == Result::Ok);
