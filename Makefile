@@ -259,6 +259,8 @@ build/$(1)/readme_example.o: build/$(1)/readme_example.cpp build/$(1)/flags
 # compiles beside the file and checks for the same protocol hash.
 build/$(1)/readme.o: build/$(1)/readme_modem_api.hpp
 build/$(1)/readme.o: CPPFLAGS += -Ibuild/$(1)
+# The README's example bindings file, as a string tests/readme.cpp parses.
+build/$(1)/readme.o: build/$(1)/readme_bindings.inc
 
 # The README's typed quick start, likewise.
 build/$(1)/readme_typed.o: build/$(1)/readme_typed.cpp build/$(1)/flags
@@ -306,6 +308,12 @@ build/%/readme_typed.cpp: README.md
 	@mkdir -p $(@D)
 	$(Q)awk '/<!-- typed quickstart begin -->/{f=1;next} /<!-- typed quickstart end -->/{f=0} f' $< \
 	  | sed '/^```/d' > $@.new && [ -s $@.new ] && mv -f $@.new $@
+# The bindings file between the bindings example markers, as a C++ raw string.
+build/%/readme_bindings.inc: README.md
+	@mkdir -p $(@D)
+	$(Q)awk '/<!-- bindings example begin -->/{f=1;next} /<!-- bindings example end -->/{f=0} f' $< \
+	  | sed '/^```/d' > $@.txt && [ -s $@.txt ] && \
+	  { echo 'R"lemsg_bindings('; cat $@.txt; echo ')lemsg_bindings"'; } > $@.new && rm -f $@.txt && mv -f $@.new $@
 
 # A handler capture larger than LEMSG_CALLABLE_SIZE must not compile (with
 # g++ and clang++), and the same program at exactly the limit must: so the

@@ -89,11 +89,17 @@
 //                             (section 13); one more is refused with Busy.
 //   LEMSG_MONITOR_PAYLOAD 64  payload bytes of each frame a monitor that
 //                             asks for payloads receives (0..4096).
+//   LEMSG_DIR_MAX_*           the service directory's tables (section 13);
+//                             they matter only in the build of the daemon
+//                             (lemsg-dir), not in its servers and clients.
 //   LEMSG_DIR_MAX_SERVICES 32  services one directory holds registered;
-//                             more: RegistryFull (section 13).
+//                             more: RegistryFull.
 //   LEMSG_DIR_MAX_WAITING 32  clients one directory holds waiting for a
-//                             binding or a server; more: WaitTableFull.
-//   LEMSG_DIR_MAX_BINDINGS 128  lines of a bindings file; more: BindingTableFull.
+//                             binding or a server (one uid other than root:
+//                             half of them); more: WaitTableFull.
+//   LEMSG_DIR_MAX_BINDINGS 128  bindings in a bindings file; more: BindingTableFull.
+//   LEMSG_DIR_MAX_BINDINGS_FILE 65536  bytes of a bindings file (64..16 MiB);
+//                             a larger file is refused with BadParameter.
 //   LEMSG_DIR_MAX_CONNECTIONS 16  connections to the directory that have not
 //                             said what they are yet (as LEMSG_MAX_HANDSHAKES).
 //   LEMSG_DIR_MAX_CONNECTIONS_PER_UID  half of that (8): beyond, that uid's
@@ -141,6 +147,21 @@
 //              given later, and Ref<Tag> references bound to one session.
 //   Runtime dir  <runtime dir>/<name> is a service's socket; both ends
 //              refuse a runtime dir another user owns or may write (see 7).
+//   Directory  directory mode (LEMSG_DIRECTORY=1, or ServiceOptions::
+//              discovery and Session::set_discovery): a server registers its
+//              name with the lemsg-dir daemon (class Directory) instead of
+//              making a socket file; a client asks for an interface by its
+//              own name and the daemon, by the client's uid and the
+//              bindings, hands its socket to the server. After the
+//              hand-over the session is direct; the daemon may die and
+//              restart without touching it.
+//   Bindings   the daemon's bindings file: "ui.modem -> modem.modem", client
+//              user and interface to server user and service; checked with
+//              file and line (lemsg-dir --check), reloaded on SIGHUP.
+//   Introspection  every Service answers an info query (query_info:
+//              sessions, pool, counters) and feeds monitors (Monitor: one
+//              record per frame), to root and its own uid only. The lemsg
+//              tool prints them: lemsg list, info, monitor, wait, bindings.
 //
 // =============================================================================
 // Threading
@@ -180,8 +201,23 @@
 // the environment) the library logs each
 // decision; a refused client or a bad frame is logged as a warning.
 //   - open_sync returns Timeout: is the server advertising under the same
-//     runtime dir (LEMSG_RUNTIME_DIR) and name? ls the runtime dir.
+//     runtime dir (LEMSG_RUNTIME_DIR) and name? ls the runtime dir, or run
+//     `lemsg list`. In directory mode `lemsg list` shows the registered
+//     services, the clients waiting (and for what) and the bindings: a
+//     client waiting there lacks its binding or its server.
 //   - NotPermitted: the socket file's mode/owner/group, or the allow-list.
+//     In directory mode, from try_open: this uid has no binding for the
+//     interface (add one and reload lemsg-dir); from advertise: a binding
+//     gives the name to another user's service; from query_info or a
+//     Monitor: only root and the service's own uid may look.
+//   - Duplicate at advertise in directory mode: another server has the name
+//     registered (lemsg list names its owner and pid).
+//   - RegistryFull, WaitTableFull: the directory's tables of registered
+//     services or waiting clients are full; raise LEMSG_DIR_MAX_SERVICES or
+//     LEMSG_DIR_MAX_WAITING in the build of lemsg-dir. A client that waits
+//     with open() asks again later by itself.
+//   - BindingTableFull: the bindings file has more than
+//     LEMSG_DIR_MAX_BINDINGS bindings; lemsg-dir --check names the line.
 //   - NoRuntimeDir at advertise: this user cannot create or write the
 //     runtime dir (/run/lemsg needs root): set LEMSG_RUNTIME_DIR to a
 //     directory of this user's, or have it created owned by this user.
@@ -342,6 +378,9 @@
 #ifndef LEMSG_DIR_MAX_CONNECTIONS_PER_UID
 #define LEMSG_DIR_MAX_CONNECTIONS_PER_UID ((LEMSG_DIR_MAX_CONNECTIONS + 1) / 2)
 #endif
+#ifndef LEMSG_DIR_MAX_BINDINGS_FILE
+#define LEMSG_DIR_MAX_BINDINGS_FILE 65536
+#endif
 
 static_assert(LEMSG_MAX_WATCHES >= 1 && LEMSG_MAX_WATCHES <= 4096, "LEMSG_MAX_WATCHES must be 1..4096");
 static_assert(LEMSG_MAX_TIMERS >= 1 && LEMSG_MAX_TIMERS <= 4096, "LEMSG_MAX_TIMERS must be 1..4096");
@@ -373,6 +412,8 @@ static_assert(LEMSG_DIR_MAX_CONNECTIONS >= 1 && LEMSG_DIR_MAX_CONNECTIONS <= 409
               "LEMSG_DIR_MAX_CONNECTIONS must be 1..4096");
 static_assert(LEMSG_DIR_MAX_CONNECTIONS_PER_UID >= 1 && LEMSG_DIR_MAX_CONNECTIONS_PER_UID <= LEMSG_DIR_MAX_CONNECTIONS,
               "LEMSG_DIR_MAX_CONNECTIONS_PER_UID must be 1..LEMSG_DIR_MAX_CONNECTIONS");
+static_assert(LEMSG_DIR_MAX_BINDINGS_FILE >= 64 && LEMSG_DIR_MAX_BINDINGS_FILE <= 16777216,
+              "LEMSG_DIR_MAX_BINDINGS_FILE must be 64..16777216");
 static_assert(LEMSG_STALL_TIMEOUT_MS >= 1 && LEMSG_STALL_TIMEOUT_MS <= 86400000,
               "LEMSG_STALL_TIMEOUT_MS must be 1..86400000");
 
@@ -7608,7 +7649,16 @@ void TypedClient<I>::deliver_event(Message& m) noexcept {
 // 13. Service directory                                            >>directory
 // =============================================================================
 //
-// (being written: directory mode, bindings, introspection and the monitor)
+// Directory mode, and the ways to look at a running system. In order:
+//   - Bindings: the bindings file and its parser (class Bindings), and user
+//     names from the passwd file.
+//   - Introspection: the info query every Service answers (query_info,
+//     ServiceInfo) and the monitor (Monitor, MonitorRecord).
+//   - Directory mode: the protocol between servers, clients and the daemon;
+//     the tools' calls (directory_list, directory_wait, directory_connect);
+//     the daemon itself (class Directory, run by examples/lemsg-dir.cpp).
+// The Service and Session sides of directory mode are in sections 10 and 11
+// (advertise, set_discovery); Discovery and LEMSG_DIRECTORY in section 7.
 
 namespace lemsg {
 
@@ -7655,12 +7705,6 @@ namespace lemsg {
 // elsewhere). Users known only to LDAP or another NSS source are written as
 // uids. Names are resolved when the file is parsed: after renumbering a user,
 // reload.
-
-#ifndef LEMSG_DIR_MAX_BINDINGS_FILE
-#define LEMSG_DIR_MAX_BINDINGS_FILE 65536
-#endif
-static_assert(LEMSG_DIR_MAX_BINDINGS_FILE >= 64 && LEMSG_DIR_MAX_BINDINGS_FILE <= 16777216,
-              "LEMSG_DIR_MAX_BINDINGS_FILE must be 64..16777216");
 
 /// One line of a bindings file: the client with uid `client_uid` asking for
 /// `iface` reaches service `service` of the server running as `server_uid`.
@@ -8253,8 +8297,11 @@ struct ServiceInfo {
 /// bounds); BadParameter; another Result the service refused with; SystemError.
 inline Result query_info_fd(int fd, ServiceInfo& out, int timeout_ms) noexcept;
 
-/// query_info_fd on a connection to <runtime dir>/<name>. Also NotFound (no
-/// server), UnsafeRuntimeDir, Busy (backlog full), BadParameter (name).
+/// query_info_fd on a connection to <runtime dir>/<name>, or in directory
+/// mode (LEMSG_DIRECTORY) on one the directory hands over (directory_connect;
+/// `out.server` is then the server as the directory saw it). Also NotFound
+/// (no server, or no directory), UnsafeRuntimeDir, Busy (backlog full),
+/// BadParameter (name), and directory_connect's Results.
 inline Result query_info(const char* name, ServiceInfo& out, int timeout_ms) noexcept;
 
 /// Which way a frame went, seen from the service.
@@ -8284,7 +8331,8 @@ class Monitor {
   Monitor(const Monitor&) = delete;
   Monitor& operator=(const Monitor&) = delete;
 
-  /// Attaches to <runtime dir>/<name>. `with_payload`: ask for the first
+  /// Attaches to <runtime dir>/<name> (in directory mode: to the socket the
+  /// directory hands over, as query_info). `with_payload`: ask for the first
   /// LEMSG_MONITOR_PAYLOAD bytes of each frame's payload. Ok; Busy (attached
   /// already here, or the service has LEMSG_MAX_MONITORS); NotPermitted;
   /// NotFound; Timeout; Closed; BadFrame; BadParameter; SystemError.
@@ -8566,10 +8614,6 @@ inline Result Monitor::next(MonitorRecord& out, int timeout_ms) noexcept {
   detach();
   return r == Result::Closed ? r : Result::BadFrame;
 }
-
-
-// [directory]
-
 
 // -- directory mode: the protocol --------------------------------------------
 //
