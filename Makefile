@@ -83,7 +83,7 @@ TEST_SRCS := $(sort $(filter-out tests/alone.cpp tests/bench% tests/size_%, \
 # The fuzz targets and tests/fuzz/replay.cpp, built into lemsg-tests with
 # their entry points renamed (LEMSG_FUZZ_REPLAY); the corpus is read at run
 # time from LEMSG_FUZZ_CORPUS, an absolute path (qemu-user sees the host's).
-FUZZ_NAMES := wire service session typed
+FUZZ_NAMES := wire service session typed directory
 FUZZ_SRCS := $(sort $(wildcard tests/fuzz/*.cpp))
 FUZZ_CORPUS := tests/fuzz/corpus
 FUZZ_REPLAY_FLAGS = -DLEMSG_FUZZ_REPLAY -DLEMSG_FUZZ_CORPUS='"$(CURDIR)/$(FUZZ_CORPUS)"'
