@@ -550,18 +550,28 @@ bool dead_waiting_client_is_forgotten(bool own_socket) {
   char path[sizeof(sockaddr_un::sun_path)];
   lemsg::detail::directory_path(path);
   const pid_t client = testutil::spawn([&] {
-    const int fd = raw_connect(path);
-    if (fd < 0) return 2;
-    lemsg::detail::dirwire::Record req;
-    req.op = lemsg::detail::dirwire::Open;
-    req.flags = lemsg::detail::dirwire::FlagWait;
-    lemsg::detail::dirwire::set_text(req.name, sizeof req.name, "unbound");
-    if (lemsg::detail::dirwire::send(fd, req) != Result::Ok) return 3;
-    if (send(fd, "hello", 5, MSG_NOSIGNAL) != 5) return 4;
-    if (own_socket && !testutil::send_fds(fd, "x", 1, &fd, 1)) return 5;
-    // Until the directory lists it: then die without closing anything.
-    for (int i = 0; i < 1000 && waiting_clients() != 1; ++i) usleep(2000);
-    return waiting_clients() == 1 ? 0 : 6;
+    // A silent connection may be closed to make room for the list's own
+    // (tiny builds hold one): then ask again.
+    for (int attempt = 0; attempt < 50; ++attempt) {
+      const int fd = raw_connect(path);
+      if (fd < 0) return 2;
+      lemsg::detail::dirwire::Record req;
+      req.op = lemsg::detail::dirwire::Open;
+      req.flags = lemsg::detail::dirwire::FlagWait;
+      lemsg::detail::dirwire::set_text(req.name, sizeof req.name, "unbound");
+      if (lemsg::detail::dirwire::send(fd, req) != Result::Ok) return 3;
+      if (send(fd, "hello", 5, MSG_NOSIGNAL) != 5) return 4;
+      if (own_socket && !testutil::send_fds(fd, "x", 1, &fd, 1)) return 5;
+      // Until the directory lists it: then die without closing anything.
+      for (int i = 0; i < 1000; ++i) {
+        if (waiting_clients() == 1) return 0;
+        struct pollfd p = {fd, 0, 0};
+        if (poll(&p, 1, 0) == 1) break;  // closed by the directory
+        usleep(2000);
+      }
+      close(fd);
+    }
+    return 6;
   });
   REQUIRE(testutil::wait_exit(client, kWaitMs) == 0);
   for (int i = 0; i < 200; ++i) {
