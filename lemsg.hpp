@@ -7803,8 +7803,9 @@ enum class PasswdScan { Found, Missing, Unreadable };
 /// until it returns true (Found). Reads through a small stack buffer; of a
 /// line only its first 256 bytes are kept, which hold the name and the uid
 /// of any sane entry (a longer line whose uid falls beyond them is
-/// skipped). Entries with an empty name, a NIS "+"/"-" name or a uid that
-/// is not a number are skipped.
+/// skipped). Entries with an empty name, a NIS "+"/"-" name, a uid that
+/// is not a number or a uid of (uid_t)-1 ("no uid", never a user: the
+/// bindings refuse it written as a number too) are skipped.
 template <typename F>
 PasswdScan scan_passwd(F&& match) noexcept {
   int fd;
@@ -7828,7 +7829,7 @@ PasswdScan scan_passwd(F&& match) noexcept {
     const char* p = u;
     for (; p < end && *p >= '0' && *p <= '9'; ++p) {
       v = v * 10u + static_cast<std::uint64_t>(*p - '0');
-      if (v > std::numeric_limits<uid_t>::max()) return false;
+      if (v >= std::numeric_limits<uid_t>::max()) return false;
     }
     // The uid field must be whole: digits, then the next ':'.
     if (p == u || p == end || *p != ':') return false;

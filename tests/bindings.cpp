@@ -442,6 +442,30 @@ TEST_CASE("bindings: user names come from the passwd file LEMSG_PASSWD names") {
   }
 }
 
+TEST_CASE("bindings: a passwd entry with uid (uid_t)-1 names no user") {
+  // (uid_t)-1 is "no uid" (the parser refuses it written as a number); a
+  // passwd line that gives it to a name must not smuggle it into the table
+  // (found by the directory fuzz target).
+  const char text[] = "nouid:x:4294967295:0::/:/bin/sh\nreal:x:1007:1007::/:/bin/sh\n";
+  TempFile file{text};
+  EnvOverride env{"LEMSG_PASSWD", file.path};
+  uid_t uid = 77;
+  CHECK_FALSE(lemsg::detail::lookup_user("nouid", uid));
+  CHECK(uid == 77);
+  CHECK(lemsg::detail::lookup_user("real", uid));
+  CHECK(uid == 1007);
+  char name[64];
+  CHECK_FALSE(lemsg::detail::user_name(static_cast<uid_t>(-1), name, sizeof name));
+  static Bindings b;
+  char err[256];
+  CHECK(parse(b, "0.x -> 0.y\n", err) == Result::Ok);
+  CHECK(parse(b, "nouid.x -> 0.y\n", err) == Result::BadParameter);
+  CHECK(std::strncmp(err, "bf:1: unknown client user 'nouid' (not in ", 42) == 0);
+  CHECK(parse(b, "0.x -> nouid.y\n", err) == Result::BadParameter);
+  REQUIRE(b.size() == 1);
+  CHECK(b[0].server_uid == 0);
+}
+
 TEST_CASE("bindings: load() reads a file, and names it in every message") {
   Passwd pw;
   static Bindings b;

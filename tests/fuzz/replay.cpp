@@ -23,6 +23,7 @@ extern "C" int lemsg_fuzz_wire(const std::uint8_t* data, std::size_t size);
 extern "C" int lemsg_fuzz_service(const std::uint8_t* data, std::size_t size);
 extern "C" int lemsg_fuzz_session(const std::uint8_t* data, std::size_t size);
 extern "C" int lemsg_fuzz_typed(const std::uint8_t* data, std::size_t size);
+extern "C" int lemsg_fuzz_directory(const std::uint8_t* data, std::size_t size);
 
 TEST_SUITE("fuzz") {
 
@@ -96,6 +97,10 @@ TEST_CASE("fuzz: every corpus input of the Session target keeps its invariants")
 
 TEST_CASE("fuzz: every corpus input of the typed decoder target keeps its invariants") {
   CHECK(replay("typed", lemsg_fuzz_typed) > 0);
+}
+
+TEST_CASE("fuzz: every corpus input of the directory target keeps its invariants") {
+  CHECK(replay("directory", lemsg_fuzz_directory) > 0);
 }
 
 }  // TEST_SUITE
