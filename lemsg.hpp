@@ -545,7 +545,7 @@ namespace lemsg {
   X(QueueFull, "post queue full (raise LEMSG_MAX_POSTED)")                     \
   X(Timeout, "timed out")                                                      \
   X(SystemError, "system call failed (errno in the log)")                      \
-  X(NotPermitted, "not permitted (socket file mode or the service's allow-list)") \
+  X(NotPermitted, "not permitted (socket file mode, the service's allow-list, or the directory's bindings)") \
   X(Closed, "session closed")                                                  \
   X(ProtocolMismatch, "client and server protocol ids differ")                 \
   X(SizeMismatch, "client and server maximum payload sizes differ")            \
@@ -3211,7 +3211,7 @@ enum : std::uint8_t {
   Entry = 0x84,
   End = 0x85,
 };
-enum : std::uint8_t { FlagWait = 1, FlagProbe = 2 };
+enum : std::uint8_t { FlagWait = 1, FlagProbe = 2, FlagHello = 4 };
 enum : std::uint8_t { KindService = 1, KindWaiting = 2, KindBinding = 3 };
 
 constexpr std::size_t max_text = LEMSG_MAX_NAME > LEMSG_MAX_PROTOCOL_ID ? LEMSG_MAX_NAME : LEMSG_MAX_PROTOCOL_ID;
@@ -3653,8 +3653,12 @@ class Service {
   void on_registration() noexcept;
   // A connection accepted or handed over: checked, then its hello read (or
   // it waits in the handshake table). True when a handler ran (the caller
-  // then returns: the Service may be gone).
-  bool admit(int fd) noexcept;
+  // then returns: the Service may be gone). `hello`: a HandOff that carries
+  // the client's hello (the directory read it from the socket while the
+  // client waited): max payload in d, protocol id in text.
+  bool admit(int fd, const detail::dirwire::Record* hello = nullptr) noexcept;
+  // The hello's content against this service (or an introspection id).
+  Result check_hello(std::uint32_t max, const unsigned char* id, std::uint32_t idlen) noexcept;
   bool allowed(const Credentials& c) const noexcept;
   void answer_error(std::uint32_t session, std::uint32_t txn, Result code) noexcept;
   // Typed interfaces: answers request `m` with an error code instead of a
@@ -3988,7 +3992,7 @@ inline void Service::on_registration() noexcept {
       lose_directory("unexpected frame");
       return;
     }
-    if (admit(fd)) return;  // a handler ran: the next one waits for the next dispatch
+    if (admit(fd, (rec.flags & dw::FlagHello) ? &rec : nullptr)) return;  // a handler ran: the next one waits
   }
 }
 
@@ -4091,7 +4095,7 @@ inline void Service::on_listen(short revents) noexcept {
   }
 }
 
-inline bool Service::admit(int fd) noexcept {
+inline bool Service::admit(int fd, const detail::dirwire::Record* hello) noexcept {
   Credentials c;
   Result r = detail::peer_credentials(fd, c);
   if (r != Result::Ok) r = Result::SystemError;
@@ -4103,6 +4107,11 @@ inline bool Service::admit(int fd) noexcept {
   if (r != Result::Ok) {
     refuse(fd, c, r);
     return false;
+  }
+  if (hello) {
+    r = check_hello(hello->d, reinterpret_cast<const unsigned char*>(hello->text),
+                    static_cast<std::uint32_t>(std::strlen(hello->text)));
+    return on_hello(fd, c, r);
   }
   // A client sends its hello right after connecting, so it is usually
   // here already; only a client that is slow (or silent) waits in the
@@ -4284,7 +4293,10 @@ inline Result Service::read_hello(int fd, const Credentials& c) noexcept {
     if (r == Result::BadFrame || r == Result::TooLarge) ++counters_[wire::CountBadFrames];
     return r == Result::TooLarge ? Result::BadFrame : r;
   }
-  const unsigned char* id = buf + wire::header_size + 8;
+  return check_hello(max, buf + wire::header_size + 8, idlen);
+}
+
+inline Result Service::check_hello(std::uint32_t max, const unsigned char* id, std::uint32_t idlen) noexcept {
   if (idlen == sizeof wire::info_id - 1 && std::memcmp(id, wire::info_id, idlen) == 0) intro_kind_ = IntroInfo;
   if (idlen == sizeof wire::monitor_id - 1 && std::memcmp(id, wire::monitor_id, idlen) == 0)
     intro_kind_ = IntroMonitor;
@@ -4292,7 +4304,7 @@ inline Result Service::read_hello(int fd, const Credentials& c) noexcept {
     intro_arg_ = max;
     return Result::Ok;
   }
-  if (idlen != std::strlen(protocol_.id) || std::memcmp(buf + wire::header_size + 8, protocol_.id, idlen) != 0)
+  if (idlen != std::strlen(protocol_.id) || std::memcmp(id, protocol_.id, idlen) != 0)
     return Result::ProtocolMismatch;
   if (max != protocol_.max_payload) return Result::SizeMismatch;
   return Result::Ok;
@@ -8662,7 +8674,8 @@ inline Result Monitor::next(MonitorRecord& out, int timeout_ms) noexcept {
 //   byte 0 op: 1 Register, 2 Open, 3 Connect, 4 List (to the directory);
 //              0x81 Registered, 0x82 Answer, 0x83 HandOff, 0x84 Entry,
 //              0x85 End (from it)
-//   byte 1 flags: bit 0 wait, bit 1 probe (Connect); for Entry the kind
+//   byte 1 flags: bit 0 wait, bit 1 probe (Connect), bit 2 hello (HandOff);
+//              for Entry the kind
 //              (1 service, 2 waiting client, 3 binding)
 //   byte 2 name length, byte 3 text length
 //   bytes 4-19  u32 a, b, c, d (per op)
@@ -8671,7 +8684,11 @@ inline Result Monitor::next(MonitorRecord& out, int timeout_ms) noexcept {
 // Registered: a = Result. Open: name = interface. Connect: name = service.
 // Answer: a = Result, b, c, d = the server's pid, uid, gid when Ok.
 // HandOff: a, b, c = the client's pid, uid, gid (the server reads them again
-// from SO_PEERCRED of the socket it gets). Entry: service: a uid, b pid,
+// from SO_PEERCRED of the socket it gets); with the hello flag, d and text
+// are the client's hello (max payload, protocol id), which the directory
+// read out of the socket while the client waited: a waiting client may send
+// its hello and nothing else, and anything else (an fd above all: its own
+// socket would keep its connection alive after it died) ends its wait. Entry: service: a uid, b pid,
 // c max payload, name, text protocol id; waiting client: a uid, b pid, name
 // interface; binding: a client uid, b server uid, name interface, text
 // service. End: a = the number of entries.
@@ -8895,6 +8912,10 @@ class Directory {
     std::int64_t deadline = 0;  // New: closed when nothing came by then
     std::uint64_t seq = 0;      // accept order
     detail::dirwire::Record req;  // Server: its Register; Waiting: its Open or Connect
+    // Waiting: the client's hello, read out of the socket (see on_conn).
+    bool has_hello = false;
+    std::uint32_t hello_max = 0;
+    char hello_id[LEMSG_MAX_PROTOCOL_ID + 1] = {};
   };
   static constexpr std::size_t slots = LEMSG_DIR_MAX_CONNECTIONS + LEMSG_DIR_MAX_SERVICES + LEMSG_DIR_MAX_WAITING;
 
@@ -8911,6 +8932,9 @@ class Directory {
   void hand_over(std::size_t i, std::size_t server) noexcept;
   void answer(std::size_t i, Result code) noexcept;  // answers and closes
   void drop(std::size_t i) noexcept;
+  // Reads a waiting client's hello into `c`. True when it was one (or
+  // nothing was there yet); false: anything else, or the hang-up.
+  static bool take_hello(Conn& c) noexcept;
   int find_service(const char* name) const noexcept;
   bool make_room(uid_t uid) noexcept;  // for a new connection of `uid`
   std::size_t count(Role role, uid_t uid) const noexcept;
@@ -9126,6 +9150,31 @@ inline void Directory::answer(std::size_t i, Result code) noexcept {
   drop(i);
 }
 
+inline bool Directory::take_hello(Conn& c) noexcept {
+  unsigned char buf[wire::header_size + 8 + LEMSG_MAX_PROTOCOL_ID];
+  std::size_t len = 0;
+  int rfd = -1;
+  Result r = detail::recv_datagram(c.fd, buf, sizeof buf, len, rfd);
+  if (r == Result::WouldBlock) return true;
+  if (rfd >= 0) {
+    ::close(rfd);
+    return false;
+  }
+  wire::Header h;
+  if (r != Result::Ok || wire::decode(buf, len, 0, h) != Result::Ok || h.type != wire::FrameType::Hello) return false;
+  std::uint32_t max = 0, idlen = 0;
+  std::memcpy(&max, buf + wire::header_size, 4);
+  std::memcpy(&idlen, buf + wire::header_size + 4, 4);
+  if (idlen != h.length - 8 || idlen > LEMSG_MAX_PROTOCOL_ID ||
+      std::memchr(buf + wire::header_size + 8, 0, idlen) != nullptr)
+    return false;
+  std::memcpy(c.hello_id, buf + wire::header_size + 8, idlen);
+  c.hello_id[idlen] = '\0';
+  c.hello_max = max;
+  c.has_hello = true;
+  return true;
+}
+
 inline int Directory::find_service(const char* name) const noexcept {
   for (std::size_t i = 0; i < slots; ++i)
     if (conns_[i].role == Role::Server && std::strcmp(conns_[i].req.name, name) == 0) return static_cast<int>(i);
@@ -9135,7 +9184,13 @@ inline int Directory::find_service(const char* name) const noexcept {
 inline void Directory::on_conn(std::size_t i) noexcept {
   Conn& c = conns_[i];
   if (c.role == Role::Waiting) {
-    // Watched for the hang-up only: the client gave up (its timeout) or died.
+    // A waiting client may send one thing: its hello, which belongs to the
+    // server. It is read out of the socket (so the socket's queue holds
+    // nothing the directory has not seen: an fd passed there, the client's
+    // own socket say, would keep a dead client's connection alive) and
+    // travels with the hand-over. Anything else, or the hang-up, ends the
+    // wait.
+    if (!c.has_hello && take_hello(c)) return;
     LEMSG_LOG(Debug, "directory: uid %u stopped waiting for %s", static_cast<unsigned>(c.creds.uid), c.req.name);
     drop(i);
     return;
@@ -9261,10 +9316,6 @@ inline void Directory::request(std::size_t i, const detail::dirwire::Record& r) 
   }
   c.role = Role::Waiting;
   ++waiting_;
-  // Its hello is queued behind the question, for the server: watch only for
-  // the hang-up (the client giving up, or dying).
-  Result w = loop_.set_events(c.watch, 0);
-  (void)w;
   LEMSG_LOG(Debug, "directory: uid %u waits for %s", static_cast<unsigned>(c.creds.uid), r.name);
 }
 
@@ -9332,6 +9383,11 @@ inline void Directory::hand_over(std::size_t i, std::size_t server) noexcept {
   h.a = static_cast<std::uint32_t>(c.creds.pid);
   h.b = static_cast<std::uint32_t>(c.creds.uid);
   h.c = static_cast<std::uint32_t>(c.creds.gid);
+  if (c.has_hello) {  // read out of the socket while it waited: it goes along
+    h.flags = dw::FlagHello;
+    h.d = c.hello_max;
+    dw::set_text(h.text, sizeof h.text, c.hello_id);
+  }
   const Result r = dw::send(s.fd, h, c.fd);
   if (r != Result::Ok) {
     // The client was told Ok: closing it now makes it ask again.

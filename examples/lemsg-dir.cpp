@@ -9,7 +9,8 @@
 // else <runtime dir>/directory ($LEMSG_RUNTIME_DIR or /run/lemsg). SIGHUP
 // reloads the bindings (a file with errors is reported and the old bindings
 // stay); SIGTERM and SIGINT stop it. Exit status: 0 after a stop or a good
-// check, 1 for a bad bindings file, 2 for a bad command line or a failed
+// check, 1 for a bindings file that is missing or has an error (the message
+// names the file and line), 2 for a bad command line or another failure to
 // start.
 #include "lemsg.hpp"
 
@@ -63,7 +64,7 @@ int main(int argc, char** argv) {
   if (r == lemsg::Result::Ok) r = dir.handle_signals();
   if (r != lemsg::Result::Ok) {
     std::fprintf(stderr, "lemsg-dir: %s\n", err[0] ? err : lemsg::to_string(r));
-    return r == lemsg::Result::BadParameter && err[0] ? 1 : 2;
+    return err[0] ? 1 : 2;  // a message in err: the bindings file's
   }
   std::fprintf(stderr, "lemsg-dir: listening at %s with %lu bindings%s%s\n", dir.socket_path(),
                static_cast<unsigned long>(dir.bindings().size()), file ? " from " : "", file ? file : "");

@@ -14,8 +14,9 @@
 //                                    start-up scripts; 1 when it is not
 //   lemsg bindings [--json]          the directory's bindings
 //
-// Exit status: 0 done; 1 the service is not there (wait, info, monitor) or
-// refused; 2 a bad command line or the directory cannot be reached.
+// Exit status: 0 done; 1 the service (or, in directory mode, the directory)
+// is not there, refused the request or did not answer in time; 2 a bad
+// command line or another error.
 #define _FILE_OFFSET_BITS 64  // readdir on 32-bit targets under qemu-user
 #include "lemsg.hpp"
 

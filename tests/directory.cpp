@@ -175,19 +175,22 @@ inline bool hold_waiting(const char* path, const char* name, int* fds, int n) {
   req.op = lemsg::detail::dirwire::Open;
   req.flags = lemsg::detail::dirwire::FlagWait;
   std::snprintf(req.name, sizeof req.name, "%s", name);
-  int before = -1;
+  auto waiting_now = [] {
+    int seen = 0;
+    const Result r = lemsg::directory_list(
+        [&](const DirectoryEntry& e) { seen += e.kind == DirectoryEntry::WaitingClient; }, kWaitMs);
+    return r == Result::Ok ? seen : -1;
+  };
+  const int before = waiting_now();  // clients already waiting when we began
+  if (before < 0) return false;
   for (int i = 0; i < n; ++i) {
     if (lemsg::detail::dirwire::ask(path, req, fds[i]) != Result::Ok) return false;
     int seen = 0;
     const long long end = testutil::now_ms() + kWaitMs;
     do {
-      seen = 0;
-      if (lemsg::directory_list([&](const DirectoryEntry& e) { seen += e.kind == DirectoryEntry::WaitingClient; },
-                                kWaitMs) != Result::Ok)
-        return false;
-      if (before < 0) before = seen - 1;  // clients already waiting when we began
-    } while (seen <= before + i && testutil::now_ms() < end);
-    if (seen <= before + i) return false;
+      seen = waiting_now();
+    } while (seen >= 0 && seen < before + i + 1 && testutil::now_ms() < end);
+    if (seen < before + i + 1) return false;
   }
   return true;
 }
@@ -610,9 +613,12 @@ int waiting_clients() {
 }
 
 // A client child that asks for unbound interface "unbound" (waiting for a
-// binding), queues a hello-sized datagram behind its question, and with
-// `own_socket` one more datagram carrying its own socket, then dies.
-// Returns whether the directory stopped listing it as waiting within 2 s.
+// binding) and queues its hello behind the question, as a Session does.
+// Without `own_socket` it waits until the directory lists it, then dies.
+// With `own_socket` it then sends its own socket as an fd too (which, left
+// in the directory's receive queue, would keep the connection alive after
+// the client died) and waits for the directory to end the wait (hang-up),
+// then dies. Returns whether the directory lists no waiting client after.
 bool dead_waiting_client_is_forgotten(bool own_socket) {
   char path[sizeof(sockaddr_un::sun_path)];
   lemsg::detail::directory_path(path);
@@ -627,16 +633,23 @@ bool dead_waiting_client_is_forgotten(bool own_socket) {
       req.flags = lemsg::detail::dirwire::FlagWait;
       lemsg::detail::dirwire::set_text(req.name, sizeof req.name, "unbound");
       if (lemsg::detail::dirwire::send(fd, req) != Result::Ok) return 3;
-      if (send(fd, "hello", 5, MSG_NOSIGNAL) != 5) return 4;
-      if (own_socket && !testutil::send_fds(fd, "x", 1, &fd, 1)) return 5;
-      // Until the directory lists it: then die without closing anything.
-      for (int i = 0; i < 1000; ++i) {
-        if (waiting_clients() == 1) return 0;
+      if (!raw_hello(fd, kProto)) return 4;
+      // Until the directory lists it.
+      bool listed = false;
+      for (int i = 0; i < 1000 && !listed; ++i) {
+        listed = waiting_clients() == 1;
         struct pollfd p = {fd, 0, 0};
-        if (poll(&p, 1, 0) == 1) break;  // closed by the directory
-        usleep(2000);
+        if (!listed && poll(&p, 1, 0) == 1) break;  // closed by the directory to make room
+        if (!listed) usleep(2000);
       }
-      close(fd);
+      if (!listed) {
+        close(fd);
+        continue;
+      }
+      if (!own_socket) return 0;  // dies, closing nothing itself
+      if (!testutil::send_fds(fd, "x", 1, &fd, 1)) return 5;
+      struct pollfd p = {fd, 0, 0};
+      return poll(&p, 1, kWaitMs) == 1 && (p.revents & POLLHUP) ? 0 : 7;
     }
     return 6;
   });
@@ -659,19 +672,14 @@ TEST_CASE("directory: a waiting client that dies is forgotten at once") {
   testutil::kill9(dir);
 }
 
-// KNOWN DEFECT, not fixed (found by the directory fuzz target): a waiting
-// client's connection is watched for the hang-up only, since what the client
-// queued after its question (the hello) is for the server. A client that
-// also queues its own socket as an fd keeps that socket alive in the
-// directory's receive queue after it dies: the hang-up never comes, and its
-// waiting slot and an fd stay taken until its server registers. One uid may
-// so hold its share of LEMSG_DIR_MAX_WAITING with dead processes. The fix
-// needs a protocol decision (e.g. the client sends its hello only after the
-// directory's answer, so that anything queued while waiting can be read and
-// refused). should_fail: this case passes while the defect is there; when it
-// is fixed, doctest reports it, and should_fail comes off.
-TEST_CASE("directory: a waiting client that dies after passing its own socket is forgotten (known defect)" *
-          doctest::should_fail()) {
+// Found by the directory fuzz target: a waiting client's connection was
+// watched for the hang-up only, and a client that queued its own socket as
+// an fd behind its question kept its connection alive in the directory's
+// receive queue after it died, its waiting slot and an fd taken until its
+// server registered. The directory now reads what a waiting client sends
+// (its hello, forwarded with the hand-over) and ends the wait on anything
+// else.
+TEST_CASE("directory: a waiting client that dies after passing its own socket is forgotten") {
   DirEnv env;
   REQUIRE(env.write_bindings("# nothing bound\n"));
   testutil::Pipe dready;

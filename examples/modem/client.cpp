@@ -73,7 +73,7 @@ int main() {
   for (int i = 0; i < 100 && bar.signal_reads < 4; ++i) (void)loop.run_once(50);
 
   // Three changes are: the network lost, a roaming partner, home again.
-  const bool expected = got_signal == lemsg::Result::Ok && signal.bars > 0 && sent == lemsg::Result::Ok &&
+  const bool expected = got_signal == lemsg::Result::Ok && signal.rssi < 0 && signal.bars <= 5 && sent == lemsg::Result::Ok &&
                         sms.id == 1 && refused == lemsg::Result::BadParameter && bar.changes == 3 &&
                         bar.registered == 2 && bar.signal_reads == 4;
   return expected ? 0 : 1;

@@ -40,8 +40,7 @@
 //     with an End whose count matches the entries, and exactly its services,
 //     waiting clients and bindings, each with valid names and no service
 //     twice; a reload that fails leaves the bindings as they were; once all
-//     clients close nothing is registered or waiting (but see the known
-//     defect at LEMSG_FUZZ_KNOWN_DEFECT_WAITING below), and after the
+//     clients close nothing is registered or waiting, and after the
 //     Directory goes the loop has no watch or timer left, its socket file is
 //     gone and the process has the fds it had before;
 //   - bindings: parse() says Ok, BadParameter or BindingTableFull, and is all
@@ -256,19 +255,15 @@ struct Client {
   bool registered = false;  // it sent a Register: it may be a server
 };
 
-// A known defect, not fixed yet: a waiting client's socket is watched for
-// the hang-up only (what it queued after its question, the hello, is for
-// the server), so a client that also queues its own socket as an fd keeps
-// that socket alive in the directory's receive queue after it closes or
-// dies: the hang-up never comes and its waiting slot (and an fd) stays taken
-// until its server registers. (Reading the queue would take the hello from
-// the server; the fix is a protocol decision.) The reproducer is
-// tests/fuzz/corpus/crashes/directory/; tests/directory.cpp has the case.
-// By default the harness tolerates it: a client that passed its own socket
-// may be left waiting after it closed. -DLEMSG_FUZZ_KNOWN_DEFECT_WAITING=0
-// makes it a failure, to check a fix.
+// A defect this target found, fixed since: a waiting client that queued its
+// own socket as an fd behind its question kept its connection alive in the
+// directory's receive queue after it died (the directory now reads what a
+// waiting client sends: its hello, forwarded with the hand-over, and nothing
+// else). Its reproducer is in the corpus (waiting-client-passes-own-socket);
+// tests/directory.cpp has the case. -DLEMSG_FUZZ_KNOWN_DEFECT_WAITING=1
+// tolerates such a client again (to look at the old behaviour).
 #ifndef LEMSG_FUZZ_KNOWN_DEFECT_WAITING
-#define LEMSG_FUZZ_KNOWN_DEFECT_WAITING 1
+#define LEMSG_FUZZ_KNOWN_DEFECT_WAITING 0
 #endif
 
 // Bindings the directory starts with: this uid's "modem" interface to its
