@@ -176,7 +176,13 @@ struct Pipe {
     if (fd[1] >= 0) close(fd[1]);
     fd[1] = -1;
   }
-  bool put(char c) { return write(fd[1], &c, 1) == 1; }
+  /// False, without writing, when the reader is gone: a write would raise
+  /// SIGPIPE and end the whole test run (a child that failed early closed it).
+  bool put(char c) {
+    struct pollfd p = {fd[1], POLLOUT, 0};
+    if (::poll(&p, 1, 0) == 1 && (p.revents & POLLERR)) return false;
+    return write(fd[1], &c, 1) == 1;
+  }
   /// The next byte, or -1 on timeout or end of file.
   int get(int timeout_ms) {
     struct pollfd p = {fd[0], POLLIN, 0};
