@@ -3649,6 +3649,7 @@ class Service {
   // Directory mode: registration and the connections the directory hands over.
   Result advertise_directory(const char* name, const ServiceOptions& options, const char* dir_path) noexcept;
   void register_again() noexcept;
+  detail::dirwire::Record register_request(const char* name) const noexcept;
   void lose_directory(const char* why) noexcept;
   void on_registration() noexcept;
   // A connection accepted or handed over: checked, then its hello read (or
@@ -3886,13 +3887,8 @@ inline Result Service::advertise_directory(const char* name, const ServiceOption
                                           const char* dir_path) noexcept {
   if (!dir_path[0]) return Result::BadParameter;
   namespace dw = detail::dirwire;
-  dw::Record req;
-  req.op = dw::Register;
-  req.a = protocol_.max_payload;
-  dw::set_text(req.name, sizeof req.name, name);
-  dw::set_text(req.text, sizeof req.text, protocol_.id);
   int fd = -1;
-  Result r = dw::ask(dir_path, req, fd);
+  Result r = dw::ask(dir_path, register_request(name), fd);
   if (r == Result::Ok) {
     dw::Record a;
     const Result w =
@@ -3940,15 +3936,19 @@ inline void Service::lose_directory(const char* why) noexcept {
   reschedule();
 }
 
+inline detail::dirwire::Record Service::register_request(const char* name) const noexcept {
+  detail::dirwire::Record req;
+  req.op = detail::dirwire::Register;
+  req.a = protocol_.max_payload;
+  detail::dirwire::set_text(req.name, sizeof req.name, name);
+  detail::dirwire::set_text(req.text, sizeof req.text, protocol_.id);
+  return req;
+}
+
 inline void Service::register_again() noexcept {
   namespace dw = detail::dirwire;
-  dw::Record req;
-  req.op = dw::Register;
-  req.a = protocol_.max_payload;
-  dw::set_text(req.name, sizeof req.name, dir_name_);
-  dw::set_text(req.text, sizeof req.text, protocol_.id);
   int fd = -1;
-  Result r = dw::ask(dir_path_, req, fd);
+  Result r = dw::ask(dir_path_, register_request(dir_name_), fd);
   if (r == Result::Ok) {
     r = loop_.add_watch(fd, Readable, [this](int, short) { on_registration(); }, reg_watch_);
     if (r != Result::Ok) ::close(fd);

@@ -90,6 +90,8 @@ TEST_CASE("introspect: the info figures match what the service did") {
     die_with_parent();
     ready.close_read();
     quit.close_write();
+    // Before the Session: its destructor completes the held requests into them.
+    Reply held[2];
     Loop cl;
     SmallPool cp;
     Session s(cl, kProto, cp);
@@ -100,7 +102,6 @@ TEST_CASE("introspect: the info figures match what the service did") {
       CHILD_CHECK(b.value == echo_of(i));
     }
     // Two requests the server holds, unanswered for now.
-    Reply held[2];
     CHILD_CHECK(ask(s, OpHold, 100, held[0]) == Result::Ok);
     CHILD_CHECK(ask(s, OpHold, 101, held[1]) == Result::Ok);
     for (std::uint32_t i = 0; i < 3; ++i) CHILD_CHECK(tell(s, i) == Result::Ok);
