@@ -3651,6 +3651,7 @@ class Service {
   void register_again() noexcept;
   detail::dirwire::Record register_request(const char* name) const noexcept;
   void lose_directory(const char* why) noexcept;
+  void close_registration() noexcept;  // closes the registration connection, if any
   void on_registration() noexcept;
   // A connection accepted or handed over: checked, then its hello read (or
   // it waits in the handshake table). True when a handler ran (the caller
@@ -3921,15 +3922,19 @@ inline Result Service::advertise_directory(const char* name, const ServiceOption
   return Result::Ok;
 }
 
-inline void Service::lose_directory(const char* why) noexcept {
+inline void Service::close_registration() noexcept {
   if (reg_fd_ >= 0) {
     Result r = loop_.remove_watch(reg_watch_);
     (void)r;
     ::close(reg_fd_);
-    reg_fd_ = -1;
-    reg_watch_ = WatchId{};
   }
+  reg_fd_ = -1;
+  reg_watch_ = WatchId{};
   reg_pending_ = false;
+}
+
+inline void Service::lose_directory(const char* why) noexcept {
+  close_registration();
   if (why) LEMSG_LOG(Warning, "service %s: directory connection lost (%s); registering again", log_name(), why);
   reg_backoff_ms_ = reg_backoff_ms_ == 0 ? 50 : (reg_backoff_ms_ * 2 > 1000 ? 1000 : reg_backoff_ms_ * 2);
   reg_retry_ = detail::now_ns() + static_cast<std::int64_t>(reg_backoff_ms_) * 1000000;
@@ -3999,14 +4004,7 @@ inline void Service::on_registration() noexcept {
 inline Result Service::hide() noexcept {
   if (dir_mode_) {
     // Closing the registration is the directory's signal: it unregisters us.
-    if (reg_fd_ >= 0) {
-      Result r = loop_.remove_watch(reg_watch_);
-      (void)r;
-      ::close(reg_fd_);
-    }
-    reg_fd_ = -1;
-    reg_watch_ = WatchId{};
-    reg_pending_ = false;
+    close_registration();
     reg_retry_ = 0;
     dir_mode_ = false;
     reschedule();
