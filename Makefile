@@ -87,7 +87,7 @@ FUZZ_NAMES := wire service session typed directory
 FUZZ_SRCS := $(sort $(wildcard tests/fuzz/*.cpp))
 FUZZ_CORPUS := tests/fuzz/corpus
 FUZZ_REPLAY_FLAGS = -DLEMSG_FUZZ_REPLAY -DLEMSG_FUZZ_CORPUS='"$(CURDIR)/$(FUZZ_CORPUS)"'
-SIZE_SRCS := $(sort $(filter-out tests/size_empty.cpp,$(wildcard tests/size_*.cpp)))
+SIZE_SRCS := $(sort $(filter-out tests/size_empty.cpp tests/size_objects.cpp,$(wildcard tests/size_*.cpp)))
 # examples/<name>.cpp is one program; examples/<name>/*.cpp are the programs
 # of one example (build/<target>/examples/<name>/<program>).
 EXAMPLE_SRCS := $(sort $(wildcard examples/*.cpp examples/*/*.cpp))
@@ -342,7 +342,7 @@ size:
 
 $(addprefix size-build-,$(TARGETS)): size-build-%:
 	$(Q)$(MAKE) --no-print-directory TARGET=$* size-build
-size-build: $(call size_programs,$(TARGET))
+size-build: $(call size_programs,$(TARGET)) build/$(TARGET)-size/size_objects.o
 .PHONY: size-build $(addprefix size-build-,$(TARGETS))
 
 build/$(TARGET)-size/%: tests/%.cpp build/$(TARGET)-size/flags
@@ -350,6 +350,11 @@ build/$(TARGET)-size/%: tests/%.cpp build/$(TARGET)-size/flags
 	@mkdir -p $(@D)
 	$(Q)$(CXX) $(BASEFLAGS) $(SIZE_OPT) $(BASELDFLAGS) $(SIZE_LDFLAGS) \
 	  -MMD -MP -MF $@.d -MT $@ -o $@ $< $(BASELDLIBS)
+
+build/$(TARGET)-size/size_objects.o: tests/size_objects.cpp build/$(TARGET)-size/flags
+	$(say) CXX $@
+	@mkdir -p $(@D)
+	$(Q)$(CXX) $(BASEFLAGS) $(SIZE_OPT) -MMD -MP -MF $@.d -MT $@ -c -o $@ $<
 
 build/$(TARGET)-size/flags: FORCE
 	@mkdir -p $(@D)
@@ -368,7 +373,17 @@ size-report:
 	    set -- $$($(CROSS_COMPILE)size -B $$p | sed -n 2p); \
 	    n=$${p##*/size_}; \
 	    echo "size $(TARGET) $$n: text +$$(($$1-t0)) data +$$(($$2-d0)) bss +$$(($$3-b0)) (program: text $$1 data $$2 bss $$3)"; \
-	  done
+	  done; \
+	  objs=$$($(CROSS_COMPILE)nm -S -t d build/$(TARGET)-size/size_objects.o | \
+	    awk '$$4 ~ /^lemsg_size_of_/ { sub(/^lemsg_size_of_/, "", $$4); printf " %s %d", $$4, $$2 + 0 }'); \
+	  echo "size $(TARGET) objects (bytes):$$objs"; \
+	  if [ "$(TARGET)" = armhf ]; then \
+	    for o in Loop Service Session; do \
+	      b=$$(echo "$$objs" | awk -v o=$$o '{ for (i = 1; i < NF; i += 2) if ($$i == o) print $$(i+1) }'); \
+	      r=$$(sed -n 's/^| `'$$o'` *| *\([0-9,]*\) B.*/\1/p' README.md | tr -d ,); \
+	      [ "$$b" = "$$r" ] || { echo "size: README says $$o is '$$r' B on armhf, the build says $$b B" >&2; exit 1; }; \
+	    done; \
+	  fi
 .PHONY: size-report
 
 # -- examples ------------------------------------------------------------------

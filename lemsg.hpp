@@ -1402,7 +1402,7 @@ using PostedFn = Callable<void()>;
 /// runs the loop. Handlers run there too. A handler may add or remove any
 /// watch or timer, itself included; a removed one is never called again, and
 /// the handler that is running stays valid until it returns (it runs from a
-/// copy).
+/// slot, whose destruction waits until it returns).
 ///
 /// Timers: earliest deadline first; equal deadlines fire in the order they
 /// were armed. A repeating timer that falls behind skips the missed ticks
@@ -1502,6 +1502,7 @@ class Loop {
     int fd = -1;
     short events = 0;
     bool used = false;
+    bool doomed = false;  // removed while its handler runs: freed when it returns
     WatchHandler handler;
   };
   struct Timer {
@@ -1510,12 +1511,22 @@ class Loop {
     std::uint64_t seq = 0;  // arming order, breaks deadline ties
     bool armed = false;
     bool used = false;
+    bool doomed = false;  // removed while its handler runs
     TimerHandler handler;
   };
+  static constexpr std::int64_t no_deadline = INT64_MAX;
 
   bool dispatch_fds(const struct pollfd* fds, std::size_t count) noexcept;
   bool dispatch_timers() noexcept;
   bool dispatch_posted() noexcept;
+  Result dispatch_filled(const struct pollfd* fds, std::size_t count) noexcept;
+  void write_pollfds(struct pollfd* fds) noexcept;
+  // The earliest armed deadline (no_deadline when none), scanned for only
+  // after a change that may have moved it back.
+  std::int64_t earliest() const noexcept;
+  void timer_moved(const Timer& t) noexcept {
+    if (t.armed && t.deadline_ns <= earliest_ns_) earliest_dirty_ = true;
+  }
 
   Watch watches_[LEMSG_MAX_WATCHES];
   detail::HandleMap<Watch, LEMSG_MAX_WATCHES> watch_refs_;
@@ -1524,9 +1535,24 @@ class Loop {
   std::uint64_t arm_seq_ = 0;
 
   // Snapshot from the last fill: which watch each pollfd entry belongs to.
+  // run_once() keeps pfds_ (and filled_) from one wait to the next and
+  // writes them again only after a watch was added or removed; set_events()
+  // changes its entry in place.
   struct pollfd pfds_[LEMSG_MAX_WATCHES + 1];
   std::uint32_t filled_[LEMSG_MAX_WATCHES + 1];
-  std::size_t filled_count_ = 0;
+  std::size_t filled_count_ = 0;  // entries the next dispatch() must match
+  std::size_t pfds_count_ = 0;    // entries of pfds_ when current
+  bool pfds_current_ = false;
+  Watch* running_watch_ = nullptr;
+  Timer* running_timer_ = nullptr;
+  // Timers: the earliest armed deadline, valid unless earliest_dirty_; and
+  // the clock as the last dispatch of timers read it, which the wait that
+  // follows it starts from (one clock read per turn of run()).
+  mutable std::int64_t earliest_ns_ = no_deadline;
+  mutable bool earliest_dirty_ = false;
+  std::int64_t now_hint_ = 0;
+  bool has_now_hint_ = false;
+  bool in_run_ = false;  // run() turns without a pause between dispatch and wait
 
   int wake_fd_ = -1;
   detail::Mutex post_mutex_;
@@ -1575,6 +1601,7 @@ inline Result Loop::add_watch(int fd, short events, WatchHandler handler, WatchI
     w.used = true;
     w.handler = std::move(handler);
     out.value = ref;
+    pfds_current_ = false;
     return Result::Ok;
   }
   return Result::WatchTableFull;
@@ -1584,7 +1611,16 @@ inline Result Loop::set_events(WatchId id, short events) noexcept {
   if ((events & ~(Readable | Writable)) != 0) return Result::BadParameter;
   Watch* w = watch_refs_.lookup(id.value);
   if (!w) return Result::NotFound;
+  if (w->events == events) return Result::Ok;
   w->events = events;
+  if (pfds_current_) {
+    for (std::size_t i = 0; i < pfds_count_; ++i) {
+      if (filled_[i] == id.value) {
+        pfds_[i].events = events;
+        break;
+      }
+    }
+  }
   return Result::Ok;
 }
 
@@ -1592,8 +1628,13 @@ inline Result Loop::remove_watch(WatchId id) noexcept {
   Watch* w = watch_refs_.lookup(id.value);
   if (!w) return Result::NotFound;
   Result r = watch_refs_.remove(id.value);
-  w->used = false;
+  pfds_current_ = false;
   w->fd = -1;
+  if (w == running_watch_) {
+    w->doomed = true;  // the handler running is this one: free the slot when it returns
+    return r;
+  }
+  w->used = false;
   w->handler = nullptr;
   return r;
 }
@@ -1606,6 +1647,7 @@ inline Result Loop::add_timer(TimerHandler handler, TimerId& out) noexcept {
     std::uint32_t ref = 0;
     if (timer_refs_.add(&t, ref) != Result::Ok) return Result::TimerTableFull;
     t.used = true;
+    t.doomed = false;
     t.armed = false;
     t.handler = std::move(handler);
     out.value = ref;
@@ -1617,16 +1659,19 @@ inline Result Loop::add_timer(TimerHandler handler, TimerId& out) noexcept {
 inline Result Loop::arm_timer(TimerId id, std::uint32_t delay_ms, std::uint32_t period_ms) noexcept {
   Timer* t = timer_refs_.lookup(id.value);
   if (!t) return Result::NotFound;
+  timer_moved(*t);
   t->deadline_ns = detail::now_ns() + static_cast<std::int64_t>(delay_ms) * 1000000;
   t->period_ns = static_cast<std::int64_t>(period_ms) * 1000000;
   t->seq = ++arm_seq_;
   t->armed = true;
+  if (t->deadline_ns < earliest_ns_) earliest_ns_ = t->deadline_ns;
   return Result::Ok;
 }
 
 inline Result Loop::disarm_timer(TimerId id) noexcept {
   Timer* t = timer_refs_.lookup(id.value);
   if (!t) return Result::NotFound;
+  timer_moved(*t);
   t->armed = false;
   return Result::Ok;
 }
@@ -1634,9 +1679,14 @@ inline Result Loop::disarm_timer(TimerId id) noexcept {
 inline Result Loop::remove_timer(TimerId id) noexcept {
   Timer* t = timer_refs_.lookup(id.value);
   if (!t) return Result::NotFound;
+  timer_moved(*t);
   Result r = timer_refs_.remove(id.value);
-  t->used = false;
   t->armed = false;
+  if (t == running_timer_) {
+    t->doomed = true;  // freed when its running handler returns
+    return r;
+  }
+  t->used = false;
   t->handler = nullptr;
   return r;
 }
@@ -1726,6 +1776,14 @@ inline Result Loop::fill_pollfds(struct pollfd* fds, std::size_t capacity, std::
     filled_count_ = 0;  // a later dispatch() must not match an older fill
     return Result::BadParameter;
   }
+  write_pollfds(fds);
+  // filled_ now describes the caller's array, not pfds_.
+  if (fds != pfds_) pfds_current_ = false;
+  filled_count_ = count;
+  return Result::Ok;
+}
+
+inline void Loop::write_pollfds(struct pollfd* fds) noexcept {
   std::size_t n = 0;
   if (wake_fd_ >= 0) {
     fds[n] = pollfd{wake_fd_, POLLIN, 0};
@@ -1735,22 +1793,25 @@ inline Result Loop::fill_pollfds(struct pollfd* fds, std::size_t capacity, std::
     fds[n] = pollfd{w->fd, w->events, 0};
     filled_[n++] = ref;
   });
-  filled_count_ = n;
-  return Result::Ok;
+}
+
+inline std::int64_t Loop::earliest() const noexcept {
+  if (earliest_dirty_) {
+    std::int64_t e = no_deadline;
+    timer_refs_.for_each([&](const Timer* t, std::uint32_t) {
+      if (t->armed && t->deadline_ns < e) e = t->deadline_ns;
+    });
+    earliest_ns_ = e;
+    earliest_dirty_ = false;
+  }
+  return earliest_ns_;
 }
 
 inline int Loop::next_timeout_ms() const noexcept {
   if (posted_pending_.load(std::memory_order_relaxed)) return 0;
-  bool found = false;
-  std::int64_t earliest = 0;
-  timer_refs_.for_each([&](const Timer* t, std::uint32_t) {
-    if (t->armed && (!found || t->deadline_ns < earliest)) {
-      earliest = t->deadline_ns;
-      found = true;
-    }
-  });
-  if (!found) return -1;
-  return detail::ms_until(earliest);
+  const std::int64_t e = earliest();
+  if (e == no_deadline) return -1;
+  return detail::ms_until(e);
 }
 
 inline bool Loop::dispatch_fds(const struct pollfd* fds, std::size_t count) noexcept {
@@ -1766,11 +1827,18 @@ inline bool Loop::dispatch_fds(const struct pollfd* fds, std::size_t count) noex
     // Removed (or removed and replaced) by an earlier handler in this dispatch.
     if (!w) continue;
     const short rev = fds[i].revents;
-    // Run from a copy: the handler may remove its own watch, which destroys
-    // the stored callable.
-    WatchHandler h = w->handler;
-    h(w->fd, rev);
+    // In place: a handler that removes its own watch leaves the slot doomed,
+    // and it is freed here once the handler has returned.
+    running_watch_ = w;
+    w->handler(w->fd, rev);
+    running_watch_ = nullptr;
     any = true;
+    if (w->doomed) {
+      w->doomed = false;
+      w->used = false;
+      w->handler = nullptr;
+      continue;
+    }
     if ((rev & POLLNVAL) && watch_refs_.lookup(filled_[i]) == w) {
       LEMSG_LOG(Warning, "loop: fd %d is closed but still watched; removing the watch", w->fd);
       Result r = remove_watch(WatchId{filled_[i]});
@@ -1781,7 +1849,13 @@ inline bool Loop::dispatch_fds(const struct pollfd* fds, std::size_t count) noex
 }
 
 inline bool Loop::dispatch_timers() noexcept {
+  // Nothing armed: no clock to read, no table to scan.
+  if (earliest() == no_deadline) return false;
   const std::int64_t now = detail::now_ns();
+  now_hint_ = now;
+  has_now_hint_ = true;  // still the time when no handler runs after this read
+  if (earliest_ns_ > now) return false;
+  has_now_hint_ = false;
   const std::uint64_t last_seq = arm_seq_;  // timers armed from here on wait
   bool any = false;
   for (;;) {
@@ -1803,10 +1877,19 @@ inline bool Loop::dispatch_timers() noexcept {
     } else {
       due->armed = false;
     }
-    TimerHandler h = due->handler;
+    earliest_dirty_ = true;
     (void)due_ref;
-    h();
+    // In place, as watches are: a timer removed by its own handler is freed
+    // when the handler returns.
+    running_timer_ = due;
+    due->handler();
+    running_timer_ = nullptr;
     any = true;
+    if (due->doomed) {
+      due->doomed = false;
+      due->used = false;
+      due->handler = nullptr;
+    }
   }
   return any;
 }
@@ -1814,6 +1897,13 @@ inline bool Loop::dispatch_timers() noexcept {
 inline Result Loop::dispatch(const struct pollfd* fds, std::size_t count) noexcept {
   if (dispatching_) return Result::Reentrant;
   if (count != filled_count_ || (count > 0 && fds == nullptr)) return Result::BadParameter;
+  has_now_hint_ = false;  // the caller waited for as long as it liked
+  const Result r = dispatch_filled(fds, count);
+  filled_count_ = 0;
+  return r;
+}
+
+inline Result Loop::dispatch_filled(const struct pollfd* fds, std::size_t count) noexcept {
   // Whichever call drives the loop, the thread that dispatches it owns it.
   claim_owner();
   // A nested dispatch would poll again and run handlers for the events this
@@ -1828,7 +1918,6 @@ inline Result Loop::dispatch(const struct pollfd* fds, std::size_t count) noexce
     any = dispatch_posted() || any;
   }
   any = dispatch_timers() || any;
-  filled_count_ = 0;
   dispatching_ = false;
   return any ? Result::Ok : Result::Timeout;
 }
@@ -1838,27 +1927,40 @@ inline Result Loop::run_once(int timeout_ms) noexcept {
   // Owned from before the wait, so a synchronous call made on this thread
   // while it blocks in poll() is seen as this loop's.
   claim_owner();
-  std::size_t n = 0;
-  Result r = fill_pollfds(pfds_, LEMSG_MAX_WATCHES + 1, n);
-  if (r != Result::Ok) return r;
-  int wait = next_timeout_ms();
+  if (!pfds_current_) {
+    write_pollfds(pfds_);
+    pfds_count_ = pollfd_count();
+    pfds_current_ = true;
+  }
+  filled_count_ = 0;  // a dispatch() of an earlier fill_pollfds() no longer matches
+  const std::size_t n = pfds_count_;
+  int wait = -1;
+  if (posted_pending_.load(std::memory_order_relaxed)) {
+    wait = 0;
+  } else if (earliest() != no_deadline) {
+    // The clock the last dispatch of timers read, when it is this turn's.
+    wait = detail::ms_between(has_now_hint_ && in_run_ ? now_hint_ : detail::now_ns(), earliest_ns_);
+  }
+  has_now_hint_ = false;
   if (timeout_ms >= 0 && (wait < 0 || timeout_ms < wait)) wait = timeout_ms;
   const int rc = ::poll(pfds_, static_cast<nfds_t>(n), wait);
   if (rc < 0) {
     if (errno != EINTR) {
       LEMSG_LOG(Error, "loop: poll failed: %s", std::strerror(errno));
-      filled_count_ = 0;
       return Result::SystemError;
     }
     for (std::size_t i = 0; i < n; ++i) pfds_[i].revents = 0;
   }
-  return dispatch(pfds_, n);
+  return dispatch_filled(pfds_, n);
 }
 
 inline Result Loop::run() noexcept {
   if (dispatching_) return Result::Reentrant;
+  has_now_hint_ = false;
   while (!stop_.load(std::memory_order_acquire)) {
+    in_run_ = true;
     Result r = run_once(-1);
+    in_run_ = false;
     if (r == Result::SystemError) {
       stop_.store(0, std::memory_order_relaxed);
       return r;
@@ -2031,6 +2133,8 @@ inline void set_send_buffer(int fd, int sndbuf) noexcept;
 /// Sends one datagram, with `pass_fd` (>= 0) attached. Ok, WouldBlock,
 /// Closed (peer gone), SystemError. Never raises SIGPIPE.
 inline Result send_datagram(int fd, const void* buf, std::size_t len, int pass_fd) noexcept;
+/// sendmsg() of one datagram with `pass_fd` in SCM_RIGHTS (EINTR retried): its result, errno set.
+inline ssize_t send_with_fd(int fd, const void* buf, std::size_t len, int pass_fd) noexcept;
 
 /// Receives one datagram into `buf` (capacity `cap`). Ok with `len` and
 /// `fd_out` (-1 when none) set; WouldBlock; Closed (orderly end or reset,
@@ -2433,6 +2537,24 @@ inline bool connected_to_us(int fd) noexcept {
 }
 
 inline Result send_datagram(int fd, const void* buf, std::size_t len, int pass_fd) noexcept {
+  ssize_t n;
+  if (pass_fd < 0) {
+    // No fd travels: a plain send(), without a message header to build and copy in.
+    do {
+      n = ::send(fd, buf, len, MSG_NOSIGNAL | MSG_DONTWAIT);
+    } while (n < 0 && errno == EINTR);
+  } else {
+    n = send_with_fd(fd, buf, len, pass_fd);
+  }
+  if (n >= 0) return Result::Ok;  // SEQPACKET sends whole datagrams or nothing
+  if (errno == EAGAIN || errno == EWOULDBLOCK) return Result::WouldBlock;
+  if (errno == EPIPE || errno == ECONNRESET || errno == ENOTCONN) return Result::Closed;
+  if (errno == EMSGSIZE) return Result::TooBigForSocket;
+  LEMSG_LOG(Error, "transport: send failed: %s", std::strerror(errno));
+  return Result::SystemError;
+}
+
+inline ssize_t send_with_fd(int fd, const void* buf, std::size_t len, int pass_fd) noexcept {
   struct iovec iov;
   iov.iov_base = const_cast<void*>(buf);
   iov.iov_len = len;
@@ -2441,7 +2563,7 @@ inline Result send_datagram(int fd, const void* buf, std::size_t len, int pass_f
   mh.msg_iov = &iov;
   mh.msg_iovlen = 1;
   alignas(struct cmsghdr) unsigned char control[CMSG_SPACE(sizeof(int))];
-  if (pass_fd >= 0) {
+  {
     std::memset(control, 0, sizeof control);
     mh.msg_control = control;
     mh.msg_controllen = sizeof control;
@@ -2451,16 +2573,11 @@ inline Result send_datagram(int fd, const void* buf, std::size_t len, int pass_f
     c->cmsg_len = CMSG_LEN(sizeof(int));
     std::memcpy(CMSG_DATA(c), &pass_fd, sizeof(int));
   }
-  for (;;) {
-    const ssize_t n = ::sendmsg(fd, &mh, MSG_NOSIGNAL | MSG_DONTWAIT);
-    if (n >= 0) return Result::Ok;  // SEQPACKET sends whole datagrams or nothing
-    if (errno == EINTR) continue;
-    if (errno == EAGAIN || errno == EWOULDBLOCK) return Result::WouldBlock;
-    if (errno == EPIPE || errno == ECONNRESET || errno == ENOTCONN) return Result::Closed;
-    if (errno == EMSGSIZE) return Result::TooBigForSocket;
-    LEMSG_LOG(Error, "transport: sendmsg failed: %s", std::strerror(errno));
-    return Result::SystemError;
-  }
+  ssize_t n;
+  do {
+    n = ::sendmsg(fd, &mh, MSG_NOSIGNAL | MSG_DONTWAIT);
+  } while (n < 0 && errno == EINTR);
+  return n;
 }
 
 inline Result recv_datagram(int fd, void* buf, std::size_t cap, std::size_t& len, int& fd_out, bool wait,
@@ -2656,6 +2773,9 @@ struct MsgBlock {
   // unanswered: this section needs nothing of the Service's.
   void* service;
   void (*unanswered)(void* service, std::uint32_t session, std::uint32_t txn) noexcept;
+  // The next block of the channel queue this one waits in (BlockQueue): a
+  // session's queues cost two pointers, not a slot per frame they may hold.
+  MsgBlock* next;
   std::uint32_t session;
   std::uint32_t txn;
   std::uint32_t size;
@@ -2663,6 +2783,8 @@ struct MsgBlock {
   int fd;
   MsgKind kind;
   bool responded;
+  std::uint8_t frame_type;   // as received (wire::FrameType)
+  std::uint8_t frame_flags;  // as received
   alignas(8) unsigned char header[wire::header_size];
 };
 static_assert(offsetof(MsgBlock, header) + wire::header_size == sizeof(MsgBlock),
@@ -2672,6 +2794,7 @@ inline unsigned char* payload_of(MsgBlock* b) noexcept { return reinterpret_cast
 
 struct Channel;
 struct TypedAccess;
+struct BlockQueue;
 
 }  // namespace detail
 
@@ -2728,6 +2851,7 @@ class Message {
   friend class Session;
   friend struct detail::Channel;
   friend struct detail::TypedAccess;
+  friend struct detail::BlockQueue;
   bool is_shared() const noexcept;
   detail::MsgBlock* blk_ = nullptr;
 };
@@ -2918,6 +3042,9 @@ inline Result MessagePoolBase::create(Message& out) noexcept {
   b->fd = -1;
   b->kind = detail::MsgKind::Outgoing;
   b->responded = false;
+  b->next = nullptr;
+  b->frame_type = 0;
+  b->frame_flags = 0;
   out.blk_ = b;
   return Result::Ok;
 }
@@ -2932,6 +3059,39 @@ inline Result MessagePoolBase::create(Message& out) noexcept {
 // control frames of the open handshake.
 
 namespace detail {
+
+// Blocks in arrival order, linked through MsgBlock::next; each keeps the one
+// reference the Message pushed had (a shared Message is never queued).
+struct BlockQueue {
+  MsgBlock* first = nullptr;
+  MsgBlock* last = nullptr;
+  std::uint32_t count = 0;
+
+  void push(Message& m) noexcept {
+    MsgBlock* b = m.blk_;
+    m.blk_ = nullptr;
+    b->next = nullptr;
+    if (last) last->next = b;
+    else first = b;
+    last = b;
+    ++count;
+  }
+  // Moves the first block out into `m` (which must be empty).
+  void pop(Message& m) noexcept {
+    MsgBlock* b = first;
+    first = b->next;
+    if (!first) last = nullptr;
+    b->next = nullptr;
+    --count;
+    m.blk_ = b;
+  }
+  void clear() noexcept {
+    while (first) {
+      Message m;
+      pop(m);
+    }
+  }
+};
 
 // One connected socket and its outgoing queue; shared by both ends.
 struct Channel {
@@ -2948,13 +3108,11 @@ struct Channel {
   // Set when the queue starts, pushed back whenever it moves; 0 = empty.
   std::int64_t stall_deadline = 0;
   std::uint32_t stall_ms = LEMSG_STALL_TIMEOUT_MS;
-  Message out[LEMSG_MAX_OUTGOING];
-  std::size_t out_head = 0;
-  std::size_t out_count = 0;
+  BlockQueue out;  // at most LEMSG_MAX_OUTGOING frames
 
   void update_events(Loop& loop) noexcept {
     short ev = starved ? 0 : Readable;
-    if (out_count) ev = static_cast<short>(ev | Writable);
+    if (out.count) ev = static_cast<short>(ev | Writable);
     Result r = loop.set_events(watch, ev);
     (void)r;
   }
@@ -2972,20 +3130,23 @@ struct Channel {
   // them its frame. Ok, or why it is refused (`rfd` closed then).
   Result take_frame(MsgBlock* b, std::size_t len, int rfd, std::uint32_t max_payload, wire::Header& h) noexcept;
 
-  // Frames of the last batch read with one recvmmsg(), handed out in order
-  // by next(). A batch shorter than asked means the socket was empty, so the
-  // next call says WouldBlock without a system call until readable() again.
-  Message held[max_batch];
-  wire::Header held_h[max_batch];
-  std::size_t held_i = 0;
-  std::size_t held_n = 0;
+  // Frames of the last read, handed out in order by next(). The first read
+  // of a wake-up asks for one frame with recvmsg() and, when it gets it,
+  // stops: poll() is level-triggered, so a frame still waiting wakes the
+  // loop again, and a peer that waits for each answer costs no extra read
+  // to see EAGAIN. Every probe_every-th lone read asks for two instead; when
+  // both come, the peer is streaming and reads become recvmmsg() batches
+  // that double (up to max_batch) while they come back full, until a batch
+  // comes back short (the socket is empty: WouldBlock without a system call
+  // until readable() again) with at most one frame in it.
+  BlockQueue held;
   Result held_err = Result::Ok;  // what ends the batch after its good frames
   bool drained = false;
-  // Blocks the next batch asks for: 2 (enough to see the socket drained) after
-  // a short batch, doubling up to max_batch while batches come back full.
-  std::size_t want = 2;
+  std::uint8_t want = 1;         // frames the next read asks for
+  std::uint8_t lone_reads = 0;   // one-frame reads since the last probe
+  static constexpr std::uint8_t probe_every = 8;
   void readable() noexcept { drained = false; }
-  bool has_held() const noexcept { return held_i < held_n || held_err != Result::Ok; }
+  bool has_held() const noexcept { return held.count != 0 || held_err != Result::Ok; }
   Result next(MessagePoolBase& pool, std::uint32_t max_payload, Message& frame, wire::Header& h) noexcept;
   void reset(Loop& loop) noexcept;
 };
@@ -3050,7 +3211,7 @@ inline Result Channel::send(Loop& loop, Message& m, wire::FrameType type, std::u
   MsgBlock* b = m.blk_;
   if (b->fd >= 0) flags = static_cast<std::uint8_t>(flags | wire::FlagFd);
   wire::encode(wire::Header{type, flags, txn, b->size}, b->header);
-  if (out_count == 0) {
+  if (out.count == 0) {
     const Result r = send_datagram(fd, b->header, wire::header_size + b->size, b->fd);
     if (r == Result::Ok) {
       m.release();
@@ -3058,28 +3219,26 @@ inline Result Channel::send(Loop& loop, Message& m, wire::FrameType type, std::u
     }
     if (r != Result::WouldBlock) return r;
   }
-  if (out_count == LEMSG_MAX_OUTGOING) return Result::Overflow;
-  if (out_count == 0) stall_deadline = now_ns() + static_cast<std::int64_t>(stall_ms) * 1000000;
-  out[(out_head + out_count) % LEMSG_MAX_OUTGOING] = std::move(m);
-  ++out_count;
+  if (out.count == LEMSG_MAX_OUTGOING) return Result::Overflow;
+  if (out.count == 0) stall_deadline = now_ns() + static_cast<std::int64_t>(stall_ms) * 1000000;
+  out.push(m);
   update_events(loop);
   return Result::Ok;
 }
 
 inline Result Channel::flush(Loop& loop) noexcept {
   bool moved = false;
-  while (out_count) {
-    Message& m = out[out_head];
-    const Result r = send_datagram(fd, m.blk_->header, wire::header_size + m.blk_->size, m.blk_->fd);
+  while (out.count) {
+    MsgBlock* b = out.first;
+    const Result r = send_datagram(fd, b->header, wire::header_size + b->size, b->fd);
     if (r == Result::WouldBlock) break;
     if (r != Result::Ok) return r;
-    m.release();
-    out_head = (out_head + 1) % LEMSG_MAX_OUTGOING;
-    --out_count;
+    Message sent;
+    out.pop(sent);
     moved = true;
   }
   // The peer read something: it has a new stall timeout for what is left.
-  if (out_count == 0) stall_deadline = 0;
+  if (out.count == 0) stall_deadline = 0;
   else if (moved) stall_deadline = now_ns() + static_cast<std::int64_t>(stall_ms) * 1000000;
   update_events(loop);
   return Result::Ok;
@@ -3087,36 +3246,63 @@ inline Result Channel::flush(Loop& loop) noexcept {
 
 inline Result Channel::next(MessagePoolBase& pool, std::uint32_t max_payload, Message& frame,
                             wire::Header& h) noexcept {
-  if (held_i == held_n && held_err == Result::Ok && !drained) {
-    held_i = held_n = 0;
+  if (held.count == 0 && held_err == Result::Ok && !drained) {
+    Message blk[max_batch];
+    std::size_t ask = want;
+    if (ask == 1 && ++lone_reads >= probe_every) {
+      lone_reads = 0;
+      ask = 2;
+    }
     std::size_t asked = 0;
-    for (; asked < want; ++asked)
-      if (pool.create(held[asked]) != Result::Ok) break;
+    for (; asked < ask; ++asked)
+      if (pool.create(blk[asked]) != Result::Ok) break;
     if (asked == 0) return Result::PoolEmpty;
+    const std::size_t cap = wire::header_size + pool.max_payload();
     Datagram d[max_batch];
-    for (std::size_t i = 0; i < asked; ++i)
-      d[i] = Datagram{held[i].blk_->header, wire::header_size + pool.max_payload(), 0, -1, Result::Ok};
     std::size_t got = 0;
-    Result r = recv_datagrams(fd, d, asked, got);
+    Result r;
+    if (asked == 1) {
+      d[0] = Datagram{blk[0].blk_->header, cap, 0, -1, Result::Ok};
+      r = recv_datagram(fd, d[0].buf, cap, d[0].len, d[0].fd);
+      d[0].result = r;
+      if (r == Result::Ok) got = 1;
+      else if (r == Result::BadFrame || r == Result::TooLarge) got = 1;  // refused: ends the batch below
+    } else {
+      for (std::size_t i = 0; i < asked; ++i) d[i] = Datagram{blk[i].blk_->header, cap, 0, -1, Result::Ok};
+      r = recv_datagrams(fd, d, asked, got);
+    }
     for (std::size_t i = 0; i < got; ++i) {
       // (A datagram the transport refused has had its fds closed already.)
       Result ri = d[i].result;
-      if (ri == Result::Ok) ri = take_frame(held[i].blk_, d[i].len, d[i].fd, max_payload, held_h[i]);
+      wire::Header fh;
+      if (ri == Result::Ok) ri = take_frame(blk[i].blk_, d[i].len, d[i].fd, max_payload, fh);
       // Nothing after a bad frame is delivered: the session is closing. The
-      // blocks not handed out are released below, with any fd they took.
+      // blocks not handed out are released when `blk` goes, with any fd they took.
       if (held_err == Result::Ok && ri != Result::Ok) held_err = ri;
-      if (held_err == Result::Ok) held_n = i + 1;
+      if (held_err == Result::Ok) held.push(blk[i]);
     }
-    for (std::size_t i = held_n; i < asked; ++i) held[i].release();
-    if (r == Result::WouldBlock) drained = true;
-    else if (r != Result::Ok && held_err == Result::Ok) held_err = r;
-    else drained = got < asked;
-    want = got < asked ? 2 : (want * 2 > max_batch ? max_batch : want * 2);
+    if (asked == 1 && got == 1) {
+      r = Result::Ok;
+      // A lone frame: the next one, if any, wakes the loop again.
+      drained = true;
+    } else if (r == Result::WouldBlock) {
+      drained = true;
+      want = 1;
+    } else if (r != Result::Ok) {
+      if (held_err == Result::Ok) held_err = r;
+    } else if (got < asked) {
+      drained = true;
+      want = got > 1 ? 2 : 1;  // a short batch with a backlog in it: start the next wake-up with two
+    } else {
+      want = static_cast<std::uint8_t>(asked * 2 > max_batch ? max_batch : asked * 2);
+    }
   }
-  if (held_i < held_n) {
-    frame = std::move(held[held_i]);
-    h = held_h[held_i];
-    ++held_i;
+  if (held.count) {
+    frame.release();
+    held.pop(frame);
+    const MsgBlock* b = frame.blk_;
+    h = wire::Header{static_cast<wire::FrameType>(b->frame_type), b->frame_flags, b->txn,
+                     (b->frame_flags & wire::FlagError) ? 4u : b->size};
     return Result::Ok;
   }
   if (held_err != Result::Ok) {
@@ -3165,6 +3351,8 @@ inline Result Channel::take_frame(MsgBlock* b, std::size_t len, int rfd, std::ui
   b->size = h.length;
   b->fd = rfd;
   b->txn = h.txn;
+  b->frame_type = static_cast<std::uint8_t>(h.type);
+  b->frame_flags = h.flags;
   if (h.flags & wire::FlagError) {
     // An error response carries its Result in place of a payload.
     std::memcpy(&b->status, payload_of(b), 4);
@@ -3181,13 +3369,13 @@ inline void Channel::reset(Loop& loop) noexcept {
   }
   if (fd >= 0) ::close(fd);
   fd = -1;
-  for (std::size_t i = 0; i < out_count; ++i) out[(out_head + i) % LEMSG_MAX_OUTGOING].release();
-  out_head = out_count = 0;
+  out.clear();
   stall_deadline = 0;
-  for (std::size_t i = held_i; i < held_n; ++i) held[i].release();
-  held_i = held_n = 0;
+  held.clear();
   held_err = Result::Ok;
   drained = false;
+  want = 1;
+  lone_reads = 0;
   starved = false;
   blocking = false;
   rcvtimeo_ms = 0;
@@ -3639,7 +3827,7 @@ class Service {
   // A frame was sent or queued: when it started a queue, the timer must
   // see the queue's stall deadline.
   void watch_stall(const Peer& p) noexcept {
-    if (p.ch.out_count == 1) reschedule();
+    if (p.ch.out.count == 1) reschedule();
   }
   bool close_peer(std::uint32_t ref, Result reason) noexcept;  // false: the Service is gone
   // The advertised name (also after hide()), else the protocol id: for logs.
@@ -4461,7 +4649,7 @@ inline void Service::answer_error(std::uint32_t session, std::uint32_t txn, Resu
     r = m.assign(&c, 4);
     if (r == Result::Ok) r = channel_send(*p, session, m, wire::FrameType::Response, txn, wire::FlagError);
     if (r == Result::Ok) watch_stall(*p);
-  } else if (p->ch.out_count == 0) {
+  } else if (p->ch.out.count == 0) {
     r = detail::send_control(p->ch.fd, wire::FrameType::Response, txn, wire::FlagError, &c, 4);
     if (r == Result::Ok && monitor_count_) {
       unsigned char head[wire::header_size];
@@ -4660,7 +4848,7 @@ inline void Service::on_timer() noexcept {
   peer_refs_.for_each([&](Peer* p, std::uint32_t ref) {
     // Whatever keeps its socket alive (a copy in another process, an fd in
     // flight), a client that reads nothing while frames wait is gone.
-    if (p->open && p->ch.out_count && p->ch.stall_deadline && p->ch.stall_deadline <= now) stalled[n_stalled++] = ref;
+    if (p->open && p->ch.out.count && p->ch.stall_deadline && p->ch.stall_deadline <= now) stalled[n_stalled++] = ref;
     if (p->ch.starved && pool_.available()) {
       p->ch.starved = false;
       p->ch.update_events(loop_);
@@ -4737,7 +4925,7 @@ inline void Service::send_info(int fd) noexcept {
     detail::put32(at + 8, static_cast<std::uint32_t>(p->creds.uid));
     detail::put32(at + 12, static_cast<std::uint32_t>(p->creds.gid));
     detail::put32(at + 16, p->pending);
-    detail::put32(at + 20, static_cast<std::uint32_t>(p->ch.out_count));
+    detail::put32(at + 20, static_cast<std::uint32_t>(p->ch.out.count));
     at += wire::info_session_size;
     ++sessions;
   });
@@ -5919,9 +6107,9 @@ inline Result Session::request_sync(Message&& m, Message& response, int timeout_
 inline Result Session::wait_readable(int left, bool& wait) noexcept {
   // Nothing left to send: wait inside recvmsg, one system call per answer
   // like a plain blocking client. Otherwise poll, to send and receive.
-  wait = ch_.out_count == 0 && ch_.set_wait(left);
+  wait = ch_.out.count == 0 && ch_.set_wait(left);
   if (wait) return Result::Ok;
-  struct pollfd pfd = {ch_.fd, static_cast<short>(POLLIN | (ch_.out_count ? POLLOUT : 0)), 0};
+  struct pollfd pfd = {ch_.fd, static_cast<short>(POLLIN | (ch_.out.count ? POLLOUT : 0)), 0};
   const int rc = ::poll(&pfd, 1, left);
   if (rc < 0) return errno == EINTR ? Result::WouldBlock : Result::SystemError;
   if (rc == 0) return Result::Timeout;
