@@ -70,9 +70,9 @@
 //
 // Default scale: 1 on x86 (the run takes about 45 s at BENCH_CPU=0 on the
 // project's 2-core build machine, more when it is busy), 0.2 on ARM builds
-// (under qemu-user, or on a real modem CPU; about 35 s there). Output: one line per figure ("name
-// value"), then one line per ratio ("ratio name value"); lines starting with
-// '#' are comments. A benchmark never fails on speed, but this one exits
+// (under qemu-user, or on a real modem CPU; about 35 s there). Output: one
+// line per figure ("name value"), then one line per ratio ("ratio name
+// value"); lines starting with '#' are comments. A benchmark never fails on speed, but this one exits
 // non-zero when a request fails or a response is wrong.
 #include "testutil.hpp"
 
