@@ -2468,8 +2468,9 @@ inline Result check_datagram(int fd, struct msghdr& mh, ssize_t n, std::size_t& 
                              bool own_sockets = false) noexcept;
 
 inline bool clear_nonblock(int fd) noexcept {
-  const int fl = ::fcntl(fd, F_GETFL);
-  return fl >= 0 && ::fcntl(fd, F_SETFL, fl & ~O_NONBLOCK) == 0;
+  // One call, no F_GETFL first: the sockets lemsg makes carry no other
+  // status flag F_SETFL could change (O_APPEND, O_ASYNC, O_DIRECT, O_NOATIME).
+  return ::fcntl(fd, F_SETFL, 0) == 0;
 }
 
 inline bool is_directory(int fd) noexcept {
@@ -3130,21 +3131,23 @@ struct Channel {
   // them its frame. Ok, or why it is refused (`rfd` closed then).
   Result take_frame(MsgBlock* b, std::size_t len, int rfd, std::uint32_t max_payload, wire::Header& h) noexcept;
 
-  // Frames of the last read, handed out in order by next(). The first read
-  // of a wake-up asks for one frame with recvmsg() and, when it gets it,
-  // stops: poll() is level-triggered, so a frame still waiting wakes the
-  // loop again, and a peer that waits for each answer costs no extra read
-  // to see EAGAIN. Every probe_every-th lone read asks for two instead; when
-  // both come, the peer is streaming and reads become recvmmsg() batches
-  // that double (up to max_batch) while they come back full, until a batch
-  // comes back short (the socket is empty: WouldBlock without a system call
-  // until readable() again) with at most one frame in it.
+  // Frames of the last read, handed out in order by next(). One read per
+  // wake-up: poll() is level-triggered, so frames still waiting wake the
+  // loop again, and nobody pays a read that only sees EAGAIN. A peer that
+  // waits for each answer is read with one recvmsg() of one frame. Every
+  // probe_every-th such read asks for two instead: when both come, the peer
+  // is streaming, and each wake-up reads a recvmmsg() batch sized by the
+  // last one (twice what it brought, 2 to max_batch; a full batch of
+  // max_batch reads on at once). After `stream_misses` batches in a row
+  // that brought one frame or none, reads are single again.
   BlockQueue held;
   Result held_err = Result::Ok;  // what ends the batch after its good frames
   bool drained = false;
-  std::uint8_t want = 1;         // frames the next read asks for
+  std::uint8_t want = 1;         // frames the next read asks for (1: not streaming)
   std::uint8_t lone_reads = 0;   // one-frame reads since the last probe
+  std::uint8_t misses = 0;       // streaming batches in a row that brought <= 1
   static constexpr std::uint8_t probe_every = 8;
+  static constexpr std::uint8_t stream_misses = 4;
   void readable() noexcept { drained = false; }
   bool has_held() const noexcept { return held.count != 0 || held_err != Result::Ok; }
   Result next(MessagePoolBase& pool, std::uint32_t max_payload, Message& frame, wire::Header& h) noexcept;
@@ -3281,20 +3284,23 @@ inline Result Channel::next(MessagePoolBase& pool, std::uint32_t max_payload, Me
       if (held_err == Result::Ok && ri != Result::Ok) held_err = ri;
       if (held_err == Result::Ok) held.push(blk[i]);
     }
-    if (asked == 1 && got == 1) {
-      r = Result::Ok;
-      // A lone frame: the next one, if any, wakes the loop again.
-      drained = true;
-    } else if (r == Result::WouldBlock) {
-      drained = true;
-      want = 1;
-    } else if (r != Result::Ok) {
+    if (r != Result::Ok && r != Result::WouldBlock) {
       if (held_err == Result::Ok) held_err = r;
-    } else if (got < asked) {
-      drained = true;
-      want = got > 1 ? 2 : 1;  // a short batch with a backlog in it: start the next wake-up with two
+    } else if (asked == 1) {
+      drained = true;  // a lone frame (or none): the next one wakes the loop again
     } else {
-      want = static_cast<std::uint8_t>(asked * 2 > max_batch ? max_batch : asked * 2);
+      // A batch: size the next one by what this one brought.
+      if (got >= 2) {
+        misses = 0;
+        want = static_cast<std::uint8_t>(got * 2 > max_batch ? max_batch : got * 2);
+      } else if (want > 1 && ++misses < stream_misses) {
+        want = 2;
+      } else {
+        want = 1;
+        misses = 0;
+      }
+      // Only a batch of max_batch frames reads on in this wake-up.
+      drained = got < max_batch;
     }
   }
   if (held.count) {
@@ -3376,6 +3382,7 @@ inline void Channel::reset(Loop& loop) noexcept {
   drained = false;
   want = 1;
   lone_reads = 0;
+  misses = 0;
   starved = false;
   blocking = false;
   rcvtimeo_ms = 0;

@@ -737,6 +737,120 @@ TEST_CASE("loop: a timer handler may remove its own timer") {
   CHECK(loop.timer_count() == 0);
 }
 
+// Handlers run in place: a handler that removes its own watch (or timer)
+// keeps its slot until it returns, so watches (timers) it adds after that
+// never land on the callable that is running.
+TEST_CASE("loop: a handler that removes itself and fills the table runs on undisturbed") {
+  Loop loop;
+  FdPair p = FdPair::pipe();
+  REQUIRE(p.ok());
+  struct Ctx {
+    Loop* loop;
+    WatchId watch;
+    TimerId timer;
+    int fd;
+    int calls = 0;
+    int added = 0;
+    Result full = Result::Ok;
+    int value_after = 0;
+  } ctx{&loop, WatchId{}, TimerId{}, p.b};
+  REQUIRE(loop.add_watch(p.a, lemsg::Readable, [c = &ctx, owned = std::make_shared<int>(42)](int, short) {
+    ++c->calls;
+    CHECK(c->loop->remove_watch(c->watch) == Result::Ok);
+    WatchId w;
+    for (;;) {
+      const Result r = c->loop->add_watch(c->fd, 0, [](int, short) {}, w);
+      if (r != Result::Ok) {
+        c->full = r;
+        break;
+      }
+      ++c->added;
+    }
+    c->value_after = *owned;
+  }, ctx.watch) == Result::Ok);
+  REQUIRE(put_byte(p.b));
+  CHECK(run_until(loop, [&] { return ctx.calls > 0; }));
+  CHECK(ctx.calls == 1);
+  CHECK(ctx.full == Result::WatchTableFull);
+  CHECK(ctx.added == LEMSG_MAX_WATCHES - 1);  // the running handler's slot stayed taken
+  CHECK(ctx.value_after == 42);
+  CHECK(loop.watch_count() == static_cast<std::size_t>(LEMSG_MAX_WATCHES - 1));
+  WatchId last;
+  CHECK(loop.add_watch(p.b, 0, [](int, short) {}, last) == Result::Ok);  // freed once it returned
+
+  Loop tl;
+  ctx.loop = &tl;
+  ctx.calls = ctx.added = ctx.value_after = 0;
+  ctx.full = Result::Ok;
+  REQUIRE(tl.add_timer([c = &ctx, owned = std::make_shared<int>(7)] {
+    ++c->calls;
+    CHECK(c->loop->remove_timer(c->timer) == Result::Ok);
+    TimerId t;
+    for (;;) {
+      const Result r = c->loop->add_timer([] {}, t);
+      if (r != Result::Ok) {
+        c->full = r;
+        break;
+      }
+      ++c->added;
+    }
+    c->value_after = *owned;
+  }, ctx.timer) == Result::Ok);
+  REQUIRE(tl.arm_timer(ctx.timer, 0) == Result::Ok);
+  CHECK(run_until(tl, [&] { return ctx.calls > 0; }));
+  CHECK(ctx.calls == 1);
+  CHECK(ctx.full == Result::TimerTableFull);
+  CHECK(ctx.added == LEMSG_MAX_TIMERS - 1);
+  CHECK(ctx.value_after == 7);
+  TimerId spare;
+  CHECK(tl.add_timer([] {}, spare) == Result::Ok);
+}
+
+// The poll list is kept between waits: watches added, removed or changed
+// between two run_once() calls are polled as they are now.
+TEST_CASE("loop: watches changed between waits are polled as they are now") {
+  Loop loop;
+  FdPair p = FdPair::pipe(), q = FdPair::pipe();
+  REQUIRE((p.ok() && q.ok()));
+  int pc = 0, qc = 0;
+  WatchId pw, qw;
+  REQUIRE(loop.add_watch(p.a, lemsg::Readable, [&](int fd, short) {
+    ++pc;
+    char c;
+    CHECK(::read(fd, &c, 1) == 1);
+  }, pw) == Result::Ok);
+  REQUIRE(put_byte(p.b));
+  CHECK(run_until(loop, [&] { return pc == 1; }));
+  // Interest dropped: a byte waits, the handler does not run.
+  REQUIRE(loop.set_events(pw, 0) == Result::Ok);
+  REQUIRE(put_byte(p.b));
+  CHECK(loop.run_once(10) == Result::Timeout);
+  CHECK(pc == 1);
+  REQUIRE(loop.set_events(pw, lemsg::Readable) == Result::Ok);
+  CHECK(run_until(loop, [&] { return pc == 2; }));
+  // A watch added after a wait is polled in the next one.
+  REQUIRE(loop.add_watch(q.a, lemsg::Readable, [&](int fd, short) {
+    ++qc;
+    char c;
+    CHECK(::read(fd, &c, 1) == 1);
+  }, qw) == Result::Ok);
+  REQUIRE(put_byte(q.b));
+  CHECK(run_until(loop, [&] { return qc == 1; }));
+  // Removed: no longer polled, though its fd is readable.
+  REQUIRE(loop.remove_watch(pw) == Result::Ok);
+  REQUIRE(put_byte(p.b));
+  CHECK(loop.run_once(10) == Result::Timeout);
+  CHECK(pc == 2);
+  // An embedding caller's fill_pollfds() between two run_once() calls.
+  pollfd fds[LEMSG_MAX_WATCHES + 1];
+  std::size_t n = 0;
+  REQUIRE(loop.fill_pollfds(fds, LEMSG_MAX_WATCHES + 1, n) == Result::Ok);
+  CHECK(n == 2);  // the wake-up eventfd and q
+  REQUIRE(put_byte(q.b));
+  CHECK(run_until(loop, [&] { return qc == 2; }));
+  CHECK(loop.dispatch(fds, n) == Result::BadParameter);  // run_once() has waited since that fill
+}
+
 namespace {
 struct Rivals {
   Loop* loop = nullptr;

@@ -621,6 +621,96 @@ TEST_CASE("transport: frames read in one batch ahead of a bad frame are delivere
   CHECK(testutil::count_open_fds() == base_fds);
 }
 
+// A peer that sends frame after frame is read in recvmmsg() batches once a
+// probe finds more than one frame waiting (the first reads take one frame
+// each): `total` one-way frames, queued before the server runs, optionally
+// with an fd on frame `fd_at` and a bad frame after frame `bad_after` (0:
+// none). Every frame before the bad one arrives in order; nothing after it.
+struct StreamCase {
+  int total;
+  int fd_at;
+  int bad_after;
+};
+void stream_frames(const StreamCase& c) {
+  testutil::RuntimeDir dir;
+  Loop loop;
+  lemsg::MessagePool<kBlock, 16> pool;
+  lemsg::Service svc{loop, kProto, pool};
+  int got[64] = {};
+  int n = 0, with_fd = 0, fd_frame = 0, closes = 0;
+  Result why = Result::Ok;
+  svc.set_receive_handler([&](Message& m) {
+    if (n < 64 && m.size() == 1) got[n++] = static_cast<const unsigned char*>(m.payload())[0];
+    if (m.has_fd()) {
+      ++with_fd;
+      fd_frame = n;
+    }
+  });
+  svc.set_close_handler([&](SessionRef, Result r) {
+    ++closes;
+    why = r;
+  });
+  testutil::LogCapture log;
+  REQUIRE(svc.advertise(kName) == Result::Ok);
+  const int base_fds = testutil::count_open_fds();
+  char path[256];
+  dir.socket(kName, path);
+  Peer rogue;
+  rogue.fd = connect_raw(path);
+  REQUIRE(rogue.fd >= 0);
+  Raw h;
+  hello(h, kProto.id, kProto.max_payload);
+  REQUIRE(send_raw(rogue.fd, h, Fds::None));
+  for (int i = 1; i <= c.total; ++i) {
+    Raw m;
+    const bool fd = i == c.fd_at;
+    frame(m, t(FrameType::Message), fd ? wire::FlagFd : 0, 0, 1, 1);
+    m.b[wire::header_size] = static_cast<unsigned char>(i);
+    REQUIRE(send_raw(rogue.fd, m, fd ? Fds::Pipe : Fds::None));
+    if (i == c.bad_after) {
+      Raw bad;
+      frame(bad, t(FrameType::Message), 0, 0, 1, 1, 0x00);  // wrong magic
+      REQUIRE(send_raw(rogue.fd, bad, Fds::None));
+    }
+  }
+  const int want = c.bad_after ? c.bad_after : c.total;
+  if (c.bad_after) {
+    CHECK(testutil::run_until(loop, [&] { return rogue.poll_closed() && closes > 0; }, 30000));
+    CHECK(closes == 1);
+    CHECK(why == Result::BadFrame);
+    CHECK(svc.session_count() == 0);
+  } else {
+    CHECK(testutil::run_until(loop, [&] { return n == want; }, 30000));
+    (void)loop.run_once(20);
+    CHECK(closes == 0);
+    CHECK(svc.session_count() == 1);
+  }
+  CHECK(n == want);
+  for (int i = 0; i < n; ++i) CHECK(got[i] == i + 1);
+  CHECK(with_fd == (c.fd_at && c.fd_at <= want ? 1 : 0));
+  if (with_fd) CHECK(fd_frame == c.fd_at);
+  ::close(rogue.fd);
+  rogue.fd = -1;
+  CHECK(testutil::run_until(loop, [&] { return svc.session_count() == 0; }, 30000));
+  CHECK(pool.in_use() == 0);
+  CHECK(testutil::count_open_fds() == base_fds);
+}
+
+TEST_CASE("transport: a streaming peer's frames, read in growing batches, arrive in order with their fd") {
+  // 60 frames: single reads, then a probe, then batches up to max_batch
+  // (8), which read on while they come back full.
+  stream_frames(StreamCase{60, 37, 0});
+}
+
+TEST_CASE("transport: a bad frame inside a streamed batch closes the session after the frames before it") {
+  // Frames 1..7 are single reads, the 8th read probes two (8, 9), then a
+  // batch of four (10..13): the fd on 10 and the bad frame after 11 fall
+  // inside that batch.
+  stream_frames(StreamCase{14, 10, 11});
+  // And further in, where batches are at their largest.
+  stream_frames(StreamCase{40, 30, 33});
+}
+
 TEST_CASE("transport: a rogue whose Hello names another protocol or size is refused without a close handler call") {
   Bench b;
   REQUIRE(b.start());
