@@ -1898,14 +1898,15 @@ inline Result Loop::dispatch(const struct pollfd* fds, std::size_t count) noexce
   if (dispatching_) return Result::Reentrant;
   if (count != filled_count_ || (count > 0 && fds == nullptr)) return Result::BadParameter;
   has_now_hint_ = false;  // the caller waited for as long as it liked
+  // Whichever call drives the loop, the thread that dispatches it owns it
+  // (run_once() claimed it before its wait).
+  claim_owner();
   const Result r = dispatch_filled(fds, count);
   filled_count_ = 0;
   return r;
 }
 
 inline Result Loop::dispatch_filled(const struct pollfd* fds, std::size_t count) noexcept {
-  // Whichever call drives the loop, the thread that dispatches it owns it.
-  claim_owner();
   // A nested dispatch would poll again and run handlers for the events this
   // one is still handing out, some twice for one event.
   dispatching_ = true;
@@ -3250,17 +3251,36 @@ inline Result Channel::flush(Loop& loop) noexcept {
 inline Result Channel::next(MessagePoolBase& pool, std::uint32_t max_payload, Message& frame,
                             wire::Header& h) noexcept {
   if (held.count == 0 && held_err == Result::Ok && !drained) {
-    Message blk[max_batch];
+    const std::size_t cap = wire::header_size + pool.max_payload();
     std::size_t ask = want;
     if (ask == 1 && ++lone_reads >= probe_every) {
       lone_reads = 0;
       ask = 2;
     }
+    if (ask == 1) {
+      // A lone frame, straight into the caller's message: one block, one
+      // recvmsg(), and the next frame (if any) wakes the loop again.
+      Message m;
+      Result r = pool.create(m);
+      if (r != Result::Ok) return Result::PoolEmpty;
+      std::size_t len = 0;
+      int rfd = -1;
+      r = recv_datagram(fd, m.blk_->header, cap, len, rfd);
+      if (r == Result::Ok) r = take_frame(m.blk_, len, rfd, max_payload, h);
+      if (r == Result::Ok || r == Result::WouldBlock) drained = true;
+      if (r == Result::Ok) {
+        frame.release();
+        frame.blk_ = m.blk_;
+        m.blk_ = nullptr;
+      }
+      return r;
+    }
+    // A batch: the blocks asked for, each queued in `held` or released here.
+    Message blk[max_batch];
     std::size_t asked = 0;
     for (; asked < ask; ++asked)
       if (pool.create(blk[asked]) != Result::Ok) break;
     if (asked == 0) return Result::PoolEmpty;
-    const std::size_t cap = wire::header_size + pool.max_payload();
     Datagram d[max_batch];
     std::size_t got = 0;
     Result r;
@@ -3616,6 +3636,12 @@ class Lifeline {
   }
   // Calls f(); true when the owner survived it. On false the caller must
   // return without touching the owner (its members, `this`, anything).
+  // (g++ 12 warns that top_ may keep &w after the return on the false path;
+  // there the owner, top_ with it, no longer exists.)
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wdangling-pointer"
+#endif
   template <typename F>
   bool call(F&& f) noexcept {
     Witness w;
@@ -3626,6 +3652,9 @@ class Lifeline {
     top_ = w.below;
     return true;
   }
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12
+#pragma GCC diagnostic pop
+#endif
 
  private:
   Witness* top_ = nullptr;
