@@ -1401,8 +1401,9 @@ using PostedFn = Callable<void()>;
 /// Thread: everything but post() and stop() must be called on the thread that
 /// runs the loop. Handlers run there too. A handler may add or remove any
 /// watch or timer, itself included; a removed one is never called again, and
-/// the handler that is running stays valid until it returns (it runs from a
-/// slot, whose destruction waits until it returns).
+/// the handler that is running stays valid until it returns (it runs in
+/// place, and a slot removed while its handler runs is freed, for reuse,
+/// only when that handler returns).
 ///
 /// Timers: earliest deadline first; equal deadlines fire in the order they
 /// were armed. A repeating timer that falls behind skips the missed ticks
