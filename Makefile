@@ -71,7 +71,10 @@ BASELDLIBS = $(LDLIBS) $(LDLIBS_TARGET)
 # tests/main.cpp defines it empty: the same (empty) definition is no clash.
 # _FILE_OFFSET_BITS=64: a 32-bit readdir() under qemu-user on a 64-bit kernel
 # fails on 64-bit directory offsets, and the tests read /proc/self/fd.
-TEST_CPPFLAGS := -DDOCTEST_CONFIG_NO_EXCEPTIONS_BUT_WITH_ALL_ASSERTS= -D_FILE_OFFSET_BITS=64
+# LEMSG_TEST_SOURCE_DIR: this tree, for tests that read its files (qemu-user
+# sees the host's paths).
+TEST_CPPFLAGS := -DDOCTEST_CONFIG_NO_EXCEPTIONS_BUT_WITH_ALL_ASSERTS= -D_FILE_OFFSET_BITS=64 \
+                 -DLEMSG_TEST_SOURCE_DIR='"$(CURDIR)"'
 # The zero-heap test (tests/faults.cpp) counts malloc, calloc and realloc
 # through these wrappers.
 TEST_LDFLAGS := -Wl,--wrap=malloc -Wl,--wrap=calloc -Wl,--wrap=realloc
