@@ -1,31 +1,44 @@
-# lemsg: build, test (host and ARM targets under qemu-user), size, install.
+# lemsg: build, test (host and cross targets under qemu-user), size, install.
 # `make help` lists the targets. Every output goes under build/.
 #
 # One make run works for one TARGET, whose toolchain comes from
 # toolchains/$(TARGET).mk. `make test`, `check` and `size` without TARGET run
-# one sub-make per target (in parallel under -j); with TARGET=<name> they do
-# that target only. A target has several configurations, each in its own
-# build/<config>/ directory:
+# one sub-make per target; with TARGET=<name> they do that target only. A
+# target has several configurations, each in its own build/<config>/:
 #
-#   <target>          the tests, -O2            (host: with $(CXX), g++)
+#   <target>          the tests, $(TEST_OPT) (-O2)
 #   <target>-tiny     the same with TINY_FLAGS: every full-table path runs
-#   host-clang        host with clang++, and host-clang-tiny
-#   host-asan         ASan+UBSan with $(CXX); host-clang-asan with clang++  (check)
-#   host-tsan         TSan with $(CXX), only the test cases named *thread*  (check)
+#                     (`make test`: host and armhf; `make check`: every target)
+#   host-asan         ASan+UBSan with g++; clang-asan with clang++    (check)
+#   host-tsan         TSan with g++, only the test cases named *thread*  (check)
 #                     (not clang++: its static TSan runtime defines operator
 #                     new, which tests/faults.cpp replaces, and the link fails)
 #
-# Every configuration's lemsg-tests also replays the fuzz corpus
-# (tests/fuzz/corpus/) through the fuzz targets; `make fuzz` runs the targets
-# themselves with libFuzzer (clang++, host only).
+# The target clang is the host again with clang++. Every configuration's
+# lemsg-tests also replays the fuzz corpus (tests/fuzz/corpus/) through the
+# fuzz targets; `make fuzz` runs the targets themselves with libFuzzer
+# (clang++, host only).
+#
+# `make test` and `check` first build every configuration (with -j<cores>
+# unless you give -j), then run all of them at once: the tests mostly wait on
+# sockets and timers, so their runs overlap well, and a run that waits does
+# not hold up a compiler.
 
-TARGETS := host armhf aarch64 armel
+TARGETS := host clang armhf aarch64 armel
+# What `make test` runs without TARGET; `make check` runs every target.
+TEST_TARGETS := host clang armhf aarch64 armel
+# Targets whose tiny configuration `make test` runs too (check runs them all).
+TEST_TINY_TARGETS := host armhf
 
 # TARGET given (command line or environment) narrows test/check/size.
 ifeq ($(filter command line environment override,$(origin TARGET)),)
-SUITE_TARGETS := $(TARGETS)
+SUITE_TARGETS.test := $(TEST_TARGETS)
+SUITE_TARGETS.check := $(TARGETS)
+SUITE_TARGETS.size := $(filter-out clang,$(TARGETS))
 else
-SUITE_TARGETS := $(TARGET)
+SUITE_TARGETS.test := $(TARGET)
+SUITE_TARGETS.check := $(TARGET)
+SUITE_TARGETS.size := $(TARGET)
 endif
 TARGET ?= host
 ifeq ($(filter $(TARGET),$(TARGETS)),)
@@ -44,7 +57,15 @@ TINY_FLAGS := -DLEMSG_TINY=1 -DLEMSG_MAX_WATCHES=6 -DLEMSG_MAX_TIMERS=3 \
               -DLEMSG_DIR_MAX_CONNECTIONS=2 -DLEMSG_DIR_MAX_BINDINGS=4
 
 CLANG_CXX ?= clang++
-TEST_OPT ?= -O2 -g
+# No -g by default: it costs a third of the compile time. To debug a failure,
+# build with TEST_OPT='-O2 -g' (or -O0 -g).
+TEST_OPT ?= -O2
+# 1: each configuration compiles all of tests/*.cpp as one translation unit
+# (and tests/fuzz/*.cpp as another), which halves the compile time of a
+# configuration; 0: one object per file, quicker to rebuild after editing one.
+UNITY ?= 1
+# Jobs for `make test` and `check` when the command line gives no -j.
+JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 SAN_OPT ?= -O1 -g
 ASAN_FLAGS ?= -fsanitize=address,undefined -fno-sanitize-recover=all \
               -fno-omit-frame-pointer
@@ -55,7 +76,9 @@ SIZE_LDFLAGS ?= -Wl,--gc-sections
 TEST_ARGS ?= --no-colors=true
 TEST_TIMEOUT ?= 600
 SANITIZER_ENV ?= ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1
-# Run first by test and check; `make test INSTALL_DEPS=:` skips it.
+# Run first by test, check and demo with the names of the targets (and
+# "packaging" for check): it checks for their tools and installs what is
+# missing. `make test INSTALL_DEPS=:` skips it.
 INSTALL_DEPS ?= bash toolchains/install-deps.sh
 
 PREFIX ?= /usr/local
@@ -97,26 +120,31 @@ EXAMPLE_SRCS := $(sort $(wildcard examples/*.cpp examples/*/*.cpp))
 
 # -- configurations ------------------------------------------------------------
 
+# The objects of a configuration's lemsg-tests: with UNITY=1 the doctest main,
+# the README's tests, every other tests/*.cpp in one object and the fuzz
+# targets in another.
+# Apart: tests/readme.cpp includes examples/modem/modem_api.hpp (a #pragma
+# once header) into a namespace of its own, as tests/examples.cpp does into
+# another; tests/faults.cpp replaces operator new and delete, and g++ would
+# see its inlined delete meet other files' new (-Wmismatched-new-delete).
+UNITY_APART := tests/main.cpp tests/readme.cpp tests/faults.cpp
+test_objs = $(if $(filter 1,$(UNITY)),$(addprefix build/$(1)/,main.o readme.o faults.o unity-tests.o unity-fuzz.o),\
+              $(patsubst tests/%.cpp,build/$(1)/%.o,$(TEST_SRCS) $(FUZZ_SRCS)))
+
 # $(call test_configs,<target>) and $(call check_configs,<target>)
-test_configs = $(1) $(1)-tiny $(if $(filter host,$(1)),host-clang host-clang-tiny)
-check_configs = $(call test_configs,$(1)) \
-                $(if $(filter host,$(1)),host-asan host-clang-asan host-tsan)
-suite_configs = $(foreach t,$(SUITE_TARGETS),$(call $(1)_configs,$(t)))
+test_configs = $(1) $(if $(filter $(TEST_TINY_TARGETS),$(1)),$(1)-tiny)
+check_configs = $(1) $(1)-tiny $(if $(filter host clang,$(1)),$(1)-asan) \
+                $(if $(filter host,$(1)),host-tsan)
+suite_configs = $(foreach t,$(SUITE_TARGETS.$(1)),$(call $(1)_configs,$(t)))
 
 # Per configuration: compiler, flags for compiling and linking, run arguments.
 cxx.$(TARGET) = $(CXX)
 flags.$(TARGET) = $(TEST_OPT)
 cxx.$(TARGET)-tiny = $(CXX)
 flags.$(TARGET)-tiny = $(TEST_OPT) $(TINY_FLAGS)
+cxx.$(TARGET)-asan = $(CXX)
+flags.$(TARGET)-asan = $(SAN_OPT) $(ASAN_FLAGS)
 ifeq ($(TARGET),host)
-cxx.host-clang = $(CLANG_CXX)
-flags.host-clang = $(TEST_OPT)
-cxx.host-clang-tiny = $(CLANG_CXX)
-flags.host-clang-tiny = $(TEST_OPT) $(TINY_FLAGS)
-cxx.host-asan = $(CXX)
-flags.host-asan = $(SAN_OPT) $(ASAN_FLAGS)
-cxx.host-clang-asan = $(CLANG_CXX)
-flags.host-clang-asan = $(SAN_OPT) $(ASAN_FLAGS)
 cxx.host-tsan = $(CXX)
 flags.host-tsan = $(SAN_OPT) $(TSAN_FLAGS)
 args.host-tsan = '--test-case=*thread*'
@@ -147,12 +175,15 @@ build-tests: $(foreach c,$(call test_configs,$(TARGET)),build/$(c)/lemsg-tests \
                $(if $(wildcard tests/alone.cpp),build/$(c)/alone.o))
 
 help:
-	@echo 'make [TARGET=host|armhf|aarch64|armel] <target>'
-	@echo '  all       host test binaries (gcc, clang, normal and tiny) and examples'
-	@echo '  test      install-deps, then build and run the tests of every target'
-	@echo '            (host with g++ and clang++, ARM under qemu-user), normal and'
-	@echo '            tiny; TARGET=<name> narrows to one target'
-	@echo '  check     test, plus host ASan+UBSan (g++, clang++) and TSan (*thread*)'
+	@echo 'make [TARGET=host|clang|armhf|aarch64|armel] <target>'
+	@echo '  all       host test binaries (normal and tiny) and examples'
+	@echo '  test      install what the targets need, build every configuration, run them'
+	@echo '            all and print a summary and the time taken: host (g++) and clang,'
+	@echo '            armhf, aarch64 and armel under qemu-user, host and armhf also tiny;'
+	@echo '            TARGET=<name> narrows to one target; -j<cores> unless you give -j'
+	@echo '  check     test for every target, every tiny build, host ASan+UBSan (g++,'
+	@echo '            clang++) and TSan (*thread*); what CI runs'
+	@echo '  run-<config>  build and run one configuration (run-host, run-armhf-tiny...)'
 	@echo '  size      code size of tests/size_*.cpp over tests/size_empty.cpp, -Os'
 	@echo '  demo      build and run examples/demo.cpp on TARGET (host by default)'
 	@echo '  fuzz      run each tests/fuzz/ target with libFuzzer for FUZZ_SECONDS (48);'
@@ -165,30 +196,42 @@ help:
 	@echo '  install   lemsg.hpp, lemsg.pc and the lemsg-dir and lemsg programs (for TARGET)'
 	@echo '            into $$DESTDIR$$PREFIX (/usr/local)'
 	@echo '  clean     remove build/'
-	@echo 'Variables: TARGET, CXX, CLANG_CXX, TINY_FLAGS, TEST_ARGS, CPPFLAGS,'
-	@echo '  CXXFLAGS, LDFLAGS, LDLIBS, PREFIX, DESTDIR, INSTALL_DEPS=: (skip), V=1,'
+	@echo 'Variables: TARGET, CXX, CLANG_CXX, TEST_OPT (-O2), UNITY (1), JOBS, TINY_FLAGS,'
+	@echo '  TEST_ARGS, CPPFLAGS, CXXFLAGS, LDFLAGS, LDLIBS, PREFIX, DESTDIR,'
+	@echo '  INSTALL_DEPS=: (skip the check for tools), V=1,'
 	@echo '  FUZZ_SECONDS, FUZZ_MERGE, FUZZ_NAMES, FUZZ_ARGS'
 
 clean:
 	rm -rf build
 
-# test and check: build and run every configuration (a failure in one does not
-# stop the others: sub-makes run with -k), then one summary line each and the
-# total. Each run's output is in build/<config>/test.log.
+# test and check: build every configuration (a failure in one does not stop
+# the others: sub-makes run with -k), then run them all at once, then print
+# one summary line each, the total and the time taken. Each run's output is in
+# build/<config>/test.log; build/<config>/run.sh runs it again.
+# $(call deps_names,<goal>): what install-deps.sh must check for the goal.
+deps_names = $(SUITE_TARGETS.$(1)) $(if $(filter check,$(1)),packaging)
 test check:
-	$(Q)$(INSTALL_DEPS)
-	$(Q)rm -f $(foreach c,$(call suite_configs,$@),build/$(c)/test.log build/$(c)/test.status)
-	$(Q)rc=0; $(MAKE) -k --no-print-directory \
-	    $(addprefix suite-$@-,$(SUITE_TARGETS)) || rc=$$?; \
-	  $(call summary_sh,$(call suite_configs,$@))
+	$(Q)start=$$(date +%s); \
+	  $(INSTALL_DEPS) $(call deps_names,$@) || exit 1; \
+	  rm -f $(foreach c,$(call suite_configs,$@),build/$(c)/test.log build/$(c)/test.status build/$(c)/run.sh); \
+	  j=$$(case ' $(MAKEFLAGS)' in *' -j'*) ;; *) echo -j$(JOBS) ;; esac); \
+	  rc=0; $(MAKE) $$j -k --no-print-directory \
+	    $(addprefix suite-$@-,$(SUITE_TARGETS.$@)) || rc=$$?; \
+	  echo "  RUN   $(call suite_configs,$@)"; \
+	  for c in $(call suite_configs,$@); do \
+	    [ -f build/$$c/run.sh ] && sh build/$$c/run.sh & \
+	  done; wait; \
+	  t=$$(( $$(date +%s) - start )); \
+	  $(call summary_sh,$(call suite_configs,$@),$@ took $$((t / 60)) min $$((t % 60)) s)
 
-# One sub-make per target, which then builds and runs its configurations.
+# One sub-make per target, which builds its configurations and writes each
+# one's run.sh.
 $(foreach t,$(TARGETS),suite-test-$(t) suite-check-$(t)): suite-%:
-	$(Q)$(MAKE) --no-print-directory TARGET=$(lastword $(subst -, ,$*)) \
-	    run-$(firstword $(subst -, ,$*))
-run-test: $(addprefix run-,$(call test_configs,$(TARGET)))
-run-check: $(addprefix run-,$(call check_configs,$(TARGET)))
-.PHONY: run-test run-check $(foreach t,$(TARGETS),suite-test-$(t) suite-check-$(t))
+	$(Q)$(MAKE) --no-print-directory TARGET=$(patsubst test-%,%,$(patsubst check-%,%,$*)) \
+	    build-$(firstword $(subst -, ,$*))
+build-test: $(addprefix build/,$(addsuffix /run.sh,$(call test_configs,$(TARGET))))
+build-check: $(addprefix build/,$(addsuffix /run.sh,$(call check_configs,$(TARGET))))
+.PHONY: build-test build-check $(foreach t,$(TARGETS),suite-test-$(t) suite-check-$(t))
 
 # Prints the log of every failed configuration, then one line per
 # configuration, then "test: <P> passed, <F> failed" where P and F count
@@ -223,7 +266,7 @@ for c in $(1); do \
   lines="$$lines$$line|"; \
 done; \
 printf '%s' "$$lines" | tr '|' '\n'; \
-echo "test: $$p passed, $$f failed"; \
+echo "test: $$p passed, $$f failed$(if $(2), ($(2)))"; \
 [ "$$f" = 0 ] && [ "$$rc" = 0 ]
 endef
 
@@ -248,7 +291,17 @@ build/$(1)/fuzz/%.o: tests/fuzz/%.cpp build/$(1)/flags
 	@mkdir -p $$(@D)
 	$(Q)$$(cxx.$(1)) $$(BASEFLAGS) $$(TEST_CPPFLAGS) $$(FUZZ_REPLAY_FLAGS) $$(flags.$(1)) -MMD -MP -c $$< -o $$@
 
-build/$(1)/lemsg-tests: $(patsubst tests/%.cpp,build/$(1)/%.o,$(TEST_SRCS) $(FUZZ_SRCS)) build/$(1)/readme_example.o build/$(1)/readme_typed.o build/$(1)/flags
+build/$(1)/unity-tests.o: build/$(1)/unity-tests.cpp build/$(1)/flags
+	$$(say) CXX $$@
+	@mkdir -p $$(@D)
+	$(Q)$$(cxx.$(1)) $$(BASEFLAGS) $$(TEST_CPPFLAGS) $$(flags.$(1)) -MMD -MP -c $$< -o $$@
+
+build/$(1)/unity-fuzz.o: build/$(1)/unity-fuzz.cpp build/$(1)/flags
+	$$(say) CXX $$@
+	@mkdir -p $$(@D)
+	$(Q)$$(cxx.$(1)) $$(BASEFLAGS) $$(TEST_CPPFLAGS) $$(FUZZ_REPLAY_FLAGS) $$(flags.$(1)) -MMD -MP -c $$< -o $$@
+
+build/$(1)/lemsg-tests: $(call test_objs,$(1)) build/$(1)/readme_example.o build/$(1)/readme_typed.o build/$(1)/flags
 	$$(say) LINK $$@
 	$(Q)$$(cxx.$(1)) $$(flags.$(1)) $$(BASELDFLAGS) $$(TEST_LDFLAGS) -o $$@ $$(filter %.o,$$^) $$(BASELDLIBS)
 
@@ -260,10 +313,9 @@ build/$(1)/readme_example.o: build/$(1)/readme_example.cpp build/$(1)/flags
 
 # The README's copy of examples/modem/modem_api.hpp, which tests/readme.cpp
 # compiles beside the file and checks for the same protocol hash.
-build/$(1)/readme.o: build/$(1)/readme_modem_api.hpp
-build/$(1)/readme.o: CPPFLAGS += -Ibuild/$(1)
 # The README's example bindings file, as a string tests/readme.cpp parses.
-build/$(1)/readme.o: build/$(1)/readme_bindings.inc
+build/$(1)/readme.o: build/$(1)/readme_modem_api.hpp build/$(1)/readme_bindings.inc
+build/$(1)/readme.o: CPPFLAGS += -Ibuild/$(1)
 
 # The README's typed quick start, likewise.
 build/$(1)/readme_typed.o: build/$(1)/readme_typed.cpp build/$(1)/flags
@@ -277,26 +329,49 @@ build/$(1)/flags: FORCE
 	@printf '%s\n' '$$(subst ','\'',$$(cxx.$(1)) $$(BASEFLAGS) $$(TEST_CPPFLAGS) $$(flags.$(1)) $$(BASELDFLAGS) $$(TEST_LDFLAGS) $$(BASELDLIBS))' > $$@.new
 	@if cmp -s $$@.new $$@; then rm -f $$@.new; else mv -f $$@.new $$@; fi
 
-# Always runs; the result is read by the summary, so a failure here does not
+# tests/alone.cpp includes only lemsg.hpp: that it compiles, with the
+# warnings strict firmware builds add, is the test.
+build/$(1)/alone.o: WARNFLAGS += -Wshadow -Wconversion -Wsign-conversion -Wold-style-cast
+
+# The command that runs this configuration's tests, written once it is built
+# (make test runs every configuration's at once). The result goes to
+# test.log and test.status, read by the summary, so a failing run does not
 # stop make. The tests get a private runtime directory, so configurations
 # running at the same time cannot meet in /run/lemsg.
-# tests/alone.cpp includes only lemsg.hpp: that it compiles is the test,
-# with the warnings strict firmware builds add.
-build/$(1)/alone.o: WARNFLAGS += -Wshadow -Wconversion -Wsign-conversion -Wold-style-cast
-# tests/alone.cpp includes only lemsg.hpp: that it compiles is the test.
-run-$(1): build/$(1)/lemsg-tests $(if $(wildcard tests/alone.cpp),build/$(1)/alone.o)
+build/$(1)/run.sh: build/$(1)/lemsg-tests $(if $(wildcard tests/alone.cpp),build/$(1)/alone.o) FORCE
+	@printf '%s\n' '#!/bin/sh' '# Runs the tests of build/$(1) (written by make; TEST_ARGS=$$(subst ','\'',$$(TEST_ARGS)))' \
+	  'cd "$$(CURDIR)" || exit 1' \
+	  'rm -f build/$(1)/test.status' \
+	  'd=$$$$(mktemp -d "$$$${TMPDIR:-/tmp}/lemsg-$(1).XXXXXX") || exit 1' \
+	  '$$(subst ','\'',LEMSG_RUNTIME_DIR=$$$$d $$(SANITIZER_ENV) timeout -k 10 $$(TEST_TIMEOUT) $$(EXEC) ./build/$(1)/lemsg-tests $$(TEST_ARGS) $$(args.$(1))) > build/$(1)/test.log 2>&1' \
+	  'st=$$$$?; rm -rf "$$$$d"; echo $$$$st > build/$(1)/test.status; exit $$$$st' > $$@
+
+# make run-<config>: build and run one configuration.
+run-$(1): build/$(1)/run.sh
 	$$(say) RUN $(1)
-	$(Q)rm -f build/$(1)/test.status
-	$(Q)d=$$$$(mktemp -d "$$$${TMPDIR:-/tmp}/lemsg-$(1).XXXXXX") && \
-	  LEMSG_RUNTIME_DIR=$$$$d $$(SANITIZER_ENV) timeout -k 10 $$(TEST_TIMEOUT) \
-	    $$(EXEC) ./build/$(1)/lemsg-tests $$(TEST_ARGS) $$(args.$(1)) \
-	    > build/$(1)/test.log 2>&1; \
-	  echo $$$$? > build/$(1)/test.status; rm -rf "$$$$d"
+	$(Q)sh $$<; $$(call summary_sh,$(1))
 .PHONY: run-$(1)
 
 -include $(wildcard build/$(1)/*.d build/$(1)/fuzz/*.d)
 endef
 $(foreach c,$(CONFIGS),$(eval $(call config_rules,$(c))))
+
+# The unity sources: each names the files it compiles, and changes only when
+# that list does. The fuzz targets are built as programs of their own too,
+# so each is wrapped in a namespace; the headers they include come first, so
+# that their own includes inside the namespace are no-ops.
+build/%/unity-tests.cpp: FORCE
+	@mkdir -p $(@D)
+	@{ echo '// Generated by the Makefile: every test file in one translation unit.'; \
+	   for f in $(filter-out $(UNITY_APART),$(TEST_SRCS)); do echo "#include \"$$f\""; done; } > $@.new
+	@if cmp -s $@.new $@; then rm -f $@.new; else mv -f $@.new $@; fi
+build/%/unity-fuzz.cpp: FORCE
+	@mkdir -p $(@D)
+	@{ echo '// Generated by the Makefile: the fuzz targets and their replay in one translation unit.'; \
+	   echo '#include "tests/fuzz/fuzz.hpp"'; grep -h '^#include <' $(FUZZ_SRCS) | sort -u; \
+	   for f in $(FUZZ_SRCS); do n=$${f##*/}; \
+	     echo "namespace lemsg_unity_$${n%.cpp} {"; echo "#include \"$$f\""; echo "}"; done; } > $@.new
+	@if cmp -s $@.new $@; then rm -f $@.new; else mv -f $@.new $@; fi
 
 # The block between the quickstart markers of README.md, fences removed.
 build/%/readme_example.cpp: README.md
@@ -330,8 +405,8 @@ build/%/compile-fail.ok: $(COMPILE_FAIL_SRC) lemsg.hpp
 	  { cat $(@D)/compile-fail.log >&2; echo "$<: failed for another reason" >&2; exit 1; }
 	$(Q)$(cxx.$*) $(BASEFLAGS) -DLEMSG_EXPECT_OK -fsyntax-only $<
 	$(Q)touch $@
-ifeq ($(TARGET),host)
-run-host run-host-clang: run-%: build/%/compile-fail.ok
+ifneq ($(filter host clang,$(TARGET)),)
+build/$(TARGET)/run.sh: build/$(TARGET)/compile-fail.ok
 endif
 
 # -- size ----------------------------------------------------------------------
@@ -339,8 +414,8 @@ endif
 size_programs = $(patsubst tests/%.cpp,build/$(1)-size/%,tests/size_empty.cpp $(SIZE_SRCS))
 
 size:
-	$(Q)$(MAKE) -k --no-print-directory $(addprefix size-build-,$(SUITE_TARGETS))
-	$(Q)for t in $(SUITE_TARGETS); do \
+	$(Q)$(MAKE) -k --no-print-directory $(addprefix size-build-,$(SUITE_TARGETS.size))
+	$(Q)for t in $(SUITE_TARGETS.size); do \
 	  $(MAKE) --no-print-directory TARGET=$$t size-report || exit 1; done
 
 $(addprefix size-build-,$(TARGETS)): size-build-%:
@@ -441,7 +516,7 @@ build/$(TARGET)/bench: tests/bench.cpp build/$(TARGET)/examples/flags
 
 # demo: the story of examples/demo.cpp, on TARGET (host by default).
 demo:
-	$(Q)$(INSTALL_DEPS)
+	$(Q)$(INSTALL_DEPS) $(TARGET)
 	$(Q)$(MAKE) --no-print-directory build/$(TARGET)/examples/demo
 	$(Q)timeout -k 5 60 $(EXEC) ./build/$(TARGET)/examples/demo
 

@@ -25,10 +25,11 @@ packages=(
 
 check=0
 case "${1:-}" in
-    "") ;;
     --check) check=1 ;;
     -h|--help) sed -n '2,11s/^# \{0,1\}//p' "$0"; exit 0 ;;
-    *) echo "install-deps: unknown option '$1' (try --help)" >&2; exit 2 ;;
+    -*) echo "install-deps: unknown option '$1' (try --help)" >&2; exit 2 ;;
+    # Target names (host, armhf, ...): for now everything is installed.
+    *) ;;
 esac
 
 if ! command -v dpkg-query >/dev/null 2>&1; then
