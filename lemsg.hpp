@@ -104,8 +104,11 @@
 //                             said what they are yet (as LEMSG_MAX_HANDSHAKES).
 //   LEMSG_DIR_MAX_CONNECTIONS_PER_UID  half of that (8): beyond, that uid's
 //                             oldest is closed.
-//   LEMSG_CALLABLE_SIZE   4 pointers  bytes a handler may capture in place;
-//                             a larger capture is a compile-time error.
+//   LEMSG_CALLABLE_SIZE   32  bytes a handler may capture in place, the same
+//                             on every target (four 64-bit values or pointers),
+//                             so a handler that compiles on the PC compiles
+//                             for the device; a larger capture is a
+//                             compile-time error.
 //   LEMSG_LOG_LEVEL       1   default run-time log threshold
 //                             (0 error, 1 warning, 2 info, 3 debug).
 //   LEMSG_ASSERT(cond)    checks the library's own invariants; default logs
@@ -307,7 +310,7 @@
 #define LEMSG_MAX_POSTED 64
 #endif
 #ifndef LEMSG_CALLABLE_SIZE
-#define LEMSG_CALLABLE_SIZE (4 * sizeof(void*))
+#define LEMSG_CALLABLE_SIZE 32
 #endif
 #ifndef LEMSG_LOG_LEVEL
 #define LEMSG_LOG_LEVEL 1

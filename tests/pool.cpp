@@ -480,6 +480,26 @@ TEST_CASE("pool: a Callable up to LEMSG_CALLABLE_SIZE bytes is accepted") {
   CHECK(copy() == n * (n + 1) / 2);
 }
 
+// Built for every target: a capture that compiles on the PC compiles for the
+// device too (with 4 pointers, 16 bytes on 32-bit ARM, these did not).
+TEST_CASE("pool: the same captures fit on every target: three references and a 64-bit value, or four 64-bit values") {
+  static_assert(LEMSG_CALLABLE_SIZE == 32, "the default capture size is 32 bytes on every target");
+  int a = 1, b = 2, c = 3;
+  std::uint64_t u = 0x100000000ull;
+  lemsg::Callable<std::uint64_t()> refs = [&a, &b, &c, u] { return static_cast<std::uint64_t>(a + b + c) + u; };
+  CHECK(refs() == 0x100000006ull);
+  a = 10;
+  CHECK(refs() == 0x10000000full);
+  std::uint64_t w = 1, x = 2, y = 3, z = 4;  // not const: each is really captured
+  lemsg::Callable<std::uint64_t(std::uint64_t)> values = [w, x, y, z](std::uint64_t k) { return k * (w + x + y + z); };
+  CHECK(values(3) == 30);
+  // A response handler (move-only) takes the same captures.
+  lemsg::ResponseHandler done = [&a, &b, &c, u](lemsg::Result, lemsg::Message&) { a = b + c + static_cast<int>(u >> 32); };
+  lemsg::Message none;
+  done(lemsg::Result::Ok, none);
+  CHECK(a == 6);
+}
+
 TEST_CASE("pool: Callable passes reference arguments through") {
   lemsg::Callable<void(int&)> inc = [](int& v) { ++v; };
   int v = 1;
