@@ -349,7 +349,7 @@ build/$(1)/run.sh: build/$(1)/lemsg-tests $(if $(wildcard tests/alone.cpp),build
 # make run-<config>: build and run one configuration.
 run-$(1): build/$(1)/run.sh
 	$$(say) RUN $(1)
-	$(Q)sh $$<; $$(call summary_sh,$(1))
+	$(Q)rc=0; sh $$<; $$(call summary_sh,$(1))
 .PHONY: run-$(1)
 
 -include $(wildcard build/$(1)/*.d build/$(1)/fuzz/*.d)

@@ -22,7 +22,7 @@ TEST_CASE("config: capacity macros take the values this build asked for") {
   CHECK(LEMSG_MAX_TIMERS == 32);
   CHECK(LEMSG_MAX_POSTED == 64);
 #endif
-  CHECK(LEMSG_CALLABLE_SIZE == 4 * sizeof(void*));
+  CHECK(LEMSG_CALLABLE_SIZE == 32);  // the same on every target
   CHECK(LEMSG_LOG_LEVEL == 1);
 }
 
@@ -47,6 +47,61 @@ TEST_CASE("config: the version string is built from the three version numbers") 
   std::snprintf(built, sizeof built, "%d.%d.%d", LEMSG_VERSION_MAJOR, LEMSG_VERSION_MINOR,
                 LEMSG_VERSION_PATCH);
   CHECK(std::strcmp(built, LEMSG_VERSION_STR) == 0);
+}
+
+namespace config_test {
+
+// The whole of a file of the source tree (LEMSG_TEST_SOURCE_DIR), or "" when
+// it cannot be read; at most 256 KiB.
+struct SourceFile {
+  char text[256 * 1024] = {};
+  explicit SourceFile(const char* name) {
+    char path[512];
+    std::snprintf(path, sizeof path, "%s/%s", LEMSG_TEST_SOURCE_DIR, name);
+    if (std::FILE* f = std::fopen(path, "r")) {
+      const std::size_t n = std::fread(text, 1, sizeof text - 1, f);
+      text[n] = '\0';
+      std::fclose(f);
+    }
+  }
+};
+
+// The version that first follows `marker` in text ("0.2.0"), or "" if none
+// does (a marker followed by something else, "## Unreleased", is skipped).
+void version_after(const char* text, const char* marker, char* out, std::size_t size) {
+  out[0] = '\0';
+  const char* p = text;
+  for (;;) {
+    p = std::strstr(p, marker);
+    if (!p) return;
+    p += std::strlen(marker);
+    if (*p >= '0' && *p <= '9') break;
+  }
+  std::size_t n = 0;
+  while (n + 1 < size && ((p[n] >= '0' && p[n] <= '9') || p[n] == '.')) {
+    out[n] = p[n];
+    ++n;
+  }
+  out[n] = '\0';
+}
+
+SourceFile changelog("CHANGELOG.md");
+SourceFile readme("README.md");
+
+}  // namespace config_test
+
+TEST_CASE("config: the CHANGELOG's newest version and the README's are the header's version") {
+  using namespace config_test;
+  REQUIRE(changelog.text[0] != '\0');
+  REQUIRE(readme.text[0] != '\0');
+  // The first numbered heading of CHANGELOG.md ("## 0.2.0 - 2026-12-02").
+  char newest[32];
+  version_after(changelog.text, "\n## ", newest, sizeof newest);
+  CHECK(std::strcmp(newest, LEMSG_VERSION_STR) == 0);
+  // The README names the version it describes once: "This is lemsg 0.2.0".
+  char described[32];
+  version_after(readme.text, "This is lemsg ", described, sizeof described);
+  CHECK(std::strcmp(described, LEMSG_VERSION_STR) == 0);
 }
 
 namespace {
