@@ -631,4 +631,15 @@ install: build/$(TARGET)/examples/lemsg-dir build/$(TARGET)/examples/lemsg
 	  install -m 755 build/$(TARGET)/examples/lemsg-dir build/$(TARGET)/examples/lemsg "$(DESTDIR)$(PREFIX)/bin/" && \
 	  echo "installed lemsg $$v: $(DESTDIR)$(PREFIX)/include/lemsg.hpp, $(DESTDIR)$(PKGCONFIGDIR)/lemsg.pc, $(DESTDIR)$(PREFIX)/bin/lemsg-dir and lemsg ($(TARGET))"
 
+# -- packaging -----------------------------------------------------------------
+
+# consumer: tests/consumer.sh builds and runs tests/consumer, a C++20 program
+# using lemsg, through CMake (add_subdirectory of this tree, and find_package
+# after `cmake --install`; host and armhf under qemu) and through pkg-config
+# after `make install` (host; builds lemsg-dir and lemsg for the host too),
+# in build/consumer/. One line per case; fails on any failure.
+consumer:
+	$(Q)MAKE='$(MAKE)' bash tests/consumer.sh
+.PHONY: consumer
+
 FORCE:

@@ -1,0 +1,49 @@
+# toolchains/armhf.cmake: 32-bit ARM, hard float, Cortex-A7 class (the modem
+# target), with Debian's arm-linux-gnueabihf cross toolchain, programs run
+# under qemu-user. The CMake twin of armhf.mk; copy it into your own build if
+# it helps.
+#
+#   cmake -S . -B build-armhf --toolchain path/to/toolchains/armhf.cmake
+#   (before CMake 3.21: -DCMAKE_TOOLCHAIN_FILE=path/to/toolchains/armhf.cmake)
+#
+#   CMAKE_CXX_COMPILER              the C++ compiler (CMAKE_C_COMPILER likewise)
+#   CMAKE_CXX_FLAGS_INIT            architecture flags and this target's
+#                                   warning flags, given when compiling and
+#                                   when linking (CMake links through the
+#                                   compiler with the same flags)
+#   CMAKE_CROSSCOMPILING_EMULATOR   runs a built program: add_test() and
+#                                   try_run() put it in front
+#
+# The language level is not set here: lemsg::lemsg asks for C++17 as a
+# minimum (a compile feature), -pthread comes with Threads::Threads.
+#
+# Unlike armhf.mk, programs are linked dynamically, as on the device: the
+# emulator is given the cross toolchain's libraries (-L /usr/<triple>, from
+# Debian's libc6-armhf-cross and libstdc++6-armhf-cross) to run them. A
+# static program runs the same way; link one with -DCMAKE_EXE_LINKER_FLAGS=-static.
+#
+# No CMAKE_FIND_ROOT_PATH: Debian's cross toolchains are not sysroot
+# toolchains. Target libraries come as multiarch packages (libfoo-dev:armhf)
+# under /usr/lib/arm-linux-gnueabihf, which CMake searches through
+# CMAKE_LIBRARY_ARCHITECTURE, detected from the compiler; and packages
+# installed into a staging prefix are found through CMAKE_PREFIX_PATH. With a
+# vendor SDK's sysroot instead, set CMAKE_SYSROOT and the
+# CMAKE_FIND_ROOT_PATH_MODE_* variables.
+
+set(CMAKE_SYSTEM_NAME Linux)
+set(CMAKE_SYSTEM_PROCESSOR arm)
+
+set(LEMSG_CROSS_TRIPLE arm-linux-gnueabihf)
+set(CMAKE_C_COMPILER ${LEMSG_CROSS_TRIPLE}-gcc)
+set(CMAKE_CXX_COMPILER ${LEMSG_CROSS_TRIPLE}-g++)
+
+# Cortex-A7 with Thumb-2, NEON and VFPv4, hard-float ABI.
+set(LEMSG_ARCH_FLAGS "-mcpu=cortex-a7 -mthumb -mfpu=neon-vfpv4 -mfloat-abi=hard")
+# -Wno-psabi: gcc notes ABI changes between compiler versions when a struct
+# with a bit-field or an over-aligned member is passed by value; they are not
+# ours to fix and -Werror would turn them into errors.
+set(CMAKE_C_FLAGS_INIT "${LEMSG_ARCH_FLAGS}")
+set(CMAKE_CXX_FLAGS_INIT "${LEMSG_ARCH_FLAGS} -Wno-psabi")
+
+# The CPU is pinned so that an instruction a Cortex-A7 lacks traps in tests.
+set(CMAKE_CROSSCOMPILING_EMULATOR qemu-arm -cpu cortex-a7 -L /usr/${LEMSG_CROSS_TRIPLE})
