@@ -182,8 +182,10 @@ help:
 	@echo '            armhf, aarch64 and armel under qemu-user, host and armhf also tiny;'
 	@echo '            TARGET=<name> narrows to one target; -j<cores> unless you give -j'
 	@echo '  check     test for every target, every tiny build, host ASan+UBSan (g++,'
-	@echo '            clang++) and TSan (*thread*); what CI runs'
+	@echo '            clang++), TSan (*thread*) and the consumer tests; what CI runs'
 	@echo '  run-<config>  build and run one configuration (run-host, run-armhf-tiny...)'
+	@echo '  consumer  a C++20 program using lemsg built with CMake (add_subdirectory and'
+	@echo '            find_package; host, and armhf under qemu) and with pkg-config'
 	@echo '  size      code size of tests/size_*.cpp over tests/size_empty.cpp, -Os'
 	@echo '  demo      build and run examples/demo.cpp on TARGET (host by default)'
 	@echo '  fuzz      run each tests/fuzz/ target with libFuzzer for FUZZ_SECONDS (48);'
@@ -205,8 +207,9 @@ clean:
 	rm -rf build
 
 # test and check: build every configuration (a failure in one does not stop
-# the others: sub-makes run with -k), then run them all at once, then print
-# one summary line each, the total and the time taken. Each run's output is in
+# the others: sub-makes run with -k), then run them all at once (check runs
+# the CMake and pkg-config consumer tests beside them), then print one
+# summary line each, the total and the time taken. Each run's output is in
 # build/<config>/test.log; build/<config>/run.sh runs it again.
 # $(call deps_names,<goal>): what install-deps.sh must check for the goal.
 deps_names = $(SUITE_TARGETS.$(1)) $(if $(filter check,$(1)),packaging)
@@ -217,11 +220,17 @@ test check:
 	  j=$$(case ' $(MAKEFLAGS)' in *' -j'*) ;; *) echo -j$(JOBS) ;; esac); \
 	  rc=0; $(MAKE) $$j -k --no-print-directory \
 	    $(addprefix suite-$@-,$(SUITE_TARGETS.$@)) || rc=$$?; \
-	  echo "  RUN   $(call suite_configs,$@)"; \
+	  echo "  RUN   $(call suite_configs,$@)$(if $(filter check,$@), consumer)"; \
 	  for c in $(call suite_configs,$@); do \
 	    [ -f build/$$c/run.sh ] && sh build/$$c/run.sh & \
-	  done; wait; \
+	  done; \
+	  $(if $(filter check,$@),rm -f build/consumer.status; \
+	    { $(MAKE) --no-print-directory consumer > build/consumer.out 2>&1; \
+	      echo $$? > build/consumer.status; } &) \
+	  wait; \
 	  t=$$(( $$(date +%s) - start )); \
+	  $(if $(filter check,$@),cat build/consumer.out; \
+	    [ "$$(cat build/consumer.status 2>/dev/null)" = 0 ] || rc=1;) \
 	  $(call summary_sh,$(call suite_configs,$@),$@ took $$((t / 60)) min $$((t % 60)) s)
 
 # One sub-make per target, which builds its configurations and writes each
