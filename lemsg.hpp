@@ -620,7 +620,7 @@ class PoolBase {
   /// Alignment of every block (and required of storage passed to init()).
   static constexpr std::size_t alignment = alignof(std::max_align_t);
 
-  /// Bytes of `meta` init() needs for `count` blocks, in uint32_t units.
+  /// How many uint32_t words of `meta` init() needs for `count` blocks.
   static constexpr std::size_t meta_words(std::size_t count) noexcept { return 2 * count; }
 
   /// Rounds a block size up so that every block stays aligned.
@@ -1483,6 +1483,7 @@ class Loop {
   int next_timeout_ms() const noexcept;
   /// Runs the handlers for the revents of the array from the last
   /// fill_pollfds() (same order, same count), then due timers.
+  /// Ok when a handler ran, Timeout when nothing was ready or due;
   /// BadParameter when `count` does not match that fill; Reentrant from
   /// inside one of this loop's handlers (nothing is dispatched).
   Result dispatch(const struct pollfd* fds, std::size_t count) noexcept;
@@ -3777,7 +3778,8 @@ class Service {
 
   /// When a session closes (for any reason), every entry of `map` whose owner
   /// is that session's SessionRef value is removed and passed to `release`.
-  /// Ok, BadParameter, or TrackTableFull (raise LEMSG_MAX_TRACKED).
+  /// Ok; BadParameter (no `release`); Duplicate (`map` is tracked already);
+  /// TrackTableFull (raise LEMSG_MAX_TRACKED); or status()'s error.
   Result track(RefMapBase& map, TrackRelease release) noexcept;
 
   /// Per-session context pointer. Ok or NotFound.
@@ -6826,6 +6828,8 @@ class TypedClient {
   Result unsubscribe() noexcept;
   template <typename E>
   bool is_subscribed() const noexcept {
+    static_assert(Info::template index_of<E> < Info::item_count && E::kind == ItemKind::Event,
+                  "lemsg: is_subscribed<E>: E is not an event of this interface");
     return (subscribed_ >> Info::template index_of<E>) & 1u;
   }
 
@@ -9108,17 +9112,20 @@ class Directory {
 
   /// Loads the bindings file (errors, with file name and line, go to `err`),
   /// then listens. Ok; the errors of Bindings::load; Duplicate (another
-  /// directory listens there); Busy (started already); NoRuntimeDir,
-  /// UnsafeRuntimeDir, NotPermitted, WatchTableFull, SystemError.
+  /// directory listens there); Busy (started already); BadParameter (the
+  /// socket path is too long); NoRuntimeDir, UnsafeRuntimeDir, NotPermitted,
+  /// WatchTableFull, TimerTableFull, SystemError.
   Result start(const DirectoryOptions& options, char* err, std::size_t err_len) noexcept;
   /// Reads the bindings file again. Ok: new bindings apply to new requests
   /// and to the clients waiting (those now bound to a registered server are
   /// handed over at once); sessions already handed over are not touched.
-  /// On error (in `err`) the old bindings stay in force.
+  /// On error (in `err`) the old bindings stay in force; NotFound when the
+  /// directory was started without a bindings file.
   Result reload(char* err, std::size_t err_len) noexcept;
   /// Blocks SIGHUP, SIGTERM and SIGINT in the calling thread and takes them
   /// from a signalfd on the loop: SIGHUP reloads (the outcome is logged),
-  /// SIGTERM and SIGINT stop the loop. Ok, SystemError, WatchTableFull.
+  /// SIGTERM and SIGINT stop the loop. Ok, SystemError, WatchTableFull;
+  /// Busy when called a second time.
   Result handle_signals() noexcept;
 
   std::size_t service_count() const noexcept { return servers_; }
