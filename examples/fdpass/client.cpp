@@ -4,8 +4,8 @@
 // that the file is sealed (a write is refused), and that a file the server
 // does not serve is NotFound. Exits 0 when all of that held, 1 otherwise.
 //
-//   make examples                 build every example for the host
-//   make examples TARGET=armhf    the same, built for ARM
+//   make examples                 builds every example into build/host/examples/
+//   make examples TARGET=armhf    the same for ARM, into build/armhf/examples/
 // Run it by hand, in a private runtime directory (instead of /run/lemsg):
 //   export LEMSG_RUNTIME_DIR=$(mktemp -d)
 //   build/host/examples/fdpass/server & build/host/examples/fdpass/client

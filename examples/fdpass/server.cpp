@@ -10,8 +10,8 @@
 // With the plain Message API the same is Message::set_fd() on the response
 // (le_msg_SetFd) and Message::take_fd() on the client (le_msg_GetFd).
 //
-//   make examples                 build every example for the host
-//   make examples TARGET=armhf    the same, built for ARM
+//   make examples                 builds every example into build/host/examples/
+//   make examples TARGET=armhf    the same for ARM, into build/armhf/examples/
 // Run it by hand, in a private runtime directory (instead of /run/lemsg):
 //   export LEMSG_RUNTIME_DIR=$(mktemp -d)
 //   build/host/examples/fdpass/server & build/host/examples/fdpass/client

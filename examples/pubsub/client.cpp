@@ -5,8 +5,8 @@
 // Exits 0 when the fixes came in order, none missing, each one step further
 // on, and the unsubscription took; 1 otherwise.
 //
-//   make examples                 build every example for the host
-//   make examples TARGET=armhf    the same, built for ARM
+//   make examples                 builds every example into build/host/examples/
+//   make examples TARGET=armhf    the same for ARM, into build/armhf/examples/
 // Run it by hand, in a private runtime directory (instead of /run/lemsg):
 //   export LEMSG_RUNTIME_DIR=$(mktemp -d)
 //   build/host/examples/pubsub/server & build/host/examples/pubsub/client

@@ -12,8 +12,8 @@
 // subscriptions of its own: there a server would keep its SessionRefs and
 // Service::send() to each.
 //
-//   make examples                 build every example for the host
-//   make examples TARGET=armhf    the same, built for ARM
+//   make examples                 builds every example into build/host/examples/
+//   make examples TARGET=armhf    the same for ARM, into build/armhf/examples/
 // Run it by hand, in a private runtime directory (instead of /run/lemsg):
 //   export LEMSG_RUNTIME_DIR=$(mktemp -d)
 //   build/host/examples/pubsub/server & build/host/examples/pubsub/client

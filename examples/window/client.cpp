@@ -6,8 +6,8 @@
 // whatever the order the answers come in. Exits 0 when every answer was
 // right and the window was full at some point, 1 otherwise.
 //
-//   make examples                 build every example for the host
-//   make examples TARGET=armhf    the same, built for ARM
+//   make examples                 builds every example into build/host/examples/
+//   make examples TARGET=armhf    the same for ARM, into build/armhf/examples/
 // Run it by hand, in a private runtime directory (instead of /run/lemsg):
 //   export LEMSG_RUNTIME_DIR=$(mktemp -d)
 //   build/host/examples/window/server & build/host/examples/window/client

@@ -2,12 +2,12 @@
 // adc_api.hpp, the client in client.cpp), written with the plain Message
 // API. Each request carries a raw ADC sample; the answer is its value in
 // millivolts. To show that a client must not count on the order of answers,
-// it keeps each other request back and answers it after the next one (or
+// it keeps every other request back and answers it after the next one (or
 // after 20 ms when no next one comes). It exits 0 once a client came, had
 // its requests answered, and left; 1 if none did within 20 s.
 //
-//   make examples                 build every example for the host
-//   make examples TARGET=armhf    the same, built for ARM
+//   make examples                 builds every example into build/host/examples/
+//   make examples TARGET=armhf    the same for ARM, into build/armhf/examples/
 // Run it by hand, in a private runtime directory (instead of /run/lemsg):
 //   export LEMSG_RUNTIME_DIR=$(mktemp -d)
 //   build/host/examples/window/server & build/host/examples/window/client
