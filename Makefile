@@ -480,21 +480,25 @@ EXAMPLE_BINS := $(patsubst examples/%.cpp,build/$(TARGET)/examples/%,$(EXAMPLE_S
 build-examples: $(EXAMPLE_BINS)
 	@:
 
-# examples: builds them, then runs examples/modem: the server in the
-# background, the client in the foreground, each under $(EXEC) with a time
-# limit, both in a private runtime directory. Fails unless both exit 0.
-# (make test runs the same two programs' code in forked processes: see
+# examples: builds them, then runs each client/server pair of EXAMPLE_PAIRS:
+# the server in the background, the client in the foreground, each under
+# $(EXEC) with a time limit, both in a private runtime directory. Fails
+# unless both exit 0. (make test runs every example's code, these and the
+# ones that need a signal or a restart, in forked processes: see
 # tests/examples.cpp.)
+EXAMPLE_PAIRS ?= modem pubsub window fdpass
 MODEM_TIMEOUT ?= 30
 examples: build-examples
-	$(say) RUN build/$(TARGET)/examples/modem
-	$(Q)b=build/$(TARGET)/examples/modem; \
-	  d=$$(mktemp -d "$${TMPDIR:-/tmp}/lemsg-modem.XXXXXX") || exit 1; \
-	  LEMSG_RUNTIME_DIR=$$d timeout -k 5 $(MODEM_TIMEOUT) $(EXEC) ./$$b/server & srv=$$!; \
+	$(Q)fail=0; for e in $(EXAMPLE_PAIRS); do \
+	  b=build/$(TARGET)/examples/$$e; \
+	  d=$$(mktemp -d "$${TMPDIR:-/tmp}/lemsg-$$e.XXXXXX") || exit 1; \
+	  LEMSG_RUNTIME_DIR=$$d timeout -k 5 $(MODEM_TIMEOUT) $(EXEC) ./$$b/server > $$d.server.log 2>&1 & srv=$$!; \
 	  LEMSG_RUNTIME_DIR=$$d timeout -k 5 $(MODEM_TIMEOUT) $(EXEC) ./$$b/client; crc=$$?; \
-	  wait $$srv; src=$$?; rm -rf "$$d"; \
-	  echo "examples $(TARGET): modem client exit $$crc, server exit $$src"; \
-	  [ "$$crc" = 0 ] && [ "$$src" = 0 ]
+	  wait $$srv; src=$$?; \
+	  echo "examples $(TARGET): $$e client exit $$crc, server exit $$src"; \
+	  if [ "$$crc" != 0 ] || [ "$$src" != 0 ]; then fail=1; sed 's/^/  server: /' $$d.server.log; fi; \
+	  rm -rf "$$d" "$$d.server.log"; \
+	done; exit $$fail
 
 build/$(TARGET)/examples/%: examples/%.cpp build/$(TARGET)/examples/flags
 	$(say) CXX $@
