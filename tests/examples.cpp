@@ -1,8 +1,9 @@
-// The examples, run as tests. examples/modem: its server and its client, each
-// main() renamed and run in a forked process (no exec: under qemu-user a
-// child cannot exec a target binary), so every target and configuration of
-// `make test` runs the modem story (a signal, an SMS, a refused SMS, three
-// registration events) with the same code `make examples` runs as programs.
+// The examples, run as tests: modem, pubsub, window, fdpass, ownloop,
+// shutdown and reconnect. Each program's main() is renamed and run in a
+// forked process (no exec: under qemu-user a child cannot exec a target
+// binary), so every target and configuration of `make test` runs each story
+// with the same code `make examples` builds as programs; each client exits 0
+// only when it saw all it expected.
 #define DOCTEST_CONFIG_NO_EXCEPTIONS_BUT_WITH_ALL_ASSERTS
 #include <doctest/doctest.h>
 #include "lemsg.hpp"
@@ -15,6 +16,14 @@
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
+
+// What examples/ownloop, examples/shutdown and examples/reconnect include:
+// here, before the namespaces that wrap them below, so that their own
+// #includes are no-ops and no system declaration lands inside a namespace.
+#include <poll.h>
+#include <signal.h>
+#include <sys/signalfd.h>
+#include <sys/timerfd.h>
 
 // Both programs in an unnamed namespace: their names (Modem, Signal...) stay
 // private to this file and cannot clash with another test file's. The
@@ -132,5 +141,157 @@ TEST_SUITE("examples") {
   }
   TEST_CASE("examples: fdpass: the client reads a sealed file from the descriptor the server handed it") {
     examples_test::run_pair(fdpass_example::server::server_main, fdpass_example::client::client_main);
+  }
+}
+
+// ---- examples/ownloop, examples/shutdown, examples/reconnect ----------------
+// Each example in a named namespace of its own: its interface header first,
+// then its server and its client in nested namespaces, each main() renamed
+// run(). Both programs see the header (its #pragma once skips their own
+// #include of it), and no name of one example (a show(), a Level) can clash
+// with another's or with another test file's in the unity build.
+
+namespace ownloop_example {
+#include "examples/ownloop/sensor_api.hpp"
+namespace server {
+#define main run
+#include "examples/ownloop/server.cpp"
+#undef main
+}  // namespace server
+namespace client {
+#define main run
+#include "examples/ownloop/client.cpp"
+#undef main
+}  // namespace client
+}  // namespace ownloop_example
+
+namespace shutdown_example {
+#include "examples/shutdown/daemon_api.hpp"
+namespace server {
+#define main run
+#include "examples/shutdown/server.cpp"
+#undef main
+}  // namespace server
+namespace client {
+#define main run
+#include "examples/shutdown/client.cpp"
+#undef main
+}  // namespace client
+}  // namespace shutdown_example
+
+namespace reconnect_example {
+#include "examples/reconnect/gauge_api.hpp"
+namespace server {
+#define main run
+#include "examples/reconnect/server.cpp"
+#undef main
+}  // namespace server
+namespace client {
+#define main run
+#include "examples/reconnect/client.cpp"
+#undef main
+}  // namespace client
+}  // namespace reconnect_example
+
+namespace examples_lifecycle_test {
+
+// Runs `program` (an example's renamed main(), or a lambda around one) in a
+// forked child that dies with this process; its output is flushed before
+// _exit, so it shows in the test log.
+template <typename F>
+pid_t start(F program) {
+  return testutil::spawn([program] {
+    testutil::die_with_parent();
+    const int rc = program();
+    std::fflush(nullptr);
+    return rc;
+  });
+}
+
+// Asks service `name` for its info until ready(info) is true, at most
+// `timeout_ms`: how a test sees that a client got this far, from outside.
+template <typename P>
+bool wait_info(const char* name, P ready, int timeout_ms) {
+  const long long end = testutil::now_ms() + timeout_ms;
+  static lemsg::ServiceInfo info;  // about 24 bytes per LEMSG_MAX_SESSIONS: off the stack
+  do {
+    info = lemsg::ServiceInfo{};
+    if (lemsg::query_info(name, info, 1000) == lemsg::Result::Ok && ready(info)) return true;
+    usleep(20000);
+  } while (testutil::now_ms() < end);
+  return false;
+}
+
+}  // namespace examples_lifecycle_test
+
+TEST_SUITE("examples") {
+  TEST_CASE("examples: ownloop: a server that runs lemsg inside its own poll() loop serves a client") {
+    using examples_lifecycle_test::start;
+    testutil::RuntimeDir dir;
+    const pid_t server = start(ownloop_example::server::run);
+    const pid_t client = start(ownloop_example::client::run);
+    REQUIRE(server > 0);
+    REQUIRE(client > 0);
+    // The client exits 0 when it read the sensor and got three samples in
+    // order; the server when a client came and left.
+    CHECK(testutil::wait_exit(client, 30000) == 0);
+    CHECK(testutil::wait_exit(server, 30000) == 0);
+  }
+
+  TEST_CASE("examples: shutdown: on SIGTERM the server closes its client's session, removes its socket and exits 0") {
+    using examples_lifecycle_test::start;
+    testutil::RuntimeDir dir;
+    char path[256];
+    dir.socket(shutdown_example::kDaemonService, path);
+    const pid_t server = start(shutdown_example::server::run);
+    REQUIRE(server > 0);
+    // The server blocks SIGTERM (for its signalfd) before it advertises:
+    // once the socket is there, a SIGTERM is its to handle.
+    const bool advertised = testutil::wait_for_path(path, 20000);
+    CHECK(advertised);
+    const pid_t client = start(shutdown_example::client::run);
+    REQUIRE(client > 0);
+    // Until the client's GetVersion was answered: its session is open.
+    const bool served = advertised && examples_lifecycle_test::wait_info(
+        shutdown_example::kDaemonService,
+        [](const lemsg::ServiceInfo& i) { return i.session_count == 1 && i.counters.responses >= 1; }, 20000);
+    CHECK(served);
+    CHECK(kill(server, SIGTERM) == 0);
+    // The server exits 0 when it closed every session and its socket file
+    // is gone; the client when its close handler ran with Closed.
+    CHECK(testutil::wait_exit(server, 30000) == 0);
+    CHECK(testutil::wait_exit(client, 30000) == 0);
+    CHECK(access(path, F_OK) != 0);
+  }
+
+  TEST_CASE("examples: reconnect: the client keeps its session and its events across two kill -9 of the server") {
+    using examples_lifecycle_test::start;
+    testutil::RuntimeDir dir;
+    // Three servers, one after the other; the client, started first, waits
+    // for the first and must see all three.
+    const pid_t client = start([] { return reconnect_example::client::run_client(3); });
+    REQUIRE(client > 0);
+    pid_t server = 0;
+    for (int round = 0; round < 3; ++round) {
+      server = start(reconnect_example::server::run);
+      REQUIRE(server > 0);
+      if (round == 2) break;  // the last one is left to end with its client
+      // Killed once it answered the client's GetLevel and sent it an event
+      // (both are in the client's socket then: the client reads them before
+      // it sees the server gone).
+      const bool served = examples_lifecycle_test::wait_info(
+          reconnect_example::kGaugeService,
+          [server](const lemsg::ServiceInfo& i) {
+            return i.server.pid == server && i.counters.responses >= 1 && i.counters.messages_out >= 1;
+          },
+          20000);
+      CHECK(served);
+      testutil::kill9(server);
+    }
+    // The client exits 0 when it opened three times, lost the server twice,
+    // read the level after each open and had events from all three; the last
+    // server exits 0 when its client leaves.
+    CHECK(testutil::wait_exit(client, 60000) == 0);
+    CHECK(testutil::wait_exit(server, 30000) == 0);
   }
 }
