@@ -486,7 +486,7 @@ build-examples: $(EXAMPLE_BINS)
 # unless both exit 0. (make test runs every example's code, these and the
 # ones that need a signal or a restart, in forked processes: see
 # tests/examples.cpp.)
-EXAMPLE_PAIRS ?= modem pubsub window fdpass
+EXAMPLE_PAIRS ?= modem pubsub window fdpass ownloop
 MODEM_TIMEOUT ?= 30
 examples: build-examples
 	$(Q)fail=0; for e in $(EXAMPLE_PAIRS); do \
