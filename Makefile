@@ -19,7 +19,7 @@
 # (tests/fuzz/corpus/) through the fuzz targets; `make fuzz` runs the targets
 # themselves with libFuzzer (clang++, host only).
 
-TARGETS := host armhf aarch64 armel
+TARGETS := host armhf aarch64 armel mips musl
 
 # TARGET given (command line or environment) narrows test/check/size.
 ifeq ($(filter command line environment override,$(origin TARGET)),)
