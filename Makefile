@@ -24,17 +24,18 @@
 # sockets and timers, so their runs overlap well, and a run that waits does
 # not hold up a compiler.
 
-TARGETS := host clang armhf aarch64 armel
+TARGETS := host clang armhf aarch64 armel mips musl
 # What `make test` runs without TARGET; `make check` runs every target.
-TEST_TARGETS := host clang armhf aarch64 armel
-# Targets whose tiny configuration `make test` runs too (check runs them all).
+TEST_TARGETS := host clang armhf aarch64 armel mips
+# Targets whose tiny configuration `make test` runs too (check runs them all,
+# but musl's: the musl target is there for the C library, not capacities).
 TEST_TINY_TARGETS := host armhf
 
 # TARGET given (command line or environment) narrows test/check/size.
 ifeq ($(filter command line environment override,$(origin TARGET)),)
 SUITE_TARGETS.test := $(TEST_TARGETS)
 SUITE_TARGETS.check := $(TARGETS)
-SUITE_TARGETS.size := $(filter-out clang,$(TARGETS))
+SUITE_TARGETS.size := $(filter-out clang musl,$(TARGETS))
 else
 SUITE_TARGETS.test := $(TARGET)
 SUITE_TARGETS.check := $(TARGET)
@@ -133,7 +134,7 @@ test_objs = $(if $(filter 1,$(UNITY)),$(addprefix build/$(1)/,main.o readme.o fa
 
 # $(call test_configs,<target>) and $(call check_configs,<target>)
 test_configs = $(1) $(if $(filter $(TEST_TINY_TARGETS),$(1)),$(1)-tiny)
-check_configs = $(1) $(1)-tiny $(if $(filter host clang,$(1)),$(1)-asan) \
+check_configs = $(1) $(if $(filter-out musl,$(1)),$(1)-tiny) $(if $(filter host clang,$(1)),$(1)-asan) \
                 $(if $(filter host,$(1)),host-tsan)
 suite_configs = $(foreach t,$(SUITE_TARGETS.$(1)),$(call $(1)_configs,$(t)))
 
@@ -175,13 +176,14 @@ build-tests: $(foreach c,$(call test_configs,$(TARGET)),build/$(c)/lemsg-tests \
                $(if $(wildcard tests/alone.cpp),build/$(c)/alone.o))
 
 help:
-	@echo 'make [TARGET=host|clang|armhf|aarch64|armel] <target>'
+	@echo 'make [TARGET=host|clang|armhf|aarch64|armel|mips|musl] <target>'
 	@echo '  all       host test binaries (normal and tiny) and examples'
 	@echo '  test      install what the targets need, build every configuration, run them'
 	@echo '            all and print a summary and the time taken: host (g++) and clang,'
-	@echo '            armhf, aarch64 and armel under qemu-user, host and armhf also tiny;'
+	@echo '            armhf, aarch64, armel and mips under qemu-user, host and armhf'
+	@echo '            also tiny;'
 	@echo '            TARGET=<name> narrows to one target; -j<cores> unless you give -j'
-	@echo '  check     test for every target, every tiny build, host ASan+UBSan (g++,'
+	@echo '  check     test for every target (with musl), every tiny build, host ASan+UBSan (g++,'
 	@echo '            clang++), TSan (*thread*) and the consumer tests; what CI runs'
 	@echo '  run-<config>  build and run one configuration (run-host, run-armhf-tiny...)'
 	@echo '  consumer  a C++20 program using lemsg built with CMake (add_subdirectory and'

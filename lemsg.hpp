@@ -2636,6 +2636,10 @@ inline Result check_datagram(int fd, struct msghdr& mh, ssize_t n, std::size_t& 
   int fds[4];
   std::size_t nfds = 0;
   bool bad_control = (mh.msg_flags & MSG_CTRUNC) != 0;
+  // musl's CMSG_NXTHDR compares a size_t with a pointer difference, which
+  // clang's -Wsign-compare reports where the macro is used.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wsign-compare"
   for (struct cmsghdr* c = CMSG_FIRSTHDR(&mh); c != nullptr; c = CMSG_NXTHDR(&mh, c)) {
     if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS) {
       bad_control = true;
@@ -2645,6 +2649,7 @@ inline Result check_datagram(int fd, struct msghdr& mh, ssize_t n, std::size_t& 
     for (std::size_t i = 0; i < bytes / sizeof(int) && nfds < 4; ++i)
       std::memcpy(&fds[nfds++], CMSG_DATA(c) + i * sizeof(int), sizeof(int));
   }
+#pragma GCC diagnostic pop
   Result r = Result::Ok;
   if (n == 0 && nfds == 0) {
     // SOCK_SEQPACKET reads 0 both at the end and for an empty datagram. Only

@@ -620,13 +620,18 @@ TEST_CASE("introspect: malformed monitor records detach the monitor") {
     CAPTURE(c.what);
     unsigned char frame[lemsg::wire::header_size + lemsg::wire::record_fixed_size + 2] = {};
     unsigned char* r = frame + lemsg::wire::header_size;
-    r[8] = 5;                                                      // session
+    // The u32 fields in host byte order, as section 5 documents.
+    auto put = [](unsigned char* at, std::uint32_t v) { std::memcpy(at, &v, 4); };
+    put(r + 8, 5);                                                 // session
     r[13] = static_cast<unsigned char>(lemsg::wire::FrameType::Message);
-    r[20] = 8;                                                     // size
-    r[24] = 2;                                                     // payload bytes
+    put(r + 20, 8);                                                // size
+    put(r + 24, 2);                                                // payload bytes
     r[28] = 'h';
     r[29] = 'i';
-    if (c.at != SIZE_MAX) r[c.at] = c.value;
+    if (c.at != SIZE_MAX) {
+      if (c.at >= 12 && c.at < 16) r[c.at] = c.value;  // the u8 fields
+      else put(r + c.at, c.value);
+    }
     const std::uint32_t n = lemsg::wire::record_fixed_size + 2;
     lemsg::wire::encode(lemsg::wire::Header{lemsg::wire::FrameType::Message, 0, 0, n}, frame);
     int sv[2];

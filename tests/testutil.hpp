@@ -263,6 +263,9 @@ inline bool truncated_fds_are_dropped() {
     mh.msg_control = control;
     mh.msg_controllen = sizeof control;
     if (recvmsg(sv[1], &mh, MSG_CMSG_CLOEXEC) >= 0) {
+      // musl's CMSG_NXTHDR trips clang's -Wsign-compare (as in lemsg.hpp).
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wsign-compare"
       for (struct cmsghdr* h = CMSG_FIRSTHDR(&mh); h != nullptr; h = CMSG_NXTHDR(&mh, h)) {
         if (h->cmsg_level != SOL_SOCKET || h->cmsg_type != SCM_RIGHTS) continue;
         const std::size_t n = (h->cmsg_len - CMSG_LEN(0)) / sizeof(int);
@@ -272,6 +275,7 @@ inline bool truncated_fds_are_dropped() {
           close(f);
         }
       }
+#pragma GCC diagnostic pop
     }
   }
   const int after = count_open_fds();

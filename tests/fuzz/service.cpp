@@ -223,6 +223,9 @@ struct Harness {
       const ssize_t n = ::recvmsg(r.fd, &mh, MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
       if (n <= 0) return frames;  // empty, or the end (the server closed)
       int nfds = 0;
+      // musl's CMSG_NXTHDR trips clang's -Wsign-compare (as in lemsg.hpp).
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wsign-compare"
       for (struct cmsghdr* c = CMSG_FIRSTHDR(&mh); c; c = CMSG_NXTHDR(&mh, c)) {
         if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS) continue;
         const std::size_t k = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
@@ -233,6 +236,7 @@ struct Harness {
           ++nfds;
         }
       }
+#pragma GCC diagnostic pop
       ++frames;
       FUZZ_CHECK(!(mh.msg_flags & (MSG_TRUNC | MSG_CTRUNC)));
       wire::Header h;
