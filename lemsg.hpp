@@ -1,5 +1,5 @@
 // lemsg.hpp - messaging between processes on one embedded Linux device.
-// Version 0.1.0. Single header, C++17, no heap after initialisation, poll().
+// Version 0.2.0. Single header, C++17, no heap after initialisation, poll().
 //
 // =============================================================================
 // Summary
@@ -262,9 +262,9 @@
 #define LEMSG_HPP
 
 #define LEMSG_VERSION_MAJOR 0
-#define LEMSG_VERSION_MINOR 1
+#define LEMSG_VERSION_MINOR 2
 #define LEMSG_VERSION_PATCH 0
-#define LEMSG_VERSION_STR "0.1.0"
+#define LEMSG_VERSION_STR "0.2.0"
 
 #include <fcntl.h>
 #include <poll.h>

@@ -82,18 +82,23 @@ void version_after(const char* text, const char* marker, char* out, std::size_t 
     out[n] = p[n];
     ++n;
   }
+  if (n > 0 && out[n - 1] == '.') --n;  // the end of a sentence: "lemsg 0.2.0."
   out[n] = '\0';
 }
 
 SourceFile changelog("CHANGELOG.md");
 SourceFile readme("README.md");
+SourceFile api("docs/API.md");
+SourceFile header("lemsg.hpp");
 
 }  // namespace config_test
 
-TEST_CASE("config: the CHANGELOG's newest version and the README's are the header's version") {
+TEST_CASE("config: the CHANGELOG's newest version, the README's, the API reference's and the manual's are LEMSG_VERSION_STR") {
   using namespace config_test;
   REQUIRE(changelog.text[0] != '\0');
   REQUIRE(readme.text[0] != '\0');
+  REQUIRE(api.text[0] != '\0');
+  REQUIRE(header.text[0] != '\0');
   // The first numbered heading of CHANGELOG.md ("## 0.2.0 - 2026-12-02").
   char newest[32];
   version_after(changelog.text, "\n## ", newest, sizeof newest);
@@ -102,6 +107,16 @@ TEST_CASE("config: the CHANGELOG's newest version and the README's are the heade
   char described[32];
   version_after(readme.text, "This is lemsg ", described, sizeof described);
   CHECK(std::strcmp(described, LEMSG_VERSION_STR) == 0);
+  // docs/API.md opens with "lemsg 0.2.0." and lists the macro's value.
+  char reference[32];
+  version_after(api.text, "\nlemsg ", reference, sizeof reference);
+  CHECK(std::strcmp(reference, LEMSG_VERSION_STR) == 0);
+  version_after(api.text, "| `LEMSG_VERSION_STR` | `\"", reference, sizeof reference);
+  CHECK(std::strcmp(reference, LEMSG_VERSION_STR) == 0);
+  // The header's manual opens with "// Version 0.2.0.".
+  char manual[32];
+  version_after(header.text, "// Version ", manual, sizeof manual);
+  CHECK(std::strcmp(manual, LEMSG_VERSION_STR) == 0);
 }
 
 namespace {

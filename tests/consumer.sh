@@ -6,7 +6,7 @@
 #                                      armhf with toolchains/armhf.cmake
 #   cmake install                      `cmake --install` of the tree into a
 #                                      scratch prefix (needed by the next two)
-#   cmake find_package host|armhf      find_package(lemsg 0.1 CONFIG REQUIRED)
+#   cmake find_package host|armhf      find_package(lemsg <major.minor> CONFIG REQUIRED)
 #                                      from that prefix (CMAKE_PREFIX_PATH)
 #   pkg-config host                    `make install DESTDIR=... PREFIX=/usr`
 #                                      (which also builds lemsg-dir and lemsg
@@ -103,7 +103,12 @@ package_case() {
     local target=$1 toolchain='' dir=$scratch/package-$1
     [ "$target" = host ] || toolchain=$target
     [ -f "$scratch/lemsg-build/install_manifest.txt" ] || { echo "the cmake install failed"; return 1; }
-    cmake_consumer "$dir" "$toolchain" -DLEMSG_CONSUMER_MODE=package -DCMAKE_PREFIX_PATH="$prefix"
+    # The version asked for is the header's MAJOR.MINOR, as a user of this
+    # release would write it.
+    local want
+    want=$(sed -n 's/^#define LEMSG_VERSION_\(MAJOR\|MINOR\) \([0-9]*\).*/\2/p' "$root/lemsg.hpp" | paste -sd.)
+    cmake_consumer "$dir" "$toolchain" -DLEMSG_CONSUMER_MODE=package -DCMAKE_PREFIX_PATH="$prefix" \
+        -DLEMSG_WANT_VERSION="$want"
     # The package found must be the one just installed, not one elsewhere
     # on this machine.
     local found
