@@ -25,17 +25,15 @@
 #include <sys/signalfd.h>
 #include <sys/timerfd.h>
 
-// Both programs in an unnamed namespace: their names (Modem, Signal...) stay
-// private to this file and cannot clash with another test file's. The
-// headers they include are included above, so the wrapping holds only theirs.
-namespace {
-#define main modem_server_main
-#include "examples/modem/server.cpp"
-#undef main
-#define main modem_client_main
-#include "examples/modem/client.cpp"
-#undef main
-}  // namespace
+// Each example's programs in a namespace of their own (tests/example_pair.hpp
+// says how). The system headers they include are included above, so the
+// wrapping holds only theirs.
+namespace modem_example {
+#define LEMSG_EXAMPLE_API "examples/modem/modem_api.hpp"
+#define LEMSG_EXAMPLE_SERVER "examples/modem/server.cpp"
+#define LEMSG_EXAMPLE_CLIENT "examples/modem/client.cpp"
+#include "example_pair.hpp"
+}  // namespace modem_example
 
 namespace {
 
@@ -55,9 +53,9 @@ pid_t spawn_main(int (*program)()) {
 TEST_SUITE("examples") {
   TEST_CASE("examples: the modem client reads the signal, sends an SMS, is refused one and sees three events") {
     testutil::RuntimeDir dir;
-    const pid_t server = spawn_main(modem_server_main);
+    const pid_t server = spawn_main(modem_example::server::run);
     REQUIRE(server > 0);
-    const pid_t client = spawn_main(modem_client_main);
+    const pid_t client = spawn_main(modem_example::client::run);
     REQUIRE(client > 0);
     // The client exits 0 only when it saw all of it; the server exits 0 only
     // when a client came and left.
@@ -67,50 +65,25 @@ TEST_SUITE("examples") {
 }
 
 // ---- examples/pubsub, examples/window, examples/fdpass ----------------------
-// Each example's programs in a namespace of their own (the examples may use
-// the same names, and so may other test files). The example's shared header
-// is included first, in the example's namespace: its #pragma once then keeps
-// the programs' own #include of it out, and both see the one declaration.
 namespace pubsub_example {
-#include "examples/pubsub/position_api.hpp"
-namespace server {
-#define main server_main
-#include "examples/pubsub/server.cpp"
-#undef main
-}  // namespace server
-namespace client {
-#define main client_main
-#include "examples/pubsub/client.cpp"
-#undef main
-}  // namespace client
+#define LEMSG_EXAMPLE_API "examples/pubsub/position_api.hpp"
+#define LEMSG_EXAMPLE_SERVER "examples/pubsub/server.cpp"
+#define LEMSG_EXAMPLE_CLIENT "examples/pubsub/client.cpp"
+#include "example_pair.hpp"
 }  // namespace pubsub_example
 
 namespace window_example {
-#include "examples/window/adc_api.hpp"
-namespace server {
-#define main server_main
-#include "examples/window/server.cpp"
-#undef main
-}  // namespace server
-namespace client {
-#define main client_main
-#include "examples/window/client.cpp"
-#undef main
-}  // namespace client
+#define LEMSG_EXAMPLE_API "examples/window/adc_api.hpp"
+#define LEMSG_EXAMPLE_SERVER "examples/window/server.cpp"
+#define LEMSG_EXAMPLE_CLIENT "examples/window/client.cpp"
+#include "example_pair.hpp"
 }  // namespace window_example
 
 namespace fdpass_example {
-#include "examples/fdpass/files_api.hpp"
-namespace server {
-#define main server_main
-#include "examples/fdpass/server.cpp"
-#undef main
-}  // namespace server
-namespace client {
-#define main client_main
-#include "examples/fdpass/client.cpp"
-#undef main
-}  // namespace client
+#define LEMSG_EXAMPLE_API "examples/fdpass/files_api.hpp"
+#define LEMSG_EXAMPLE_SERVER "examples/fdpass/server.cpp"
+#define LEMSG_EXAMPLE_CLIENT "examples/fdpass/client.cpp"
+#include "example_pair.hpp"
 }  // namespace fdpass_example
 
 namespace examples_test {
@@ -134,63 +107,37 @@ void run_pair(int (*server_main)(), int (*client_main)()) {
 
 TEST_SUITE("examples") {
   TEST_CASE("examples: pubsub: the client takes five fixes in order, unsubscribes, and the server has no subscriber left") {
-    examples_test::run_pair(pubsub_example::server::server_main, pubsub_example::client::client_main);
+    examples_test::run_pair(pubsub_example::server::run, pubsub_example::client::run);
   }
   TEST_CASE("examples: window: 40 requests with up to 8 in flight (LEMSG_MAX_PENDING if fewer), every answer right") {
-    examples_test::run_pair(window_example::server::server_main, window_example::client::client_main);
+    examples_test::run_pair(window_example::server::run, window_example::client::run);
   }
   TEST_CASE("examples: fdpass: the client reads a sealed file from the descriptor the server handed it") {
-    examples_test::run_pair(fdpass_example::server::server_main, fdpass_example::client::client_main);
+    examples_test::run_pair(fdpass_example::server::run, fdpass_example::client::run);
   }
 }
 
 // ---- examples/ownloop, examples/shutdown, examples/reconnect ----------------
-// Each example in a named namespace of its own: its interface header first,
-// then its server and its client in nested namespaces, each main() renamed
-// run(). Both programs see the header (its #pragma once skips their own
-// #include of it), and no name of one example (a show(), a Level) can clash
-// with another's or with another test file's in the unity build.
 
 namespace ownloop_example {
-#include "examples/ownloop/sensor_api.hpp"
-namespace server {
-#define main run
-#include "examples/ownloop/server.cpp"
-#undef main
-}  // namespace server
-namespace client {
-#define main run
-#include "examples/ownloop/client.cpp"
-#undef main
-}  // namespace client
+#define LEMSG_EXAMPLE_API "examples/ownloop/sensor_api.hpp"
+#define LEMSG_EXAMPLE_SERVER "examples/ownloop/server.cpp"
+#define LEMSG_EXAMPLE_CLIENT "examples/ownloop/client.cpp"
+#include "example_pair.hpp"
 }  // namespace ownloop_example
 
 namespace shutdown_example {
-#include "examples/shutdown/daemon_api.hpp"
-namespace server {
-#define main run
-#include "examples/shutdown/server.cpp"
-#undef main
-}  // namespace server
-namespace client {
-#define main run
-#include "examples/shutdown/client.cpp"
-#undef main
-}  // namespace client
+#define LEMSG_EXAMPLE_API "examples/shutdown/daemon_api.hpp"
+#define LEMSG_EXAMPLE_SERVER "examples/shutdown/server.cpp"
+#define LEMSG_EXAMPLE_CLIENT "examples/shutdown/client.cpp"
+#include "example_pair.hpp"
 }  // namespace shutdown_example
 
 namespace reconnect_example {
-#include "examples/reconnect/gauge_api.hpp"
-namespace server {
-#define main run
-#include "examples/reconnect/server.cpp"
-#undef main
-}  // namespace server
-namespace client {
-#define main run
-#include "examples/reconnect/client.cpp"
-#undef main
-}  // namespace client
+#define LEMSG_EXAMPLE_API "examples/reconnect/gauge_api.hpp"
+#define LEMSG_EXAMPLE_SERVER "examples/reconnect/server.cpp"
+#define LEMSG_EXAMPLE_CLIENT "examples/reconnect/client.cpp"
+#include "example_pair.hpp"
 }  // namespace reconnect_example
 
 namespace examples_lifecycle_test {
