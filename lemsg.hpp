@@ -7748,13 +7748,16 @@ Result TypedClient<I>::send_subscriptions(std::uint64_t bits) noexcept {
   Message m;
   Result r = session_.create_message(m);
   if (r != Result::Ok) return r;
-  unsigned char* p = static_cast<unsigned char*>(m.payload());
-  p[0] = detail::subscribe_index;
+  // Built on the stack and copied in: g++ -O1 for mips takes a constant-size
+  // memcpy into the payload (which lies past the block's header) for a write
+  // out of bounds (-Warray-bounds).
+  unsigned char frame[9];
+  frame[0] = detail::subscribe_index;
 #if !(defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__)
   bits = __builtin_bswap64(bits);
 #endif
-  std::memcpy(p + 1, &bits, 8);
-  r = m.set_size(9);
+  std::memcpy(frame + 1, &bits, 8);
+  r = m.assign(frame, sizeof frame);
   if (r == Result::Ok) r = session_.send(std::move(m));
   return r;
 }
