@@ -190,7 +190,8 @@ help:
 	@echo '            clang++), TSan (*thread*) and the consumer tests; what CI runs'
 	@echo '  run-<config>  build and run one configuration (run-host, run-armhf-tiny...)'
 	@echo '  consumer  a C++20 program using lemsg built with CMake (add_subdirectory and'
-	@echo '            find_package; host, and armhf under qemu) and with pkg-config'
+	@echo '            for the host and each toolchain file, find_package for the host'
+	@echo '            and armhf; cross ones under qemu) and with pkg-config'
 	@echo '  size      code size of tests/size_*.cpp over tests/size_empty.cpp, -Os'
 	@echo '  demo      build and run examples/demo.cpp on TARGET (host by default)'
 	@echo '  fuzz      run each tests/fuzz/ target with libFuzzer for FUZZ_SECONDS (48);'
@@ -230,7 +231,7 @@ test check:
 	    [ -f build/$$c/run.sh ] && sh build/$$c/run.sh & \
 	  done; \
 	  $(if $(filter check,$@),rm -f build/consumer.status; \
-	    { $(MAKE) --no-print-directory consumer > build/consumer.out 2>&1; \
+	    { $(MAKE) --no-print-directory consumer INSTALL_DEPS=: > build/consumer.out 2>&1; \
 	      echo $$? > build/consumer.status; } &) \
 	  wait; \
 	  t=$$(( $$(date +%s) - start )); \
@@ -653,10 +654,12 @@ install: build/$(TARGET)/examples/lemsg-dir build/$(TARGET)/examples/lemsg
 
 # consumer: tests/consumer.sh builds and runs tests/consumer, a C++20 program
 # using lemsg, through CMake (add_subdirectory of this tree, and find_package
-# after `cmake --install`; host and armhf under qemu) and through pkg-config
-# after `make install` (host; builds lemsg-dir and lemsg for the host too),
-# in build/consumer/. One line per case; fails on any failure.
+# after `cmake --install`; host and armhf under qemu, and add_subdirectory
+# with each other CMake toolchain file) and through pkg-config after
+# `make install` (host; builds lemsg-dir and lemsg for the host too), in
+# build/consumer/. One line per case; fails on any failure.
 consumer:
+	$(Q)$(INSTALL_DEPS) host armhf aarch64 armel mips packaging
 	$(Q)MAKE='$(MAKE)' bash tests/consumer.sh
 .PHONY: consumer
 

@@ -2,8 +2,10 @@
 # tests/consumer.sh: builds and runs tests/consumer (a C++20 program using
 # lemsg) the ways a user gets lemsg, in a fresh build/consumer/:
 #
-#   cmake add_subdirectory host|armhf  the tree through add_subdirectory(),
-#                                      armhf with toolchains/armhf.cmake
+#   cmake add_subdirectory host|armhf|aarch64|armel|mips
+#                                      the tree through add_subdirectory(),
+#                                      a cross target with its
+#                                      toolchains/<target>.cmake
 #   cmake install                      `cmake --install` of the tree into a
 #                                      scratch prefix (needed by the next two)
 #   cmake find_package host|armhf      find_package(lemsg <major.minor> CONFIG REQUIRED)
@@ -14,13 +16,15 @@
 #                                      pkg-config's flags; the Cflags must
 #                                      carry -pthread and no -std
 #
-# The armhf programs run under the toolchain file's emulator (qemu-arm, the
-# cross toolchain's libraries), through ctest. Prints one line per case,
+# The cross programs run under their toolchain file's emulator (qemu-arm,
+# qemu-aarch64 or qemu-mips with the cross toolchain's libraries), through
+# ctest. Prints one line per case,
 # "consumer <case>: ok (<seconds> s)" or "... FAILED" with the end of its log
 # (each case logs to build/consumer/<case>.log), and exits non-zero if any
 # failed.
 #
-# Needs cmake, pkg-config, make, g++, g++-arm-linux-gnueabihf, qemu-user.
+# Needs cmake, pkg-config, make, g++, the g++ cross compilers of armhf,
+# aarch64, armel and mips, and qemu-user (`make consumer` checks for them).
 # Environment: CXX (host compiler, g++), MAKE (make), CONSUMER_TIMEOUT
 # (seconds for each configure, build or run step, 300).
 # shellcheck disable=SC2317  # the case functions are called through run_case
@@ -159,6 +163,9 @@ pkgconfig_case() {
 
 run_case "cmake add_subdirectory host" subdirectory_case host
 run_case "cmake add_subdirectory armhf" subdirectory_case armhf
+run_case "cmake add_subdirectory aarch64" subdirectory_case aarch64
+run_case "cmake add_subdirectory armel" subdirectory_case armel
+run_case "cmake add_subdirectory mips" subdirectory_case mips
 run_case "cmake install" install_case
 run_case "cmake find_package host" package_case host
 run_case "cmake find_package armhf" package_case armhf
