@@ -14,6 +14,8 @@
 #              with npm install --prefix into $XDG_CACHE_HOME/lemsg/zig, or
 #              ~/.cache/lemsg/zig; $ZIG names another zig), Node.js and npm
 #              to fetch it, doctest's header
+#   musl-aarch64 musl-armhf
+#              the same, and qemu-user (qemu-aarch64, qemu-arm)
 #   packaging  cmake and pkg-config
 #   no NAME    all of the above
 #
@@ -28,7 +30,7 @@
 #   --help     this text
 set -euo pipefail
 
-all_names=(host clang armhf armel aarch64 mips musl packaging)
+all_names=(host clang armhf armel aarch64 mips musl musl-aarch64 musl-armhf packaging)
 
 check=0
 names=()
@@ -37,7 +39,7 @@ for a in "$@"; do
         --check) check=1 ;;
         -h|--help) sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "$0"; exit 0 ;;
         -*) echo "install-deps: unknown option '$a' (try --help)" >&2; exit 2 ;;
-        host|clang|armhf|armel|aarch64|mips|musl|packaging) names+=("$a") ;;
+        host|clang|armhf|armel|aarch64|mips|musl|musl-aarch64|musl-armhf|packaging) names+=("$a") ;;
         fuzz) names+=(clang) ;;
         *) echo "install-deps: unknown name '$a'; names: ${all_names[*]} fuzz" >&2; exit 2 ;;
     esac
@@ -134,6 +136,12 @@ for n in "${names[@]}"; do
         aarch64) check_cross aarch64-linux-gnu qemu-aarch64 ;;
         mips) check_cross mips-linux-gnu qemu-mips ;;
         musl) check_musl ;;
+        musl-aarch64)
+            check_musl
+            have qemu-aarch64 || add qemu-user "qemu-user (qemu-aarch64)" ;;
+        musl-armhf)
+            check_musl
+            have qemu-arm || add qemu-user "qemu-user (qemu-arm)" ;;
         packaging)
             have cmake || add cmake "CMake (3.13+)"
             have pkg-config || add pkg-config "pkg-config (or pkgconf)" ;;
