@@ -18,10 +18,9 @@
 #
 # The cross programs run under their toolchain file's emulator (qemu-arm,
 # qemu-aarch64 or qemu-mips with the cross toolchain's libraries), through
-# ctest. Prints one line per case,
-# "consumer <case>: ok (<seconds> s)" or "... FAILED" with the end of its log
-# (each case logs to build/consumer/<case>.log), and exits non-zero if any
-# failed.
+# ctest. Prints one line per case, "consumer <case>: ok (<seconds> s)" or
+# "... FAILED" with the end of its log (each case logs to
+# build/consumer/<case>.log), and exits non-zero if any failed.
 #
 # Needs cmake, pkg-config, make, g++, the g++ cross compilers of armhf,
 # aarch64, armel and mips, and qemu-user (`make consumer` checks for them).

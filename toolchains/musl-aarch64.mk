@@ -4,7 +4,7 @@
 # runs. Everything else is toolchains/musl.mk's (zig from the same npm
 # package, installed by `bash toolchains/install-deps.sh musl-aarch64`).
 
-# Before musl.mk, whose `EXEC ?=` (empty) then leaves it alone.
+# Before musl.mk, whose `?=` then leaves them alone.
+ZIG_TARGET ?= aarch64-linux-musl
 EXEC ?= qemu-aarch64
 include toolchains/musl.mk
-CXX = $(ZIG) c++ -target aarch64-linux-musl -isystem build/musl-include -D_LARGEFILE64_SOURCE

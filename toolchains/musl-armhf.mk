@@ -11,8 +11,7 @@
 # command above -O0; compiling to an object and linking it apart works at
 # every level, which is how the Makefile builds every program.
 
-# Before musl.mk, whose `EXEC ?=` (empty) then leaves it alone.
+# Before musl.mk, whose `?=` then leaves them alone.
+ZIG_TARGET ?= arm-linux-musleabihf
 EXEC ?= qemu-arm
 include toolchains/musl.mk
-# zig's baseline CPU for this triple (generic ARMv7-A with VFP).
-CXX = $(ZIG) c++ -target arm-linux-musleabihf -isystem build/musl-include -D_LARGEFILE64_SOURCE

@@ -8,6 +8,7 @@
 # line or the environment.
 #
 #   ZIG               the zig program (ZIG=/path/to/zig to use another)
+#   ZIG_TARGET        the target triple given to zig (x86_64-linux-musl)
 #   CROSS_COMPILE     prefix of the toolchain's programs (size, nm: the host's)
 #   CXX               the C++ compiler
 #   ARCHFLAGS         architecture flags, given when compiling and linking
@@ -28,7 +29,9 @@ CROSS_COMPILE ?=
 # -D_LARGEFILE64_SOURCE: the tests call readdir64 (for 32-bit glibc under
 # qemu-user); musl 1.2.4 and later declare the *64 names only with it, as
 # aliases (musl's off_t is always 64 bits).
-CXX = $(ZIG) c++ -target x86_64-linux-musl -isystem build/musl-include -D_LARGEFILE64_SOURCE
+# The zig target triple; musl-aarch64.mk and musl-armhf.mk set their own.
+ZIG_TARGET ?= x86_64-linux-musl
+CXX = $(ZIG) c++ -target $(ZIG_TARGET) -isystem build/musl-include -D_LARGEFILE64_SOURCE
 # An explicit -target means zig's baseline CPU (generic x86-64), so the
 # programs run on any x86_64 machine.
 ARCHFLAGS ?=
